@@ -1,0 +1,56 @@
+"""Load a model by packaged name or local folder: safetensors only, local files only, no remote code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ffsplit.errors import FFSplitError
+from ffsplit.models.registry import ModelRef, resolve_model
+
+# Encoders load with AutoModel (no LM head); everything else with AutoModelForCausalLM.
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2"}
+)
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether a HF config describes a causal LM (decided by its architectures, else model_type)."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any(name.endswith(CAUSAL_SUFFIXES) for name in architectures)
+    return getattr(config, "model_type", None) not in ENCODER_MODEL_TYPES
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+) -> tuple[torch.nn.Module, Any, ModelRef]:
+    """(model in eval mode, tokenizer, ModelRef) for a packaged name or a local HF folder."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    ref = resolve_model(name_or_path, cache_dir)
+    if (ref.path / "manifest.json").is_file():
+        raise FFSplitError(
+            f"{ref.path} is an ffsplit variant folder (it has manifest.json): load it with "
+            "ffsplit.variant.io.load_variant, not load_model"
+        )
+    options: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    config = AutoConfig.from_pretrained(str(ref.path), **options)
+    model_class = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    try:
+        model = model_class.from_pretrained(
+            str(ref.path), config=config, dtype=dtype, use_safetensors=True, **options
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(ref.path), **options)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise FFSplitError(f"could not load model folder {ref.path}: {first_line}") from error
+    model.to(device)
+    model.eval()
+    return model, tokenizer, ref

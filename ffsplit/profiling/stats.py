@@ -1,0 +1,234 @@
+"""Per-neuron sufficient statistics of one FFN layer (method.md): pure, streaming, mergeable.
+
+All sums are float64 and every field is a sum, a count or a max, so the statistics of N shards
+merge into exactly those of the whole set (up to float64 rounding of the sums; counts and maxima
+are exact). Memory is bounded by the layer shape, never by the number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ffsplit.errors import FFSplitError
+
+STATS_FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerStats:
+    """Sums over calibration tokens for one FFN layer with m neurons and hidden size d."""
+
+    tokens: int
+    sum_sq: Tensor  # [m] float64: S2_j = sum_t h_j(x_t)^2
+    max_abs: Tensor  # [m] float64: M_j = max_t |h_j(x_t)|
+    hits: Tensor  # [m] int64: tokens where neuron j is in the layer's top-k output norms
+    gram_in: Tensor | None = None  # [d, d] float64: sum_t x_t x_t^T (up/gate input)
+    gram_hidden: Tensor | None = None  # [m, m] float64: sum_t h_t h_t^T (down input)
+    hit_top_k: int = 1
+
+    @property
+    def neurons(self) -> int:
+        return self.sum_sq.shape[0]
+
+    def to_device(self, device: str | torch.device) -> LayerStats:
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return LayerStats(self.tokens, mv(self.sum_sq), mv(self.max_abs), mv(self.hits),
+                          mv(self.gram_in), mv(self.gram_hidden), self.hit_top_k)
+
+    @classmethod
+    def zeros(cls, neurons: int, hidden: int, hit_top_k: int, grams: bool) -> LayerStats:
+        f64 = torch.float64
+        return cls(
+            tokens=0,
+            sum_sq=torch.zeros(neurons, dtype=f64),
+            max_abs=torch.zeros(neurons, dtype=f64),
+            hits=torch.zeros(neurons, dtype=torch.int64),
+            gram_in=torch.zeros(hidden, hidden, dtype=f64) if grams else None,
+            gram_hidden=torch.zeros(neurons, neurons, dtype=f64) if grams else None,
+            hit_top_k=hit_top_k,
+        )
+
+
+def observe(stats: LayerStats, x: Tensor, h: Tensor, down_norms: Tensor) -> None:
+    """Accumulate one batch: x [n, d] FFN inputs, h [n, m] hidden activations (down inputs).
+
+    down_norms [m] = ||v_j||, so token t's neuron output norms are |h_tj| * ||v_j||.
+    Accumulates in float64 on the tensors' device, then adds into the (CPU or device) stats.
+    """
+    dev = stats.sum_sq.device
+    h64 = h.to(torch.float64)
+    stats.tokens += h.shape[0]
+    stats.sum_sq += (h64 * h64).sum(0).to(dev)
+    stats.max_abs.copy_(torch.maximum(stats.max_abs, h64.abs().amax(0).to(dev)))
+    out_norm = h.abs().float() * down_norms.to(h.device, torch.float32)
+    top = out_norm.topk(stats.hit_top_k, dim=1).indices
+    stats.hits += torch.bincount(top.flatten(), minlength=stats.neurons).to(dev)
+    if stats.gram_in is not None:
+        x64 = x.to(torch.float64)
+        stats.gram_in += (x64.T @ x64).to(dev)
+    if stats.gram_hidden is not None:
+        stats.gram_hidden += (h64.T @ h64).to(dev)
+
+
+def merge(a: LayerStats, b: LayerStats) -> LayerStats:
+    """Statistics of the union of two disjoint token sets (pure; exact up to float64 sums)."""
+    if a.neurons != b.neurons or a.hit_top_k != b.hit_top_k:
+        raise FFSplitError(
+            f"cannot merge statistics of different layers: {a.neurons} vs {b.neurons} neurons, "
+            f"top-k {a.hit_top_k} vs {b.hit_top_k}"
+        )
+    if (a.gram_in is None) != (b.gram_in is None):
+        raise FFSplitError("cannot merge statistics with and without Gram matrices")
+
+    def add(x: Tensor | None, y: Tensor | None) -> Tensor | None:
+        return None if x is None or y is None else x + y.to(x.device)
+
+    return LayerStats(
+        tokens=a.tokens + b.tokens,
+        sum_sq=a.sum_sq + b.sum_sq.to(a.sum_sq.device),
+        max_abs=torch.maximum(a.max_abs, b.max_abs.to(a.max_abs.device)),
+        hits=a.hits + b.hits.to(a.hits.device),
+        gram_in=add(a.gram_in, b.gram_in),
+        gram_hidden=add(a.gram_hidden, b.gram_hidden),
+        hit_top_k=a.hit_top_k,
+    )
+
+
+@dataclass
+class ModelStats:
+    """Statistics of every FFN layer of one model, plus what produced them."""
+
+    layers: dict[int, LayerStats]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def merged(self, other: ModelStats) -> ModelStats:
+        if set(self.layers) != set(other.layers):
+            raise FFSplitError(
+                f"cannot merge statistics over different layers: {sorted(self.layers)} vs "
+                f"{sorted(other.layers)}"
+            )
+        for key in ("model_sha256", "profile"):
+            if key in self.meta and key in other.meta and self.meta[key] != other.meta[key]:
+                raise FFSplitError(f"cannot merge statistics with different {key}")
+        meta = {**self.meta, "tokens": self.tokens + other.tokens}
+        return ModelStats({i: merge(s, other.layers[i]) for i, s in self.layers.items()}, meta)
+
+    @property
+    def tokens(self) -> int:
+        return next(iter(self.layers.values())).tokens if self.layers else 0
+
+    def to(self, device: str | torch.device) -> ModelStats:
+        return ModelStats({i: s.to_device(device) for i, s in self.layers.items()}, dict(self.meta))
+
+
+def merge_all(parts: Iterable[ModelStats]) -> ModelStats:
+    """Merge shard statistics (order-independent up to float64 rounding)."""
+    parts = list(parts)
+    if not parts:
+        raise FFSplitError("no statistics to merge")
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merged(p)
+    return out
+
+
+def save_stats(stats: ModelStats, path: str | Path) -> Path:
+    """One safetensors file, written atomically (temp + rename), metadata as JSON."""
+    from safetensors.torch import save_file
+
+    from ffsplit.variant.atomic import atomic_path
+
+    tensors: dict[str, Tensor] = {}
+    for i, s in stats.layers.items():
+        tensors[f"layer.{i}.sum_sq"] = s.sum_sq.cpu().contiguous()
+        tensors[f"layer.{i}.max_abs"] = s.max_abs.cpu().contiguous()
+        tensors[f"layer.{i}.hits"] = s.hits.cpu().contiguous()
+        tensors[f"layer.{i}.tokens"] = torch.tensor([s.tokens], dtype=torch.int64)
+        tensors[f"layer.{i}.hit_top_k"] = torch.tensor([s.hit_top_k], dtype=torch.int64)
+        if s.gram_in is not None and s.gram_hidden is not None:
+            tensors[f"layer.{i}.gram_in"] = s.gram_in.cpu().contiguous()
+            tensors[f"layer.{i}.gram_hidden"] = s.gram_hidden.cpu().contiguous()
+    meta = {"format": "ffsplit-stats", "format_version": str(STATS_FORMAT_VERSION),
+            "meta": json.dumps(stats.meta, sort_keys=True)}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelStats:
+    """Load and validate a statistics file (finite values, consistent shapes)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FFSplitError(f"statistics file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise FFSplitError(f"{path}: not a readable safetensors statistics file ({exc})") from None
+    if header.get("format") != "ffsplit-stats":
+        raise FFSplitError(f"{path}: not an ffsplit statistics file (format={header.get('format')!r})")
+    if int(header.get("format_version", "0")) > STATS_FORMAT_VERSION:
+        raise FFSplitError(
+            f"{path}: statistics format {header.get('format_version')} is newer than this ffsplit "
+            f"reads ({STATS_FORMAT_VERSION}); upgrade ffsplit"
+        )
+    layer_ids = sorted({int(k.split(".")[1]) for k in tensors})
+    layers: dict[int, LayerStats] = {}
+    for i in layer_ids:
+        def get(name: str, i: int = i) -> Tensor | None:
+            return tensors.get(f"layer.{i}.{name}")
+
+        sum_sq, max_abs, hits = get("sum_sq"), get("max_abs"), get("hits")
+        if sum_sq is None or max_abs is None or hits is None or get("tokens") is None:
+            raise FFSplitError(f"{path}: layer {i} is missing statistics")
+        for name, t in (("sum_sq", sum_sq), ("max_abs", max_abs), ("gram_in", get("gram_in")),
+                        ("gram_hidden", get("gram_hidden"))):
+            if t is not None and not torch.isfinite(t).all():
+                raise FFSplitError(f"{path}: layer {i} {name} holds NaN or inf; re-run profiling")
+        layers[i] = LayerStats(
+            tokens=int(get("tokens")[0]),  # type: ignore[index]
+            sum_sq=sum_sq.to(device), max_abs=max_abs.to(device), hits=hits.to(device),
+            gram_in=None if get("gram_in") is None else get("gram_in").to(device),  # type: ignore[union-attr]
+            gram_hidden=None if get("gram_hidden") is None else get("gram_hidden").to(device),  # type: ignore[union-attr]
+            hit_top_k=int(get("hit_top_k")[0]),  # type: ignore[index]
+        )
+    try:
+        meta = json.loads(header.get("meta", "{}"))
+    except json.JSONDecodeError:
+        raise FFSplitError(f"{path}: statistics metadata is not valid JSON") from None
+    return ModelStats(layers, meta)
+
+
+def hit_top_k(neurons: int, fraction: float) -> int:
+    """k for the hit count: the top `fraction` of a layer's neurons, at least one."""
+    return max(1, math.ceil(fraction * neurons))
+
+
+def summary(stats: LayerStats, down_norms: Tensor) -> Mapping[str, float]:
+    """The observation (method.md): share of total output norm held by the top 1/5/10% neurons."""
+    score_sq = stats.sum_sq * down_norms.to(stats.sum_sq) ** 2  # squared Frobenius norms
+    ordered = score_sq.sort(descending=True).values
+    total = float(ordered.sum()) or 1.0
+    m = ordered.numel()
+    out = {}
+    for pct in (1, 5, 10):
+        k = max(1, math.ceil(pct / 100 * m))
+        out[f"top{pct}_share"] = float(ordered[:k].sum()) / total
+    out["hit_rate_top1pct"] = float(
+        stats.hits[score_sq.argsort(descending=True)[: max(1, math.ceil(0.01 * m))]].sum()
+    ) / max(1, stats.tokens * stats.hit_top_k)
+    return out

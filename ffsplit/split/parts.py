@@ -1,0 +1,209 @@
+"""Linear parts that make up a split FFN projection: dense, low-rank, quantized.
+
+Each part computes x @ W.T (+ b) for its own W, counts its storage bytes exactly (16-bit floats,
+codes at their bit width), reconstructs W for tests and kernel fusion, and describes its structure
+in a small dict (`spec`) so a variant can be rebuilt empty before its weights load (style.md, 6).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ffsplit.errors import FFSplitError
+
+FLOAT_BYTES = 2  # float weights are stored and counted at 16 bits, the serving dtype
+
+
+def to_storage(t: Tensor) -> Tensor:
+    """Round to bf16 values (the stored precision) while keeping the compute dtype."""
+    return t.to(torch.bfloat16).to(t.dtype if t.is_floating_point() else torch.float32)
+
+
+class LinearPart(nn.Module):
+    """Common interface of every module that stands in for (part of) a linear projection."""
+
+    kind: ClassVar[str]
+    in_features: int
+    out_features: int
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def dense_weight(self) -> Tensor:
+        """W as [out, in] in the compute dtype."""
+        raise NotImplementedError
+
+    def bias_or_none(self) -> Tensor | None:
+        return getattr(self, "bias", None)
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parameter_count(self) -> int:
+        """Stored numbers: float elements plus one per quantization code."""
+        return sum(t.numel() for t in self.state_dict().values() if t.is_floating_point())
+
+    def _bias_bytes(self) -> int:
+        bias = self.bias_or_none()
+        return 0 if bias is None else bias.numel() * FLOAT_BYTES
+
+
+class DenseLinear(LinearPart):
+    """A plain dense block (the heavy part, or an uncompressed light part)."""
+
+    kind = "dense"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * FLOAT_BYTES + self._bias_bytes()
+
+    def dense_weight(self) -> Tensor:
+        return self.weight.detach()
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.kind, "in": self.in_features, "out": self.out_features,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any]) -> DenseLinear:
+        bias = torch.zeros(spec["out"]) if spec["bias"] else None
+        return cls(torch.zeros(spec["out"], spec["in"]), bias)
+
+
+class LowRankLinear(LinearPart):
+    """W ~ a @ b with a [out, r], b [r, in]: two thin matmuls instead of one wide one."""
+
+    kind = "lowrank"
+
+    def __init__(self, a: Tensor, b: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"low-rank factors disagree: a {tuple(a.shape)}, b {tuple(b.shape)}")
+        self.out_features, self.rank = a.shape
+        self.in_features = b.shape[1]
+        self.a = nn.Parameter(a.detach().clone(), requires_grad=False)
+        self.b = nn.Parameter(b.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.b), self.a, self.bias)
+
+    def nbytes(self) -> int:
+        return (self.a.numel() + self.b.numel()) * FLOAT_BYTES + self._bias_bytes()
+
+    def dense_weight(self) -> Tensor:
+        return (self.a @ self.b).detach()
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.kind, "in": self.in_features, "out": self.out_features,
+                "rank": self.rank, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any]) -> LowRankLinear:
+        bias = torch.zeros(spec["out"]) if spec["bias"] else None
+        return cls(torch.zeros(spec["out"], spec["rank"]), torch.zeros(spec["rank"], spec["in"]), bias)
+
+
+class QuantizedLinear(LinearPart):
+    """Group-wise quantized block; groups run along each neuron vector (design.md).
+
+    neuron_major=False: the stored matrix is W [out, in] (up/gate: rows are neurons).
+    neuron_major=True: the stored matrix is W.T [in, out] (down: its columns are neurons).
+    Codes are dequantized once per device/dtype and cached (CPU reference path; GPU kernels live
+    in ffsplit/kernels).
+    """
+
+    kind = "quant"
+
+    def __init__(self, quantized: Any, neuron_major: bool, bias: Tensor | None = None) -> None:
+        super().__init__()
+        rows, cols = quantized.shape
+        self.bits = int(quantized.bits)
+        self.group_size = int(quantized.group_size)
+        self.neuron_major = bool(neuron_major)
+        self.shape = (int(rows), int(cols))
+        self.out_features, self.in_features = (cols, rows) if neuron_major else (rows, cols)
+        self.register_buffer("packed", quantized.packed.detach().clone())
+        self.register_buffer("scales", quantized.scales.detach().clone())
+        self.register_buffer("zeros", quantized.zeros.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._cache: tuple[torch.device, torch.dtype, Tensor] | None = None
+
+    def quantized(self) -> Any:
+        from ffsplit.compress.quant import QuantizedTensor
+
+        return QuantizedTensor(
+            packed=self.packed, scales=self.scales, zeros=self.zeros, bits=self.bits,
+            group_size=self.group_size, shape=self.shape,
+        )
+
+    def _stored_matrix(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if self._cache is None or self._cache[0] != device or self._cache[1] != dtype:
+            from ffsplit.compress.quant import dequantize
+
+            self._cache = (device, dtype, dequantize(self.quantized()).to(device=device, dtype=dtype))
+        return self._cache[2]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self._stored_matrix(x.device, x.dtype)
+        y = x @ w if self.neuron_major else nn.functional.linear(x, w)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return (self.packed.numel() + (self.scales.numel() + self.zeros.numel()) * FLOAT_BYTES
+                + self._bias_bytes())
+
+    def parameter_count(self) -> int:
+        return self.shape[0] * self.shape[1] + (0 if self.bias is None else self.bias.numel())
+
+    def dense_weight(self) -> Tensor:
+        w = self._stored_matrix(self.scales.device, torch.float32)
+        return (w.t() if self.neuron_major else w).detach()
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.kind, "in": self.in_features, "out": self.out_features,
+                "bits": self.bits, "group_size": self.group_size,
+                "neuron_major": self.neuron_major, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any]) -> QuantizedLinear:
+        from ffsplit.compress.quant import quantize_groups
+
+        rows, cols = (spec["in"], spec["out"]) if spec["neuron_major"] else (spec["out"], spec["in"])
+        q = quantize_groups(torch.zeros(rows, cols), spec["bits"], spec["group_size"])
+        bias = torch.zeros(spec["out"]) if spec["bias"] else None
+        return cls(q, spec["neuron_major"], bias)
+
+
+PART_TYPES: dict[str, type[LinearPart]] = {
+    cls.kind: cls for cls in (DenseLinear, LowRankLinear, QuantizedLinear)
+}
+
+
+def build_part(spec: dict[str, Any], where: str = "part") -> LinearPart:
+    """An empty part of the right structure, ready for load_state_dict."""
+    from ffsplit.split.modules import SPLIT_TYPES
+
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    cls = PART_TYPES.get(kind) or SPLIT_TYPES.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise FFSplitError(f"{where}: unknown part type {kind!r}")
+    try:
+        return cls.empty(spec)  # type: ignore[attr-defined]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FFSplitError(f"{where}: malformed part spec {spec!r} ({exc})") from None

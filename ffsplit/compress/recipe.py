@@ -1,0 +1,287 @@
+"""Apply a recipe to FFNs: order neurons, solve the budget, compress blocks, swap split modules.
+
+`compress_layer` is a function of one FFN's weights and statistics (no model), so layer shards can
+be compressed independently by workers; `compress_model` runs it over a whole model in place.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ffsplit.adapters import Adapter, FFNWeights, get_adapter
+from ffsplit.compress.budget import (
+    DENSE_BITS,
+    FFNShape,
+    dense_ffn_bytes,
+    solve_kept_neurons,
+    solve_light_bits,
+    solve_rank,
+)
+from ffsplit.compress.lowrank import svd_factors, whitened_svd
+from ffsplit.compress.quant import gptq_quantize, pick_group_size, quantize_groups
+from ffsplit.config import Recipe
+from ffsplit.errors import FFSplitError
+from ffsplit.profiling.stats import LayerStats, ModelStats
+from ffsplit.selection import heavy_count, neuron_scores, order_by_score, random_order
+from ffsplit.split.apply import BlockParts, build_split, dense_block, swap_ffn
+from ffsplit.split.modules import SplitInProjection, SplitOutProjection
+from ffsplit.split.parts import LowRankLinear, QuantizedLinear, to_storage
+
+SplitModules = tuple[SplitOutProjection, SplitOutProjection | None, SplitInProjection]
+
+
+@dataclass
+class LayerReport:
+    """What was done to one FFN, in numbers (goes into the manifest)."""
+
+    layer: int
+    neurons: int
+    heavy: int
+    dense_bytes: int
+    bytes: int
+    rank: int | None = None
+    bits: dict[int, int] | None = None  # light neurons per bit width (16 = dense)
+    kept: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompressedLayer:
+    layer: int
+    modules: SplitModules
+    heavy_neurons: Tensor  # original neuron indices of the heavy set
+    order: Tensor  # original neuron index of each position in the split FFN (pruned ones absent)
+    report: LayerReport
+
+
+@dataclass
+class CompressionReport:
+    recipe: dict[str, Any]
+    layers: list[LayerReport]
+    dense_ffn_bytes: int
+    ffn_bytes: int
+    seconds: float
+
+    @property
+    def ffn_reduction(self) -> float:
+        """Achieved FFN reduction by bytes, exact (never rounded to the target)."""
+        return 1.0 - self.ffn_bytes / self.dense_ffn_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "dense_ffn_bytes": self.dense_ffn_bytes,
+            "ffn_bytes": self.ffn_bytes,
+            "ffn_reduction": self.ffn_reduction,
+            "seconds": self.seconds,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+
+def needs_statistics(recipe: Recipe) -> bool:
+    """Score selection, activation-aware SVD and GPTQ read calibration statistics."""
+    if recipe.method == "none":
+        return recipe.selection == "score" and recipe.heavy_ratio > 0
+    if recipe.selection == "score" and (recipe.heavy_ratio > 0 or recipe.method == "prune"):
+        return True
+    if recipe.method == "lowrank" and recipe.lowrank.whiten:
+        return True
+    return recipe.method == "quant" and recipe.quant.gptq
+
+
+def neuron_order(
+    weights: FFNWeights, stats: LayerStats | None, recipe: Recipe, layer: int
+) -> tuple[Tensor, Tensor]:
+    """(heavy, light) neuron indices; light in the order compressors hand out resources.
+
+    Score selection: both by descending score. Random split: random order. No split (uniform):
+    light in index order, since the baseline has no score to go by.
+    """
+    m = weights.neurons
+    if recipe.selection == "random":
+        return random_order(m, recipe.heavy_ratio, recipe.seed, layer)
+    if recipe.heavy_ratio == 0 and recipe.method != "prune":
+        return torch.empty(0, dtype=torch.long), torch.arange(m)
+    if stats is None:
+        raise FFSplitError(f"layer {layer}: score selection needs profiling statistics")
+    order = order_by_score(neuron_scores(stats, weights.down)).cpu()
+    k = heavy_count(m, recipe.heavy_ratio)
+    return order[:k], order[k:]
+
+
+def _light_gram(
+    stats: LayerStats | None, which: str, neurons: Tensor | None = None
+) -> Tensor | None:
+    if stats is None:
+        return None
+    gram = stats.gram_in if which == "in" else stats.gram_hidden
+    if gram is None:
+        return None
+    if neurons is not None:
+        idx = neurons.to(gram.device)
+        gram = gram.index_select(0, idx).index_select(1, idx)
+    return gram
+
+
+def _lowrank_block(
+    rank: int, stats: LayerStats | None, recipe: Recipe, notes: list[str]
+) -> Callable[[FFNWeights, Tensor], BlockParts]:
+    def factor(weight: Tensor, gram: Tensor | None, bias: Tensor | None) -> LowRankLinear:
+        r = min(rank, *weight.shape)
+        if recipe.lowrank.whiten:
+            if gram is None or stats is None:
+                raise FFSplitError(
+                    "activation-aware low-rank needs Gram matrices: profile with collect_grams=true"
+                )
+            result = whitened_svd(
+                weight, r, gram.to(weight.device), stats.tokens, recipe.lowrank.damp
+            )
+            if result.fallback:
+                notes.append(f"plain SVD fallback: {result.fallback}")
+            a, b = result.a, result.b
+        else:
+            a, b = svd_factors(weight, r)
+        dtype = weight.dtype
+        return LowRankLinear(to_storage(a.to(dtype)), to_storage(b.to(dtype)), bias)
+
+    def compress(block: FFNWeights, neurons: Tensor) -> BlockParts:
+        gram_in = _light_gram(stats, "in")
+        gram_hidden = _light_gram(stats, "hidden", neurons)
+        up = factor(block.up, gram_in, block.up_bias)
+        gate = None if block.gate is None else factor(block.gate, gram_in, block.gate_bias)
+        down = factor(block.down, gram_hidden, None)
+        return BlockParts(up, gate, down)
+
+    return compress
+
+
+def _quant_block(
+    bits: int, group_size: int, stats: LayerStats | None, recipe: Recipe
+) -> Callable[[FFNWeights, Tensor], BlockParts]:
+    if bits == DENSE_BITS:
+        return dense_block
+
+    def quantize_rows(weight: Tensor, use_gptq: bool) -> Any:
+        if use_gptq and stats is not None and stats.gram_in is not None:
+            return gptq_quantize(weight.float(), bits, group_size, stats.gram_in.to(weight.device))
+        return quantize_groups(weight.float(), bits, group_size)
+
+    def compress(block: FFNWeights, neurons: Tensor) -> BlockParts:
+        gptq = recipe.quant.gptq
+        up = QuantizedLinear(quantize_rows(block.up, gptq), False, block.up_bias)
+        gate = None
+        if block.gate is not None:
+            gate = QuantizedLinear(quantize_rows(block.gate, gptq), False, block.gate_bias)
+        # down's neuron vectors are its columns: quantize W_down.T, groups along d (RTN only).
+        down = QuantizedLinear(quantize_groups(block.down.t().float(), bits, group_size), True)
+        return BlockParts(up, gate, down)
+
+    return compress
+
+
+def compress_layer(
+    weights: FFNWeights, stats: LayerStats | None, recipe: Recipe, layer: int
+) -> CompressedLayer:
+    """Compress one FFN by the recipe. Pure in the sense of style.md: tensors in, modules out."""
+    shape = FFNShape.from_weights(weights)
+    if stats is not None and stats.neurons != shape.m:
+        raise FFSplitError(
+            f"layer {layer}: statistics have {stats.neurons} neurons, the FFN has {shape.m}; "
+            "they were collected on another model"
+        )
+    if stats is not None:
+        stats = stats.to_device(weights.up.device)
+    heavy, light = neuron_order(weights, stats, recipe, layer)
+    notes: list[str] = []
+    report = LayerReport(layer, shape.m, int(heavy.numel()), dense_ffn_bytes(shape), 0, notes=notes)
+    blocks: list[tuple[Tensor, Callable[[FFNWeights, Tensor], BlockParts]]]
+    if recipe.method == "none":
+        blocks = [(heavy, dense_block), (light, dense_block)]
+    elif recipe.method == "prune":
+        kept = solve_kept_neurons(shape, recipe.ffn_reduction)
+        order = torch.cat([heavy, light])
+        report.kept = kept
+        report.heavy = min(report.heavy, kept)
+        blocks = [(order[:kept], dense_block)]
+    elif recipe.method == "lowrank":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rank = solve_rank(shape, int(heavy.numel()), recipe.ffn_reduction)
+        notes.extend(str(w.message) for w in caught)
+        report.rank = rank
+        blocks = [(heavy, dense_block)]
+        if rank > 0:
+            blocks.append((light, _lowrank_block(rank, stats, recipe, notes)))
+    elif recipe.method == "quant":
+        group = pick_group_size(shape.d, preferred=recipe.quant.group_size)
+        counts = solve_light_bits(
+            shape,
+            int(heavy.numel()),
+            recipe.quant.heavy_bits,
+            recipe.ffn_reduction,
+            group,
+            recipe.quant.ladder,
+        )
+        report.bits = counts
+        blocks = [(heavy, _quant_block(recipe.quant.heavy_bits, group, stats, recipe))]
+        start = 0
+        for bits, count in counts.items():  # higher bits first: the more important light neurons
+            blocks.append((light[start : start + count], _quant_block(bits, group, stats, recipe)))
+            start += count
+    else:  # pragma: no cover - Recipe validates the method
+        raise FFSplitError(f"unknown method {recipe.method!r}")
+    modules = build_split(weights, blocks)
+    report.bytes = sum(m.nbytes() for m in modules if m is not None)
+    order = torch.cat([b[0] for b in blocks if b[0].numel()])
+    return CompressedLayer(layer, modules, heavy.cpu(), order.cpu(), report)
+
+
+def compress_model(
+    model: nn.Module,
+    stats: ModelStats | None,
+    recipe: Recipe,
+    *,
+    adapter: Adapter | None = None,
+    layers: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[CompressionReport, dict[int, CompressedLayer]]:
+    """Compress every FFN (or `layers`) of `model` in place; returns the report and per-layer results."""
+    adapter = adapter or get_adapter(model)
+    if needs_statistics(recipe) and stats is None:
+        raise FFSplitError(
+            f"recipe '{recipe.label}' needs calibration statistics: run `ffsplit profile` first "
+            "or pass --calib-tokens"
+        )
+    handles = adapter.ffns(model)
+    wanted = [h for h in handles if layers is None or h.layer in set(layers)]
+    if stats is not None:
+        missing = [h.layer for h in wanted if h.layer not in stats.layers]
+        if missing:
+            raise FFSplitError(
+                f"statistics lack layers {missing}: they cover {sorted(stats.layers)}"
+            )
+    started = time.perf_counter()
+    results: dict[int, CompressedLayer] = {}
+    for done, handle in enumerate(wanted, 1):
+        weights = adapter.weights(model, handle)
+        layer_stats = None if stats is None else stats.layers[handle.layer]
+        result = compress_layer(weights, layer_stats, recipe, handle.layer)
+        swap_ffn(model, adapter, handle, result.modules)
+        results[handle.layer] = result
+        if progress is not None:
+            progress(done, len(wanted))
+    report = CompressionReport(
+        recipe=recipe.to_dict(),
+        layers=[r.report for r in results.values()],
+        dense_ffn_bytes=sum(r.report.dense_bytes for r in results.values()),
+        ffn_bytes=sum(r.report.bytes for r in results.values()),
+        seconds=time.perf_counter() - started,
+    )
+    return report, results

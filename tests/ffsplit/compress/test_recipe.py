@@ -1,0 +1,101 @@
+"""Recipes on tiny models: budgets met exactly as reported, baselines behave, errors are clear."""
+
+import pytest
+import torch
+
+from ffsplit.adapters import get_adapter
+from ffsplit.compress.recipe import compress_model
+from ffsplit.config import ProfileConfig, QuantConfig, Recipe
+from ffsplit.errors import FFSplitError
+from ffsplit.models.tiny import tiny_model
+from ffsplit.profiling import profile_model
+from ffsplit.split import ffn_modules
+
+CONFIG = ProfileConfig(tokens=128, window=16, batch_size=4, hit_top_fraction=0.05)
+IDS = torch.randint(0, 150, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS[:2]).logits
+
+
+def _compressed(architecture, recipe):
+    model, _ = tiny_model(architecture)
+    stats = profile_model(model, IDS, CONFIG)
+    reference = _logits(model)
+    report, _ = compress_model(model, stats, recipe)
+    return model, report, reference
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "OPTForCausalLM", "GPT2LMHeadModel"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3),
+        Recipe(method="lowrank", heavy_ratio=0.0, ffn_reduction=0.3),
+        Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3, selection="random"),
+        Recipe(
+            method="quant", heavy_ratio=0.1, ffn_reduction=0.5, quant=QuantConfig(group_size=32)
+        ),
+        Recipe(
+            method="quant",
+            heavy_ratio=0.1,
+            ffn_reduction=0.6,
+            quant=QuantConfig(heavy_bits=8, group_size=32),
+        ),
+        Recipe(method="prune", heavy_ratio=0.1, ffn_reduction=0.3),
+    ],
+    ids=lambda r: r.label,
+)
+def test_budget_met_and_reported_exactly(architecture, recipe):
+    model, report, reference = _compressed(architecture, recipe)
+    adapter = get_adapter(model)
+    measured = sum(m.nbytes() for m in ffn_modules(model, adapter))
+    assert measured == report.ffn_bytes
+    assert report.ffn_reduction >= recipe.ffn_reduction
+    assert report.ffn_reduction < recipe.ffn_reduction + 0.1  # tight, not wildly over
+    logits = _logits(model)
+    assert torch.isfinite(logits).all()
+    assert logits.shape == reference.shape
+
+
+def test_identity_recipe_is_exact():
+    model, report, reference = _compressed(
+        "LlamaForCausalLM", Recipe(method="none", heavy_ratio=0.2, ffn_reduction=0.0)
+    )
+    torch.testing.assert_close(_logits(model), reference, rtol=1e-5, atol=1e-5)
+    assert report.ffn_reduction == 0
+
+
+def test_impossible_budget_is_refused():
+    model, _ = tiny_model("LlamaForCausalLM")
+    stats = profile_model(model, IDS, CONFIG)
+    with pytest.raises(FFSplitError, match="cannot be met"):
+        compress_model(model, stats, Recipe(method="lowrank", heavy_ratio=0.9, ffn_reduction=0.5))
+
+
+def test_statistics_required_for_score_selection():
+    model, _ = tiny_model("LlamaForCausalLM")
+    with pytest.raises(FFSplitError, match="statistics"):
+        compress_model(model, None, Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3))
+
+
+def test_heavy_neurons_are_the_top_scores():
+    model, _ = tiny_model("OPTForCausalLM")
+    stats = profile_model(model, IDS, CONFIG)
+    adapter = get_adapter(model)
+    down = adapter.weights(model, adapter.ffns(model)[0]).down
+    _, results = compress_model(
+        model, stats, Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3)
+    )
+    from ffsplit.selection import neuron_scores
+
+    scores = neuron_scores(stats.layers[0], down)
+    heavy = results[0].heavy_neurons
+    assert (
+        scores[heavy].min()
+        >= scores[
+            torch.tensor([i for i in range(scores.numel()) if i not in set(heavy.tolist())])
+        ].max()
+    )

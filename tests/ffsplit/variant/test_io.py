@@ -1,0 +1,99 @@
+"""Variants round-trip exactly, describe themselves, and refuse damaged or foreign files."""
+
+import json
+
+import pytest
+import torch
+
+from ffsplit.adapters import get_adapter
+from ffsplit.compress.recipe import compress_model
+from ffsplit.config import ProfileConfig, QuantConfig, Recipe
+from ffsplit.errors import FFSplitError
+from ffsplit.models.tiny import TINY_ARCHITECTURES, tiny_model
+from ffsplit.profiling import profile_model
+from ffsplit.variant import load_variant, read_manifest, save_variant
+
+CONFIG = ProfileConfig(tokens=128, window=16, batch_size=4, hit_top_fraction=0.05)
+IDS = torch.randint(0, 150, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _outputs(model):
+    with torch.no_grad():
+        out = model(input_ids=IDS[:2])
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _variant(tmp_path, architecture, recipe):
+    model, _ = tiny_model(architecture)
+    stats = profile_model(model, IDS, CONFIG)
+    report, layers = compress_model(model, stats, recipe)
+    adapter = get_adapter(model)
+    out = save_variant(model, None, tmp_path / "variant", adapter=adapter,
+                       base_model={"name": "tiny", "weights_sha256": "0" * 64},
+                       report=report, layers=layers)
+    return model, out, report
+
+
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_round_trip_logits_identical(tmp_path, architecture):
+    recipe = Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3)
+    model, out, report = _variant(tmp_path, architecture, recipe)
+    loaded, tokenizer, manifest = load_variant(out)
+    assert torch.equal(_outputs(loaded), _outputs(model))
+    assert manifest["sizes"]["ffn_bytes"] == report.ffn_bytes
+    assert manifest["recipe"]["method"] == "lowrank"
+    assert len(manifest["layers"]["0"]["heavy"]) == report.layers[0].heavy
+
+
+def test_quant_round_trip(tmp_path):
+    recipe = Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.6, quant=QuantConfig(group_size=32))
+    model, out, _ = _variant(tmp_path, "LlamaForCausalLM", recipe)
+    loaded, _, _ = load_variant(out)
+    assert torch.equal(_outputs(loaded), _outputs(model))
+
+
+def test_no_pickle_only_safetensors_and_json(tmp_path):
+    _, out, _ = _variant(tmp_path, "GPT2LMHeadModel", Recipe(method="prune", ffn_reduction=0.3))
+    suffixes = {p.suffix for p in out.iterdir()}
+    assert suffixes <= {".json", ".safetensors"}
+
+
+def test_corrupt_weights_are_refused(tmp_path):
+    _, out, _ = _variant(tmp_path, "OPTForCausalLM", Recipe(method="prune", ffn_reduction=0.3))
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FFSplitError, match="does not match the manifest"):
+        load_variant(out)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(format_version=99), "newer"),
+        (lambda m: m["files"].update({"../evil": "0"}), "escapes"),
+        (lambda m: m.pop("layers"), "lacks layers"),
+    ],
+)
+def test_bad_manifests_are_refused(tmp_path, edit, message):
+    _, out, _ = _variant(tmp_path, "OPTForCausalLM", Recipe(method="prune", ffn_reduction=0.3))
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FFSplitError, match=message):
+        read_manifest(out)
+
+
+def test_truncated_manifest_is_refused(tmp_path):
+    _, out, _ = _variant(tmp_path, "OPTForCausalLM", Recipe(method="prune", ffn_reduction=0.3))
+    path = out / "manifest.json"
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(FFSplitError, match="truncated"):
+        load_variant(out)
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    model, out, report = _variant(tmp_path, "OPTForCausalLM", Recipe(method="prune", ffn_reduction=0.3))
+    with pytest.raises(FFSplitError, match="already exists"):
+        save_variant(model, None, out, adapter=get_adapter(model), base_model={}, report=report, layers={})

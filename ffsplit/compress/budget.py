@@ -188,7 +188,7 @@ def solve_rank(shape: FFNShape, heavy: int, reduction: float) -> int:
         achieved = _achieved(dense, lowrank_bytes(shape, heavy, cap))
         warnings.warn(
             f"solve_rank: rank capped at {cap}, the largest at which low-rank is smaller than the "
-            f"dense light part; reduction {achieved:.4f} exceeds the budget {reduction:g}",
+            f"dense light part; reduction {achieved:.4f} for a budget of {reduction:g}",
             stacklevel=2,
         )
     return rank

@@ -17,6 +17,7 @@ storage and gives the two matmuls balanced rounding error. The product is the sa
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +95,9 @@ def whitened_svd(
     ``W'`` is the truncated SVD of ``W L`` mapped back by ``L^{-1}`` (a triangular solve, never an
     explicit inverse). Damping keeps ``L`` invertible when some input directions are never excited.
 
-    If the Cholesky fails, damping grows tenfold (at most 10^4 x); a zero Gram, zero ``tokens`` or a
-    Gram that is zero on the diagonal carries no information, so plain SVD runs instead and
-    ``fallback`` says why.
+    If the Cholesky fails, damping grows tenfold (at most 10^4 x; ``damp`` in the result is the one
+    used); a zero Gram or zero ``tokens`` carry no information, so plain SVD runs instead and
+    ``fallback`` says why. A Gram that no damping makes positive definite is an error.
     """
     where = "whitened_svd"
     _check_weight(weight, where)
@@ -123,9 +124,14 @@ def whitened_svd(
     w64 = weight.detach().to(torch.float64)
     second_moment = gram.detach().to(device=w64.device, dtype=torch.float64) / tokens
     second_moment = (second_moment + second_moment.T) / 2  # symmetrise accumulated rounding
+    if bool((second_moment.diagonal() < 0).any()):
+        raise FFSplitError(
+            f"{where}: gram has negative diagonal entries, so it is no sum of x x^T; "
+            f"recompute the layer statistics"
+        )
     scale = second_moment.diagonal().mean().item()
-    if not scale > 0:
-        return plain("gram has no positive diagonal (no input energy)")
+    if scale == 0:
+        return plain("gram is zero (no input energy)")
     eye = torch.eye(features, dtype=torch.float64, device=w64.device)
     # damp = 0 asks for exact whitening; if that fails, retry from a tiny relative damping.
     tries = (
@@ -150,8 +156,15 @@ def whitened_svd(
 def whitened_svd_factors(
     weight: Tensor, rank: int, gram: Tensor, tokens: int, damp: float = 1e-2
 ) -> tuple[Tensor, Tensor]:
-    """``(a, b)`` of :func:`whitened_svd`; use that function to learn the damping or fallback used."""
+    """``(a, b)`` of :func:`whitened_svd`, warning when damping grew or plain SVD ran instead."""
     result = whitened_svd(weight, rank, gram, tokens, damp)
+    if result.fallback is not None:
+        warnings.warn(f"whitened_svd_factors: plain SVD used: {result.fallback}", stacklevel=2)
+    elif result.damp is not None and result.damp > damp:
+        warnings.warn(
+            f"whitened_svd_factors: Cholesky needed damping {result.damp:g} (asked {damp:g})",
+            stacklevel=2,
+        )
     return result.a, result.b
 
 

@@ -317,7 +317,12 @@ def gptq_quantize(
     weight = matrix.detach().to(torch.float64).clone()
     hessian = gram.detach().to(device=weight.device, dtype=torch.float64)
     hessian = (hessian + hessian.T) / 2
-    dead = hessian.diagonal() <= 0
+    if bool((hessian.diagonal() < 0).any()):
+        raise FFSplitError(
+            f"{where}: gram has negative diagonal entries, so it is no sum of x x^T; "
+            f"recompute the layer statistics"
+        )
+    dead = hessian.diagonal() == 0
     hessian[dead, :] = 0
     hessian[:, dead] = 0
     hessian[dead, dead] = 1

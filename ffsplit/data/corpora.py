@@ -70,7 +70,7 @@ CORPORA: dict[str, PackagedCorpus] = {
             file="test/test_data/lee_background.cor",
             format="lines",
             license="research use",
-            description="Lee news corpus: 300 news articles, one per line",
+            description="Lee news corpus: 300 news articles, one per line (293 distinct)",
         ),
         PackagedCorpus(
             name="tweets",
@@ -131,6 +131,7 @@ _DROPPED_SECTIONS = frozenset(
     {"references", "external links", "further reading", "see also", "notes", "bibliography"}
     | {"sources", "citations", "footnotes", "notes and references", "works cited"}
 )
+_LEVEL2_HEADING = re.compile(r"^==(?!=)\s*(.*?)\s*==\s*$", re.M)
 _LINK_NAMESPACES = ("file:", "image:", "category:", "media:")
 _INTERLANGUAGE = re.compile(r"^[a-z]{2,3}(-[a-z]+)*:")
 
@@ -140,11 +141,7 @@ def strip_wikitext(wikitext: str) -> str:
     import mwparserfromhell
 
     text = _REF.sub("", _REF_SELF_CLOSING.sub("", _COMMENT.sub("", wikitext)))
-    code = mwparserfromhell.parse(text)
-    for section in code.get_sections(levels=[2]):
-        headings = section.filter_headings(recursive=False)
-        if headings and headings[0].title.strip_code().strip().lower() in _DROPPED_SECTIONS:
-            _remove(code, section)
+    code = mwparserfromhell.parse(_drop_sections(text))
     for tag in code.filter_tags(recursive=True):
         if str(tag.tag).strip().lower() in _DROPPED_TAGS:
             _remove(code, tag)
@@ -156,6 +153,20 @@ def strip_wikitext(wikitext: str) -> str:
     plain = re.sub(r"[ \t]+\n", "\n", plain)
     plain = re.sub(r"\n{3,}", "\n\n", plain)
     return plain.strip()
+
+
+def _drop_sections(wikitext: str) -> str:
+    """Remove level-2 sections named in _DROPPED_SECTIONS, on the raw text: an unclosed tag earlier
+    in an article makes the parser nest later sections, so parse-tree sections miss them."""
+    kept, start, drop = [], 0, False
+    for heading in _LEVEL2_HEADING.finditer(wikitext):
+        if not drop:
+            kept.append(wikitext[start : heading.start()])
+        start = heading.start()
+        drop = heading.group(1).strip("' ").lower() in _DROPPED_SECTIONS
+    if not drop:
+        kept.append(wikitext[start:])
+    return "".join(kept)
 
 
 def _remove(code: object, node: object) -> None:
@@ -231,7 +242,9 @@ def _tweet_rows() -> list[tuple[str, int]]:
     with open(path, encoding="latin-1", newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"sentiment", "text"} <= set(reader.fieldnames):
-            raise FFSplitError(f"{path}: expected columns sentiment and text, got {reader.fieldnames}")
+            raise FFSplitError(
+                f"{path}: expected columns sentiment and text, got {reader.fieldnames}"
+            )
         for record in reader:
             text = (record["text"] or "").strip()
             label = (record["sentiment"] or "").strip().lower()
@@ -261,12 +274,16 @@ def read_text_file(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _packaged_documents(name: str, cache_key: str) -> tuple[str, ...]:
+    """Distinct documents in file order: a text repeated in both halves would leak evaluation
+    text into calibration (the Lee corpus repeats 7 of its 300 articles)."""
     corpus = CORPORA[name]
     if corpus.format == "wiki-xml":
-        return tuple(a["text"] for a in wikipedia_articles(cache_key or None))
-    if corpus.format == "lines":
-        return tuple(_news_articles())
-    return tuple(text for text, _ in _tweet_rows())
+        texts = [article["text"] for article in wikipedia_articles(cache_key)]
+    elif corpus.format == "lines":
+        texts = _news_articles()
+    else:
+        texts = [text for text, _ in _cached_tweet_rows()]
+    return tuple(dict.fromkeys(texts))
 
 
 def is_packaged(corpus: str | Path) -> bool:
@@ -310,7 +327,7 @@ def documents(
     """
     check_split(split)
     if is_packaged(corpus):
-        docs = _packaged_documents(str(corpus), str(cache_root(cache_dir)) if cache_dir else "")
+        docs = _packaged_documents(str(corpus), str(cache_root(cache_dir)))
         return [docs[i] for i in split_indices(len(docs), split, seed)]
     path = Path(corpus).expanduser()
     if not path.exists():

@@ -15,6 +15,14 @@ ENCODER_MODEL_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2"}
 )
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+)
 
 
 def is_causal_lm(config: Any) -> bool:
@@ -31,7 +39,10 @@ def load_model(
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
 ) -> tuple[torch.nn.Module, Any, ModelRef]:
-    """(model in eval mode, tokenizer, ModelRef) for a packaged name or a local HF folder."""
+    """(model in eval mode, tokenizer, ModelRef) for a packaged name or a local HF folder.
+
+    The tokenizer is None when the folder has no tokenizer files (e.g. a saved tiny test model).
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     ref = resolve_model(name_or_path, cache_dir)
@@ -41,13 +52,15 @@ def load_model(
             "ffsplit.variant.io.load_variant, not load_model"
         )
     options: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
-    config = AutoConfig.from_pretrained(str(ref.path), **options)
-    model_class = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
+        config = AutoConfig.from_pretrained(str(ref.path), **options)
+        model_class = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
         model = model_class.from_pretrained(
             str(ref.path), config=config, dtype=dtype, use_safetensors=True, **options
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(ref.path), **options)
+        tokenizer = None
+        if any((ref.path / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(str(ref.path), **options)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise FFSplitError(f"could not load model folder {ref.path}: {first_line}") from error

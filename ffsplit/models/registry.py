@@ -314,7 +314,11 @@ def _folder_architecture(folder: Path) -> str:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as error:
-        raise FFSplitError(f"model folder {folder}: config.json is not readable JSON ({error})")
+        raise FFSplitError(
+            f"model folder {folder}: config.json is not readable JSON ({error})"
+        ) from error
+    if not isinstance(config, dict):
+        raise FFSplitError(f"model folder {folder}: config.json is not a JSON object")
     architectures = config.get("architectures") or []
     if architectures:
         return str(architectures[0])
@@ -378,4 +382,3 @@ def list_models(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
             }
         )
     return rows
-

@@ -29,8 +29,8 @@ def test_merged_shards_equal_whole(architecture):
         assert torch.equal(m.hits, s.hits)
         assert torch.equal(m.max_abs, s.max_abs)
         torch.testing.assert_close(m.sum_sq, s.sum_sq, rtol=1e-12, atol=0)
-        torch.testing.assert_close(m.gram_in, s.gram_in, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(m.gram_hidden, s.gram_hidden, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(m.gram_in, s.gram_in, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.gram_hidden, s.gram_hidden, rtol=1e-5, atol=1e-6)
 
 
 def test_stats_describe_the_activations():
@@ -40,7 +40,7 @@ def test_stats_describe_the_activations():
     assert s.hits.sum() == s.tokens * s.hit_top_k
     assert (s.sum_sq > 0).all()
     assert (s.max_abs**2 <= s.sum_sq + 1e-12).all()
-    assert torch.allclose(s.gram_hidden.diagonal(), s.sum_sq)
+    torch.testing.assert_close(s.gram_hidden.diagonal(), s.sum_sq, rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -1,0 +1,257 @@
+"""`ffsplit` command line: models, profile, compress, eval.
+
+Every command takes a known model name or a local folder, prints a table (or `--json` on stdout),
+shows progress on stderr, and on bad input exits 2 with one line that says what and where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ffsplit.errors import FFSplitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Split transformer FFNs into heavy hitters and a compressed light part (arXiv 2401.04044).",
+)
+err = Console(stderr=True)
+out = Console()
+
+
+class Method(str, Enum):
+    lowrank = "lowrank"
+    quant = "quant"
+    prune = "prune"
+
+
+class Baseline(str, Enum):
+    uniform = "uniform"
+    random = "random"
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """FFSplitError (and plain OS errors) become one line and exit code 2, no traceback."""
+    try:
+        yield
+    except FFSplitError as exc:
+        _fail(str(exc))
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        _fail(f"{exc.strerror}: {exc.filename}")
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC: nothing is half-written (atomic writes), but say so
+            _fail(f"disk full while writing {exc.filename or 'output'}; nothing was kept")
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing half-written was kept")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress callback (stage, done, total) drawing one bar per stage on stderr."""
+    if not enabled or not err.is_terminal and os.environ.get("FFSPLIT_PROGRESS") != "1":
+        yield lambda stage, done, total: None
+        return
+    bars = Progress(TextColumn("{task.description:>11}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    tasks: dict[str, Any] = {}
+    with bars:
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _emit(data: dict[str, Any], as_json: bool, table: Callable[[dict[str, Any]], Table]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+    else:
+        out.print(table(data))
+
+
+def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, value if isinstance(value, str) else f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not 0 < value < 1:
+        raise FFSplitError(f"{name} must be in (0, 1), got {value}")
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List the packaged real models and whether they are cached."""
+    from ffsplit.models.registry import list_models
+
+    with _user_errors():
+        rows = list_models()
+
+    def table(data: dict[str, Any]) -> Table:
+        t = Table(title="packaged models")
+        for col in ("name", "architecture", "params", "license", "cached", "path"):
+            t.add_column(col)
+        for r in data["models"]:
+            t.add_row(r["name"], r["architecture"], f"{r['params']:,}", r["license"],
+                      "yes" if r["cached"] else "no", str(r.get("path") or ""))
+        return t
+
+    _emit({"models": rows}, as_json, table)
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help="packaged model name or local HF folder")],
+    out_path: Annotated[Path, typer.Option("--out", help="statistics file to write (.safetensors)")],
+    calib_tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,
+    window: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
+    corpus: Annotated[str, typer.Option(help="wikipedia, news, or a text file")] = "wikipedia",
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    no_grams: Annotated[bool, typer.Option("--no-grams", help="skip Gram matrices (saves memory; no activation-aware SVD)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Profile every FFN neuron on calibration text and write heavy-hitter statistics."""
+    from ffsplit.config import ProfileConfig
+    from ffsplit.jobs import profile_job
+
+    with _user_errors():
+        if out_path.exists():
+            raise FFSplitError(f"{out_path} already exists; choose another --out or remove it")
+        config = ProfileConfig(corpus=corpus, tokens=calib_tokens, window=window,
+                               batch_size=batch_size, collect_grams=not no_grams)
+        with _progress(not as_json) as progress:
+            result = profile_job(model, config, out_path, progress=progress)
+    _emit(result, as_json, lambda d: _kv_table("profile", list(d.items())))
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="packaged model name or local HF folder")],
+    out_dir: Annotated[Path, typer.Option("--out", help="variant folder to write")],
+    method: Annotated[Method, typer.Option(help="how the light part is compressed")] = Method.lowrank,
+    heavy_ratio: Annotated[float, typer.Option(help="share of neurons kept as heavy hitters, in (0, 1)")] = 0.1,
+    ffn_reduction: Annotated[float, typer.Option(help="target FFN size reduction by bytes, in (0, 1)")] = 0.3,
+    baseline: Annotated[Baseline | None, typer.Option(help="compress as a baseline instead of FFSplit")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="calibration tokens, when profiling here")] = 32768,
+    stats: Annotated[Path | None, typer.Option(help="statistics from `ffsplit profile` (else profiled here)")] = None,
+    plain_svd: Annotated[bool, typer.Option("--plain-svd", help="plain SVD instead of activation-aware")] = False,
+    heavy_bits: Annotated[int, typer.Option(help="quant: heavy part bits (16 or 8)")] = 16,
+    gptq: Annotated[bool, typer.Option("--gptq", help="quant: GPTQ error compensation for up/gate")] = False,
+    seed: Annotated[int, typer.Option(help="seed for random baselines")] = 0,
+    recipe_file: Annotated[Path | None, typer.Option("--recipe", help="recipe JSON/YAML (overrides the options above)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Split every FFN, compress the light part to a byte budget, write a variant folder."""
+    from ffsplit.config import LowRankConfig, ProfileConfig, QuantConfig, Recipe
+    from ffsplit.jobs import compress_job
+
+    with _user_errors():
+        if recipe_file is not None:
+            recipe = load_recipe(recipe_file)
+        else:
+            _check_ratio("--ffn-reduction", ffn_reduction)
+            if baseline != Baseline.uniform or method == Method.prune:
+                _check_ratio("--heavy-ratio", heavy_ratio)
+            recipe = Recipe(
+                method=method.value,
+                heavy_ratio=0.0 if baseline == Baseline.uniform and method != Method.prune else heavy_ratio,
+                ffn_reduction=ffn_reduction,
+                selection="random" if baseline == Baseline.random else "score",
+                seed=seed,
+                lowrank=LowRankConfig(whiten=not plain_svd),
+                quant=QuantConfig(heavy_bits=heavy_bits, gptq=gptq),
+                profile=ProfileConfig(tokens=calib_tokens),
+            )
+        with _progress(not as_json) as progress:
+            result = compress_job(model, recipe, out_dir, stats_path=stats, progress=progress)
+    _emit(result, as_json, lambda d: _kv_table(f"compress: {d['label']}", list(d.items())))
+
+
+def load_recipe(path: Path) -> Any:
+    """A Recipe from a JSON or YAML file; unknown keys are errors."""
+    from ffsplit.config import Recipe
+
+    if not path.is_file():
+        raise FFSplitError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise different types
+        raise FFSplitError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({exc})") from None
+    return Recipe.from_dict(data, where=str(path))
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Argument(help="packaged model name, local HF folder, or variant folder")],
+    text: Annotated[Path | None, typer.Option(help="plain UTF-8 text file to score (default: Wikipedia evaluation split)")] = None,
+    corpus: Annotated[str, typer.Option(help="packaged corpus when --text is not given")] = "wikipedia",
+    max_tokens: Annotated[int, typer.Option(help="evaluation token budget")] = 16384,
+    window: Annotated[int, typer.Option(help="tokens per evaluation window")] = 512,
+    latency: Annotated[bool, typer.Option("--latency", help="also race the variant against its dense base (CPU)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Perplexity (or probe accuracy for encoders), parameters and bytes, optionally latency."""
+    from ffsplit.jobs import evaluate_job
+
+    with _user_errors():
+        if max_tokens < window:
+            raise FFSplitError(f"--max-tokens ({max_tokens}) must be at least one --window ({window})")
+        with _progress(not as_json) as progress:
+            result = evaluate_job(model, text=text, corpus=corpus, max_tokens=max_tokens,
+                                  window=window, latency=latency, progress=progress)
+
+    def table(d: dict[str, Any]) -> Table:
+        size = d["size"]
+        rows: list[tuple[str, Any]] = [("model", d["model"])]
+        if "perplexity" in d:
+            rows.append(("perplexity", d["perplexity"]))
+            rows.append(("eval tokens", d["eval"]["tokens"]))
+        if "accuracy" in d:
+            rows.append(("probe accuracy", d["accuracy"]))
+        rows += [("FFN reduction", d["ffn_reduction"]), ("FFN params", size["ffn_params"]),
+                 ("FFN bytes", size["ffn_bytes"]), ("total params", size["total_params"]),
+                 ("total bytes", size["total_bytes"])]
+        if "latency" in d and "speedup" in d["latency"]:
+            for k, v in d["latency"]["speedup"].items():
+                rows.append((f"{k} speedup", v))
+        return _kv_table("eval", rows)
+
+    _emit(result, as_json, table)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,237 @@
+"""The library's jobs, path in and path out: profile, compress, evaluate.
+
+These are what the CLI commands and the pipeline's tasks call, so that `ffsplit compress ...` and a
+Prefect/Ray run do the same work (and the pipeline's overhead can be measured against them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ffsplit.adapters import get_adapter
+from ffsplit.compress.recipe import compress_model, needs_statistics
+from ffsplit.config import ProfileConfig, Recipe
+from ffsplit.errors import FFSplitError
+from ffsplit.profiling import ModelStats, load_stats, profile_model, save_stats
+from ffsplit.split import ffn_modules
+from ffsplit.variant import load_variant, save_variant
+from ffsplit.variant.manifest import MANIFEST
+
+Progress = Callable[[str, int, int], None]
+
+
+def _stage(progress: Progress | None, stage: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)
+
+
+def is_variant(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_any(model_or_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """A base model (packaged name or HF folder) or a variant folder, with a description."""
+    if is_variant(model_or_dir):
+        model, tokenizer, manifest = load_variant(model_or_dir, device=device)
+        return model, tokenizer, {"kind": "variant", "path": str(model_or_dir), "manifest": manifest}
+    from ffsplit.models.loading import load_model
+
+    model, tokenizer, ref = load_model(str(model_or_dir), device=device)
+    return model, tokenizer, {"kind": "base", "base_model": ref.to_dict()}
+
+
+def calibration_data(
+    tokenizer: Any, config: ProfileConfig, shard: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Calibration windows (optionally one shard of them: windows i, i+n, i+2n, ...)."""
+    from ffsplit.data.windows import calibration_windows
+
+    windows, ref = calibration_windows(tokenizer, config.corpus, config.tokens, config.window)
+    info = ref.to_dict()
+    if shard is not None:
+        index, count = shard
+        if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+            raise FFSplitError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+        windows = windows[index::count]
+        info["shard"] = [index, count]
+    return windows, info
+
+
+def profile_job(
+    model: str | Path,
+    config: ProfileConfig,
+    out: str | Path,
+    *,
+    shard: tuple[int, int] | None = None,
+    layers: list[int] | None = None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Profile a base model on calibration text and write a statistics file."""
+    started = time.perf_counter()
+    net, tokenizer, info = load_any(model, device=device)
+    if info["kind"] != "base":
+        raise FFSplitError(f"{model}: profile a base model, not a compressed variant")
+    windows, calibration = calibration_data(tokenizer, config, shard)
+    if windows.shape[0] == 0:
+        raise FFSplitError(f"shard {shard} holds no calibration windows; use fewer shards")
+    meta = {"base_model": info["base_model"], "model_sha256": info["base_model"]["weights_sha256"],
+            "calibration": calibration}
+    stats = profile_model(net, windows, config, layers=layers, progress=_stage(progress, "profile"),
+                          meta=meta)
+    path = save_stats(stats, out)
+    return {"path": str(path), "tokens": int(windows.numel()), "layers": len(stats.layers),
+            "seconds": time.perf_counter() - started, "profile_seconds": stats.meta["seconds"]}
+
+
+def compress_job(
+    model: str | Path,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    stats_path: str | Path | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Compress a base model by a recipe and write a variant folder.
+
+    Statistics come from stats_path, or are profiled here (recipe.profile) when the recipe needs
+    them and none were given.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FFSplitError(f"output folder {out} already exists; choose another --out or remove it")
+    net, tokenizer, info = load_any(model, device=device)
+    if info["kind"] != "base":
+        raise FFSplitError(f"{model}: compress a base model, not an already compressed variant")
+    base = info["base_model"]
+    stats: ModelStats | None = None
+    calibration = None
+    profile_seconds = 0.0
+    if stats_path is not None:
+        stats = load_stats(stats_path)
+        if stats.meta.get("model_sha256") not in (None, base["weights_sha256"]):
+            raise FFSplitError(
+                f"{stats_path}: statistics were collected on another model "
+                f"(sha256 {str(stats.meta.get('model_sha256'))[:12]}..., this model "
+                f"{base['weights_sha256'][:12]}...)"
+            )
+        calibration = stats.meta.get("calibration")
+    elif needs_statistics(recipe):
+        windows, calibration = calibration_data(tokenizer, recipe.profile)
+        stats = profile_model(net, windows, recipe.profile, progress=_stage(progress, "profile"),
+                              meta={"model_sha256": base["weights_sha256"]})
+        profile_seconds = stats.meta["seconds"]
+    adapter = get_adapter(net)
+    report, layers = compress_model(net, stats, recipe, adapter=adapter,
+                                    progress=_stage(progress, "compress"))
+    save_variant(net, tokenizer, out, adapter=adapter, base_model=base, report=report,
+                 layers=layers, calibration=calibration,
+                 extra={"profile_seconds": profile_seconds}, overwrite=overwrite)
+    return {
+        "path": str(out),
+        "label": recipe.label,
+        "ffn_reduction": report.ffn_reduction,
+        "dense_ffn_bytes": report.dense_ffn_bytes,
+        "ffn_bytes": report.ffn_bytes,
+        "profile_seconds": profile_seconds,
+        "compress_seconds": report.seconds,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def size_of(model: nn.Module) -> dict[str, Any]:
+    from ffsplit.eval import model_size
+
+    return model_size(model, ffn_modules(model, get_adapter(model))).to_dict()
+
+
+def evaluate_job(
+    model_or_dir: str | Path,
+    *,
+    text: str | Path | None = None,
+    corpus: str = "wikipedia",
+    max_tokens: int = 16384,
+    window: int = 512,
+    latency: bool = False,
+    probe_limit: int = 1500,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Quality (perplexity, or probe accuracy for encoders), size, and optionally latency.
+
+    Perplexity uses the evaluation split of a packaged corpus (disjoint from calibration), or the
+    whole of a local text file. Latency races the variant against its base model in one run.
+    """
+    from ffsplit.models.loading import is_causal_lm
+
+    net, tokenizer, info = load_any(model_or_dir, device=device)
+    if tokenizer is None:
+        raise FFSplitError(f"{model_or_dir}: no tokenizer files; cannot evaluate on text")
+    result: dict[str, Any] = {"model": str(model_or_dir), "kind": info["kind"]}
+    if info["kind"] == "variant":
+        manifest = info["manifest"]
+        result["base_model"] = manifest["base_model"]
+        result["recipe"] = manifest["recipe"]
+        result["ffn_reduction"] = manifest["sizes"]["ffn_reduction"]
+    else:
+        result["base_model"] = info["base_model"]
+        result["ffn_reduction"] = 0.0
+    result["size"] = size_of(net)
+    if is_causal_lm(net.config):
+        from ffsplit.data.windows import corpus_windows
+        from ffsplit.eval import perplexity
+
+        source = text if text is not None else corpus
+        split = "all" if text is not None else "evaluation"
+        windows, ref = corpus_windows(tokenizer, source, split, max_tokens, window)
+        ppl = perplexity(net, windows, progress=_stage(progress, "perplexity"))
+        result["perplexity"] = ppl.perplexity
+        result["eval"] = {**ref.to_dict(), **ppl.to_dict()}
+        if not math.isfinite(ppl.perplexity):
+            raise FFSplitError(f"{model_or_dir}: perplexity is not finite")
+    else:
+        from ffsplit.data.corpora import labelled_texts
+        from ffsplit.eval import probe_accuracy
+
+        train = labelled_texts("tweets", "calibration", limit=probe_limit)
+        test = labelled_texts("tweets", "evaluation", limit=probe_limit)
+        probe = probe_accuracy(net, tokenizer, train[0], train[1], test[0], test[1])
+        result["accuracy"] = probe.accuracy
+        result["eval"] = {"corpus": "tweets", "train": len(train[0]), "test": len(test[0]),
+                          **probe.to_dict()}
+    if latency:
+        result["latency"] = latency_against_base(net, result["base_model"], info["kind"], device)
+    return result
+
+
+def latency_against_base(
+    net: nn.Module, base_model: dict[str, Any], kind: str, device: str = "cpu",
+    prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 5,
+) -> dict[str, Any]:
+    """Prefill and decode latency of the dense base and this model, interleaved in one run."""
+    from ffsplit.eval import measure_latency, speedups
+    from ffsplit.models.loading import is_causal_lm, load_model
+
+    models = {"dense": net} if kind == "base" else {}
+    if kind != "base":
+        base, _, _ = load_model(base_model.get("path") or base_model["name"], device=device)
+        models = {"dense": base, "variant": net}
+    decode = decode_tokens if is_causal_lm(net.config) else 0
+    results = measure_latency(models, prompt_tokens, decode, repeats=repeats)
+    out: dict[str, Any] = {name: r.to_dict() for name, r in results.items()}
+    if "variant" in results:
+        out["speedup"] = speedups(results, reference="dense")["variant"]
+    out["workload"] = {"prompt_tokens": prompt_tokens, "decode_tokens": decode, "repeats": repeats,
+                       "device": device, "threads": torch.get_num_threads()}
+    return out

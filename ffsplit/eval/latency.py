@@ -255,9 +255,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _timed_call(
-    module: nn.Module, x: torch.Tensor, cuda_graph: bool
-) -> Callable[[], object]:
+def _timed_call(module: nn.Module, x: torch.Tensor, cuda_graph: bool) -> Callable[[], object]:
     """A no-argument callable running module(x): eager, or replaying a captured CUDA graph."""
     if not cuda_graph:
         return lambda: module(x)

@@ -63,10 +63,12 @@ def _vocab_size(model: nn.Module) -> int | None:
     return int(size) if size is not None else None
 
 
-def sequence_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def sequence_nll(
+    logits: torch.Tensor, tokens: torch.Tensor, chunk_elements: int = _CHUNK_ELEMENTS
+) -> torch.Tensor:
     """Per-sequence summed NLL (float64) of tokens[:, 1:] given logits[:, :-1] ([B, T, V], [B, T]).
 
-    Upcasts at most _CHUNK_ELEMENTS logits to float32 at a time.
+    Upcasts about chunk_elements logits (at least one position) to float32 at a time.
     """
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
         raise FFSplitError(
@@ -74,7 +76,7 @@ def sequence_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         )
     batch, length, vocab = logits.shape
     targets = tokens[:, 1:].to(logits.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, batch * vocab))
+    step = max(1, chunk_elements // max(1, batch * vocab))
     total = torch.zeros(batch, dtype=torch.float64, device=logits.device)
     for start in range(0, length - 1, step):
         stop = min(length - 1, start + step)

@@ -86,7 +86,9 @@ def embed(
                 batch = tokenizer.pad([features[i] for i in index], return_tensors="pt")
                 batch = {key: value.to(device) for key, value in batch.items()}
                 output = model(**batch)
-                hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+                hidden = (
+                    output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+                )
                 mask = batch["attention_mask"].to(torch.float32).unsqueeze(-1)
                 summed = (hidden.float() * mask).sum(dim=1)
                 means = summed / mask.sum(dim=1).clamp_min(1.0)

@@ -6,7 +6,7 @@ same size. Integer tensors count at their real element size.
 
 Modules that expose ``nbytes()`` (the ffsplit split parts) know their own storage (packed codes at
 their bit width, scales and zeros at 16 bits): their bytes are ``nbytes()`` and the walk does not
-descend into them. Their parameter count is ``num_parameters_equivalent()`` when they define it;
+descend into them. Their parameter count is ``parameter_count()`` when they define it;
 otherwise the elements of their floating-point tensors (parameters and persistent buffers) plus one
 parameter per code, where a module with an integer ``bits`` attribute packs ``element_bits // bits``
 codes per integer element (a plain integer tensor counts one parameter per element).
@@ -92,14 +92,18 @@ def _persistent_buffers(module: nn.Module) -> Iterator[torch.Tensor]:
 
 def _code_count(module: nn.Module, tensor: torch.Tensor) -> int:
     bits = getattr(module, "bits", None)
-    if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 8 * tensor.element_size():
+    if (
+        isinstance(bits, int)
+        and not isinstance(bits, bool)
+        and 1 <= bits <= 8 * tensor.element_size()
+    ):
         return tensor.numel() * (8 * tensor.element_size() // bits)
     return tensor.numel()
 
 
 def _self_sized_params(module: nn.Module, seen: set[int]) -> int:
     """Parameter count of a module that reports nbytes() (rule in the module docstring)."""
-    equivalent = getattr(module, "num_parameters_equivalent", None)
+    equivalent = getattr(module, "parameter_count", None)
     if callable(equivalent):
         return int(equivalent())
     count = 0
@@ -122,7 +126,9 @@ def _items(module: nn.Module, path: str = "") -> Iterator[_Item]:
     if callable(nbytes):
         value = int(nbytes())
         if value < 0:
-            raise FFSplitError(f"module {path or type(module).__name__} reports nbytes()={value} < 0")
+            raise FFSplitError(
+                f"module {path or type(module).__name__} reports nbytes()={value} < 0"
+            )
         yield _Item(("module", id(module)), _self_sized_params(module, set()), value)
         return
     for param in module.parameters(recurse=False):

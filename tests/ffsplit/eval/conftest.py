@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,3 +27,9 @@ def make_tiny_llama(seed: int = 0, tie_word_embeddings: bool = False) -> LlamaFo
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()
+
+
+@pytest.fixture
+def llama_factory() -> Callable[..., LlamaForCausalLM]:
+    """make_tiny_llama itself, for tests that need other seeds or tied embeddings."""
+    return make_tiny_llama

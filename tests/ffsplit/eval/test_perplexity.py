@@ -47,18 +47,20 @@ def test_progress_reports_every_batch_and_model_mode_is_restored(tiny_llama):
     assert tiny_llama.training
 
 
-def test_sequence_nll_chunks_like_one_pass(monkeypatch):
-    import ffsplit.eval.perplexity as module
-
+def test_sequence_nll_chunks_like_one_pass():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 11, 50, generator=generator)
     tokens = torch.randint(0, 50, (3, 11), generator=generator)
-    reference = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1), reduction="none"
-    ).view(3, 10).double().sum(dim=1)
+    reference = (
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1), reduction="none"
+        )
+        .view(3, 10)
+        .double()
+        .sum(dim=1)
+    )
     one_pass = sequence_nll(logits, tokens)
-    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 3 * 50 * 2)  # 2 positions per chunk
-    chunked = sequence_nll(logits, tokens)
+    chunked = sequence_nll(logits, tokens, chunk_elements=3 * 50 * 2)  # 2 positions per chunk
     torch.testing.assert_close(one_pass, reference, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(chunked, one_pass, rtol=1e-12, atol=1e-9)
 

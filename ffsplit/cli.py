@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,13 +31,13 @@ err = Console(stderr=True)
 out = Console()
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     lowrank = "lowrank"
     quant = "quant"
     prune = "prune"
 
 
-class Baseline(str, Enum):
+class Baseline(StrEnum):
     uniform = "uniform"
     random = "random"
 
@@ -70,10 +70,18 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]
     if not enabled or not err.is_terminal and os.environ.get("FFSPLIT_PROGRESS") != "1":
         yield lambda stage, done, total: None
         return
-    bars = Progress(TextColumn("{task.description:>11}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    bars = Progress(
+        TextColumn("{task.description:>11}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
     tasks: dict[str, Any] = {}
     with bars:
+
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bars.add_task(stage, total=total)
@@ -94,7 +102,16 @@ def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value")
     for key, value in rows:
-        table.add_row(key, value if isinstance(value, str) else f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(
+            key,
+            value
+            if isinstance(value, str)
+            else f"{value:,}"
+            if isinstance(value, int)
+            else f"{value:.4g}"
+            if isinstance(value, float)
+            else str(value),
+        )
     return table
 
 
@@ -104,7 +121,9 @@ def _check_ratio(name: str, value: float) -> None:
 
 
 @app.command()
-def models(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
     """List the packaged real models and whether they are cached."""
     from ffsplit.models.registry import list_models
 
@@ -116,8 +135,14 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
         for col in ("name", "architecture", "params", "license", "cached", "path"):
             t.add_column(col)
         for r in data["models"]:
-            t.add_row(r["name"], r["architecture"], f"{r['params']:,}", r["license"],
-                      "yes" if r["cached"] else "no", str(r.get("path") or ""))
+            t.add_row(
+                r["name"],
+                r["architecture"],
+                f"{r['params']:,}",
+                r["license"],
+                "yes" if r["cached"] else "no",
+                str(r.get("path") or ""),
+            )
         return t
 
     _emit({"models": rows}, as_json, table)
@@ -126,12 +151,19 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
 @app.command()
 def profile(
     model: Annotated[str, typer.Argument(help="packaged model name or local HF folder")],
-    out_path: Annotated[Path, typer.Option("--out", help="statistics file to write (.safetensors)")],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="statistics file to write (.safetensors)")
+    ],
     calib_tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,
     window: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
     corpus: Annotated[str, typer.Option(help="wikipedia, news, or a text file")] = "wikipedia",
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
-    no_grams: Annotated[bool, typer.Option("--no-grams", help="skip Gram matrices (saves memory; no activation-aware SVD)")] = False,
+    no_grams: Annotated[
+        bool,
+        typer.Option(
+            "--no-grams", help="skip Gram matrices (saves memory; no activation-aware SVD)"
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Profile every FFN neuron on calibration text and write heavy-hitter statistics."""
@@ -141,8 +173,13 @@ def profile(
     with _user_errors():
         if out_path.exists():
             raise FFSplitError(f"{out_path} already exists; choose another --out or remove it")
-        config = ProfileConfig(corpus=corpus, tokens=calib_tokens, window=window,
-                               batch_size=batch_size, collect_grams=not no_grams)
+        config = ProfileConfig(
+            corpus=corpus,
+            tokens=calib_tokens,
+            window=window,
+            batch_size=batch_size,
+            collect_grams=not no_grams,
+        )
         with _progress(not as_json) as progress:
             result = profile_job(model, config, out_path, progress=progress)
     _emit(result, as_json, lambda d: _kv_table("profile", list(d.items())))
@@ -152,17 +189,35 @@ def profile(
 def compress(
     model: Annotated[str, typer.Argument(help="packaged model name or local HF folder")],
     out_dir: Annotated[Path, typer.Option("--out", help="variant folder to write")],
-    method: Annotated[Method, typer.Option(help="how the light part is compressed")] = Method.lowrank,
-    heavy_ratio: Annotated[float, typer.Option(help="share of neurons kept as heavy hitters, in (0, 1)")] = 0.1,
-    ffn_reduction: Annotated[float, typer.Option(help="target FFN size reduction by bytes, in (0, 1)")] = 0.3,
-    baseline: Annotated[Baseline | None, typer.Option(help="compress as a baseline instead of FFSplit")] = None,
-    calib_tokens: Annotated[int, typer.Option(help="calibration tokens, when profiling here")] = 32768,
-    stats: Annotated[Path | None, typer.Option(help="statistics from `ffsplit profile` (else profiled here)")] = None,
-    plain_svd: Annotated[bool, typer.Option("--plain-svd", help="plain SVD instead of activation-aware")] = False,
+    method: Annotated[
+        Method, typer.Option(help="how the light part is compressed")
+    ] = Method.lowrank,
+    heavy_ratio: Annotated[
+        float, typer.Option(help="share of neurons kept as heavy hitters, in (0, 1)")
+    ] = 0.1,
+    ffn_reduction: Annotated[
+        float, typer.Option(help="target FFN size reduction by bytes, in (0, 1)")
+    ] = 0.3,
+    baseline: Annotated[
+        Baseline | None, typer.Option(help="compress as a baseline instead of FFSplit")
+    ] = None,
+    calib_tokens: Annotated[
+        int, typer.Option(help="calibration tokens, when profiling here")
+    ] = 32768,
+    stats: Annotated[
+        Path | None, typer.Option(help="statistics from `ffsplit profile` (else profiled here)")
+    ] = None,
+    plain_svd: Annotated[
+        bool, typer.Option("--plain-svd", help="plain SVD instead of activation-aware")
+    ] = False,
     heavy_bits: Annotated[int, typer.Option(help="quant: heavy part bits (16 or 8)")] = 16,
-    gptq: Annotated[bool, typer.Option("--gptq", help="quant: GPTQ error compensation for up/gate")] = False,
+    gptq: Annotated[
+        bool, typer.Option("--gptq", help="quant: GPTQ error compensation for up/gate")
+    ] = False,
     seed: Annotated[int, typer.Option(help="seed for random baselines")] = 0,
-    recipe_file: Annotated[Path | None, typer.Option("--recipe", help="recipe JSON/YAML (overrides the options above)")] = None,
+    recipe_file: Annotated[
+        Path | None, typer.Option("--recipe", help="recipe JSON/YAML (overrides the options above)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Split every FFN, compress the light part to a byte budget, write a variant folder."""
@@ -178,7 +233,9 @@ def compress(
                 _check_ratio("--heavy-ratio", heavy_ratio)
             recipe = Recipe(
                 method=method.value,
-                heavy_ratio=0.0 if baseline == Baseline.uniform and method != Method.prune else heavy_ratio,
+                heavy_ratio=0.0
+                if baseline == Baseline.uniform and method != Method.prune
+                else heavy_ratio,
                 ffn_reduction=ffn_reduction,
                 selection="random" if baseline == Baseline.random else "score",
                 seed=seed,
@@ -206,18 +263,29 @@ def load_recipe(path: Path) -> Any:
         else:
             data = json.loads(text)
     except Exception as exc:  # yaml and json raise different types
-        raise FFSplitError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({exc})") from None
+        raise FFSplitError(
+            f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({exc})"
+        ) from None
     return Recipe.from_dict(data, where=str(path))
 
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[str, typer.Argument(help="packaged model name, local HF folder, or variant folder")],
-    text: Annotated[Path | None, typer.Option(help="plain UTF-8 text file to score (default: Wikipedia evaluation split)")] = None,
-    corpus: Annotated[str, typer.Option(help="packaged corpus when --text is not given")] = "wikipedia",
+    model: Annotated[
+        str, typer.Argument(help="packaged model name, local HF folder, or variant folder")
+    ],
+    text: Annotated[
+        Path | None,
+        typer.Option(help="plain UTF-8 text file to score (default: Wikipedia evaluation split)"),
+    ] = None,
+    corpus: Annotated[
+        str, typer.Option(help="packaged corpus when --text is not given")
+    ] = "wikipedia",
     max_tokens: Annotated[int, typer.Option(help="evaluation token budget")] = 16384,
     window: Annotated[int, typer.Option(help="tokens per evaluation window")] = 512,
-    latency: Annotated[bool, typer.Option("--latency", help="also race the variant against its dense base (CPU)")] = False,
+    latency: Annotated[
+        bool, typer.Option("--latency", help="also race the variant against its dense base (CPU)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Perplexity (or probe accuracy for encoders), parameters and bytes, optionally latency."""
@@ -225,10 +293,19 @@ def evaluate(
 
     with _user_errors():
         if max_tokens < window:
-            raise FFSplitError(f"--max-tokens ({max_tokens}) must be at least one --window ({window})")
+            raise FFSplitError(
+                f"--max-tokens ({max_tokens}) must be at least one --window ({window})"
+            )
         with _progress(not as_json) as progress:
-            result = evaluate_job(model, text=text, corpus=corpus, max_tokens=max_tokens,
-                                  window=window, latency=latency, progress=progress)
+            result = evaluate_job(
+                model,
+                text=text,
+                corpus=corpus,
+                max_tokens=max_tokens,
+                window=window,
+                latency=latency,
+                progress=progress,
+            )
 
     def table(d: dict[str, Any]) -> Table:
         size = d["size"]
@@ -238,9 +315,13 @@ def evaluate(
             rows.append(("eval tokens", d["eval"]["tokens"]))
         if "accuracy" in d:
             rows.append(("probe accuracy", d["accuracy"]))
-        rows += [("FFN reduction", d["ffn_reduction"]), ("FFN params", size["ffn_params"]),
-                 ("FFN bytes", size["ffn_bytes"]), ("total params", size["total_params"]),
-                 ("total bytes", size["total_bytes"])]
+        rows += [
+            ("FFN reduction", d["ffn_reduction"]),
+            ("FFN params", size["ffn_params"]),
+            ("FFN bytes", size["ffn_bytes"]),
+            ("total params", size["total_params"]),
+            ("total bytes", size["total_bytes"]),
+        ]
         if "latency" in d and "speedup" in d["latency"]:
             for k, v in d["latency"]["speedup"].items():
                 rows.append((f"{k} speedup", v))

@@ -20,7 +20,9 @@ SELECTIONS = ("score", "random")
 BASELINES = ("uniform", "random")
 
 
-def _check_fraction(name: str, value: Any, *, low_open: bool = True, allow_zero: bool = False) -> None:
+def _check_fraction(
+    name: str, value: Any, *, low_open: bool = True, allow_zero: bool = False
+) -> None:
     """Require a real number in (0, 1) (or [0, 1) with allow_zero)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise FFSplitError(f"{name} must be a number in (0, 1), got {value!r}")
@@ -124,7 +126,9 @@ class ProfileConfig(Config):
                 f"profile.tokens ({self.tokens}) must be at least one window ({self.window})"
             )
         if not isinstance(self.collect_grams, bool):
-            raise FFSplitError(f"profile.collect_grams must be true or false, got {self.collect_grams!r}")
+            raise FFSplitError(
+                f"profile.collect_grams must be true or false, got {self.collect_grams!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,9 @@ class Recipe(Config):
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise FFSplitError(f"recipe.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise FFSplitError(
+                f"recipe.method must be one of {', '.join(METHODS)}, got {self.method!r}"
+            )
         if self.selection not in SELECTIONS:
             raise FFSplitError(
                 f"recipe.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"

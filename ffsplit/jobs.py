@@ -37,11 +37,17 @@ def is_variant(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def load_any(model_or_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_any(
+    model_or_dir: str | Path, device: str = "cpu"
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """A base model (packaged name or HF folder) or a variant folder, with a description."""
     if is_variant(model_or_dir):
         model, tokenizer, manifest = load_variant(model_or_dir, device=device)
-        return model, tokenizer, {"kind": "variant", "path": str(model_or_dir), "manifest": manifest}
+        return (
+            model,
+            tokenizer,
+            {"kind": "variant", "path": str(model_or_dir), "manifest": manifest},
+        )
     from ffsplit.models.loading import load_model
 
     model, tokenizer, ref = load_model(str(model_or_dir), device=device)
@@ -83,13 +89,22 @@ def profile_job(
     windows, calibration = calibration_data(tokenizer, config, shard)
     if windows.shape[0] == 0:
         raise FFSplitError(f"shard {shard} holds no calibration windows; use fewer shards")
-    meta = {"base_model": info["base_model"], "model_sha256": info["base_model"]["weights_sha256"],
-            "calibration": calibration}
-    stats = profile_model(net, windows, config, layers=layers, progress=_stage(progress, "profile"),
-                          meta=meta)
+    meta = {
+        "base_model": info["base_model"],
+        "model_sha256": info["base_model"]["weights_sha256"],
+        "calibration": calibration,
+    }
+    stats = profile_model(
+        net, windows, config, layers=layers, progress=_stage(progress, "profile"), meta=meta
+    )
     path = save_stats(stats, out)
-    return {"path": str(path), "tokens": int(windows.numel()), "layers": len(stats.layers),
-            "seconds": time.perf_counter() - started, "profile_seconds": stats.meta["seconds"]}
+    return {
+        "path": str(path),
+        "tokens": int(windows.numel()),
+        "layers": len(stats.layers),
+        "seconds": time.perf_counter() - started,
+        "profile_seconds": stats.meta["seconds"],
+    }
 
 
 def compress_job(
@@ -129,15 +144,30 @@ def compress_job(
         calibration = stats.meta.get("calibration")
     elif needs_statistics(recipe):
         windows, calibration = calibration_data(tokenizer, recipe.profile)
-        stats = profile_model(net, windows, recipe.profile, progress=_stage(progress, "profile"),
-                              meta={"model_sha256": base["weights_sha256"]})
+        stats = profile_model(
+            net,
+            windows,
+            recipe.profile,
+            progress=_stage(progress, "profile"),
+            meta={"model_sha256": base["weights_sha256"]},
+        )
         profile_seconds = stats.meta["seconds"]
     adapter = get_adapter(net)
-    report, layers = compress_model(net, stats, recipe, adapter=adapter,
-                                    progress=_stage(progress, "compress"))
-    save_variant(net, tokenizer, out, adapter=adapter, base_model=base, report=report,
-                 layers=layers, calibration=calibration,
-                 extra={"profile_seconds": profile_seconds}, overwrite=overwrite)
+    report, layers = compress_model(
+        net, stats, recipe, adapter=adapter, progress=_stage(progress, "compress")
+    )
+    save_variant(
+        net,
+        tokenizer,
+        out,
+        adapter=adapter,
+        base_model=base,
+        report=report,
+        layers=layers,
+        calibration=calibration,
+        extra={"profile_seconds": profile_seconds},
+        overwrite=overwrite,
+    )
     return {
         "path": str(out),
         "label": recipe.label,
@@ -208,16 +238,25 @@ def evaluate_job(
         test = labelled_texts("tweets", "evaluation", limit=probe_limit)
         probe = probe_accuracy(net, tokenizer, train[0], train[1], test[0], test[1])
         result["accuracy"] = probe.accuracy
-        result["eval"] = {"corpus": "tweets", "train": len(train[0]), "test": len(test[0]),
-                          **probe.to_dict()}
+        result["eval"] = {
+            "corpus": "tweets",
+            "train": len(train[0]),
+            "test": len(test[0]),
+            **probe.to_dict(),
+        }
     if latency:
         result["latency"] = latency_against_base(net, result["base_model"], info["kind"], device)
     return result
 
 
 def latency_against_base(
-    net: nn.Module, base_model: dict[str, Any], kind: str, device: str = "cpu",
-    prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 5,
+    net: nn.Module,
+    base_model: dict[str, Any],
+    kind: str,
+    device: str = "cpu",
+    prompt_tokens: int = 128,
+    decode_tokens: int = 32,
+    repeats: int = 5,
 ) -> dict[str, Any]:
     """Prefill and decode latency of the dense base and this model, interleaved in one run."""
     from ffsplit.eval import measure_latency, speedups
@@ -232,6 +271,11 @@ def latency_against_base(
     out: dict[str, Any] = {name: r.to_dict() for name, r in results.items()}
     if "variant" in results:
         out["speedup"] = speedups(results, reference="dense")["variant"]
-    out["workload"] = {"prompt_tokens": prompt_tokens, "decode_tokens": decode, "repeats": repeats,
-                       "device": device, "threads": torch.get_num_threads()}
+    out["workload"] = {
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode,
+        "repeats": repeats,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
     return out

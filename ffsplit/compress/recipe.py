@@ -186,6 +186,93 @@ def _quant_block(
     return compress
 
 
+Block = tuple[Tensor, Callable[[FFNWeights, Tensor], BlockParts]]
+Planner = Callable[[FFNShape, Tensor, Tensor, LayerStats | None, Recipe, LayerReport], list[Block]]
+
+
+def _plan_none(
+    shape: FFNShape,
+    heavy: Tensor,
+    light: Tensor,
+    stats: LayerStats | None,
+    recipe: Recipe,
+    report: LayerReport,
+) -> list[Block]:
+    """Identity compressor: the split alone (its exactness is a tested invariant)."""
+    return [(heavy, dense_block), (light, dense_block)]
+
+
+def _plan_prune(
+    shape: FFNShape,
+    heavy: Tensor,
+    light: Tensor,
+    stats: LayerStats | None,
+    recipe: Recipe,
+    report: LayerReport,
+) -> list[Block]:
+    """Keep the first neurons in score order (heavy first) that fit the budget, drop the rest."""
+    kept = solve_kept_neurons(shape, recipe.ffn_reduction)
+    report.kept = kept
+    report.heavy = min(report.heavy, kept)
+    return [(torch.cat([heavy, light])[:kept], dense_block)]
+
+
+def _plan_lowrank(
+    shape: FFNShape,
+    heavy: Tensor,
+    light: Tensor,
+    stats: LayerStats | None,
+    recipe: Recipe,
+    report: LayerReport,
+) -> list[Block]:
+    """Heavy dense; each light matrix factored to the largest rank the budget allows."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rank = solve_rank(shape, int(heavy.numel()), recipe.ffn_reduction)
+    report.notes.extend(str(w.message) for w in caught)
+    report.rank = rank
+    blocks: list[Block] = [(heavy, dense_block)]
+    if rank > 0:  # rank 0: the budget leaves nothing for the light part, which is dropped
+        blocks.append((light, _lowrank_block(rank, stats, recipe, report.notes)))
+    return blocks
+
+
+def _plan_quant(
+    shape: FFNShape,
+    heavy: Tensor,
+    light: Tensor,
+    stats: LayerStats | None,
+    recipe: Recipe,
+    report: LayerReport,
+) -> list[Block]:
+    """Heavy at heavy_bits; light neurons in order over two adjacent bit widths of the ladder."""
+    group = pick_group_size(shape.d, preferred=recipe.quant.group_size)
+    counts = solve_light_bits(
+        shape,
+        int(heavy.numel()),
+        recipe.quant.heavy_bits,
+        recipe.ffn_reduction,
+        group,
+        recipe.quant.ladder,
+    )
+    report.bits = counts
+    blocks: list[Block] = [(heavy, _quant_block(recipe.quant.heavy_bits, group, stats, recipe))]
+    start = 0
+    for bits, count in counts.items():  # higher bits first: the more important light neurons
+        blocks.append((light[start : start + count], _quant_block(bits, group, stats, recipe)))
+        start += count
+    return blocks
+
+
+# Compressors register against the recipe's method (style.md, 5): one planner per method.
+METHODS: dict[str, Planner] = {
+    "none": _plan_none,
+    "prune": _plan_prune,
+    "lowrank": _plan_lowrank,
+    "quant": _plan_quant,
+}
+
+
 def compress_layer(
     weights: FFNWeights, stats: LayerStats | None, recipe: Recipe, layer: int
 ) -> CompressedLayer:
@@ -199,44 +286,9 @@ def compress_layer(
     if stats is not None:
         stats = stats.to_device(weights.up.device)
     heavy, light = neuron_order(weights, stats, recipe, layer)
-    notes: list[str] = []
-    report = LayerReport(layer, shape.m, int(heavy.numel()), dense_ffn_bytes(shape), 0, notes=notes)
-    blocks: list[tuple[Tensor, Callable[[FFNWeights, Tensor], BlockParts]]]
-    if recipe.method == "none":
-        blocks = [(heavy, dense_block), (light, dense_block)]
-    elif recipe.method == "prune":
-        kept = solve_kept_neurons(shape, recipe.ffn_reduction)
-        order = torch.cat([heavy, light])
-        report.kept = kept
-        report.heavy = min(report.heavy, kept)
-        blocks = [(order[:kept], dense_block)]
-    elif recipe.method == "lowrank":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rank = solve_rank(shape, int(heavy.numel()), recipe.ffn_reduction)
-        notes.extend(str(w.message) for w in caught)
-        report.rank = rank
-        blocks = [(heavy, dense_block)]
-        if rank > 0:
-            blocks.append((light, _lowrank_block(rank, stats, recipe, notes)))
-    elif recipe.method == "quant":
-        group = pick_group_size(shape.d, preferred=recipe.quant.group_size)
-        counts = solve_light_bits(
-            shape,
-            int(heavy.numel()),
-            recipe.quant.heavy_bits,
-            recipe.ffn_reduction,
-            group,
-            recipe.quant.ladder,
-        )
-        report.bits = counts
-        blocks = [(heavy, _quant_block(recipe.quant.heavy_bits, group, stats, recipe))]
-        start = 0
-        for bits, count in counts.items():  # higher bits first: the more important light neurons
-            blocks.append((light[start : start + count], _quant_block(bits, group, stats, recipe)))
-            start += count
-    else:  # pragma: no cover - Recipe validates the method
-        raise FFSplitError(f"unknown method {recipe.method!r}")
+    report = LayerReport(layer, shape.m, int(heavy.numel()), dense_ffn_bytes(shape), 0)
+    plan = METHODS[recipe.method]
+    blocks = plan(shape, heavy, light, stats, recipe, report)
     modules = build_split(weights, blocks)
     report.bytes = sum(m.nbytes() for m in modules if m is not None)
     order = torch.cat([b[0] for b in blocks if b[0].numel()])

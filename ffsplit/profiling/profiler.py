@@ -8,11 +8,13 @@ bounded by layer shapes, never by the number of tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ffsplit.adapters import Adapter, get_adapter
 from ffsplit.config import ProfileConfig
@@ -23,6 +25,57 @@ Progress = Callable[[int, int], None]
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@dataclass
+class StatHooks:
+    """Statistics accumulators of some FFN layers and the hooks that fill them during forwards."""
+
+    stats: dict[int, LayerStats]
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def attach_stat_hooks(
+    model: nn.Module, adapter: Adapter, config: ProfileConfig, layers: Iterable[int] | None = None
+) -> StatHooks:
+    """Hook the FFNs of `layers` (default all) so every forward accumulates their statistics.
+
+    Accumulators live on each layer's own device, so a model whose other layers are still on the
+    meta device (a layer group, profiling/sequential.py) is hooked the same way as a whole model.
+    """
+    handles = adapter.ffns(model)
+    wanted = set(range(len(handles))) if layers is None else set(layers)
+    hooks = StatHooks({})
+    pending_x: dict[int, Tensor] = {}
+    for handle in handles:
+        if handle.layer not in wanted:
+            continue
+        w = adapter.weights(model, handle)
+        device = w.down.device
+        down_norms = w.down.float().norm(dim=0).to(device)
+        hooks.stats[handle.layer] = LayerStats.zeros(
+            w.neurons, w.hidden, hit_top_k(w.neurons, config.hit_top_fraction), config.collect_grams
+        ).to_device(device)
+
+        def on_up(_mod: nn.Module, args: tuple, i: int = handle.layer) -> None:
+            pending_x[i] = args[0].reshape(-1, args[0].shape[-1])
+
+        def on_down(
+            _mod: nn.Module, args: tuple, i: int = handle.layer, norms: Tensor = down_norms
+        ) -> None:
+            h = args[0].reshape(-1, args[0].shape[-1])
+            observe(hooks.stats[i], pending_x.pop(i), h, norms)
+
+        hooks.handles.append(model.get_submodule(handle.up_path).register_forward_pre_hook(on_up))
+        hooks.handles.append(
+            model.get_submodule(handle.down_path).register_forward_pre_hook(on_down)
+        )
+    return hooks
 
 
 @torch.no_grad()  # not inference_mode: the statistics must stay ordinary tensors
@@ -39,30 +92,8 @@ def profile_model(
     """Statistics of the FFN neurons of `layers` (default all) over token windows [n, T]."""
     config = config or ProfileConfig()
     adapter = adapter or get_adapter(model)
-    handles = adapter.ffns(model)
-    wanted = set(range(len(handles))) if layers is None else set(layers)
     device = _device_of(model)
-    stats: dict[int, LayerStats] = {}
-    pending_x: dict[int, Tensor] = {}
-    hooks = []
-    for handle in handles:
-        if handle.layer not in wanted:
-            continue
-        w = adapter.weights(model, handle)
-        down_norms = w.down.float().norm(dim=0).to(device)
-        stats[handle.layer] = LayerStats.zeros(
-            w.neurons, w.hidden, hit_top_k(w.neurons, config.hit_top_fraction), config.collect_grams
-        ).to_device(device)
-
-        def on_up(_mod: nn.Module, args: tuple, i: int = handle.layer) -> None:
-            pending_x[i] = args[0].reshape(-1, args[0].shape[-1])
-
-        def on_down(_mod: nn.Module, args: tuple, i: int = handle.layer, norms: Tensor = down_norms) -> None:
-            h = args[0].reshape(-1, args[0].shape[-1])
-            observe(stats[i], pending_x.pop(i), h, norms)
-
-        hooks.append(model.get_submodule(handle.up_path).register_forward_pre_hook(on_up))
-        hooks.append(model.get_submodule(handle.down_path).register_forward_pre_hook(on_down))
+    hooks = attach_stat_hooks(model, adapter, config, layers)
     started = time.perf_counter()
     try:
         n = windows.shape[0]
@@ -72,8 +103,7 @@ def profile_model(
             if progress is not None:
                 progress(min(start + config.batch_size, n), n)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hooks.remove()
     seconds = time.perf_counter() - started
     info = {
         "tokens": int(windows.numel()),
@@ -83,4 +113,4 @@ def profile_model(
         "seconds": seconds,
         **(meta or {}),
     }
-    return ModelStats({i: s.to_device("cpu") for i, s in stats.items()}, info)
+    return ModelStats({i: s.to_device("cpu") for i, s in hooks.stats.items()}, info)

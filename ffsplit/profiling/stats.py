@@ -42,8 +42,15 @@ class LayerStats:
         def mv(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
-        return LayerStats(self.tokens, mv(self.sum_sq), mv(self.max_abs), mv(self.hits),
-                          mv(self.gram_in), mv(self.gram_hidden), self.hit_top_k)
+        return LayerStats(
+            self.tokens,
+            mv(self.sum_sq),
+            mv(self.max_abs),
+            mv(self.hits),
+            mv(self.gram_in),
+            mv(self.gram_hidden),
+            self.hit_top_k,
+        )
 
     @classmethod
     def zeros(cls, neurons: int, hidden: int, hit_top_k: int, grams: bool) -> LayerStats:
@@ -162,8 +169,11 @@ def save_stats(stats: ModelStats, path: str | Path) -> Path:
         if s.gram_in is not None and s.gram_hidden is not None:
             tensors[f"layer.{i}.gram_in"] = s.gram_in.cpu().contiguous()
             tensors[f"layer.{i}.gram_hidden"] = s.gram_hidden.cpu().contiguous()
-    meta = {"format": "ffsplit-stats", "format_version": str(STATS_FORMAT_VERSION),
-            "meta": json.dumps(stats.meta, sort_keys=True)}
+    meta = {
+        "format": "ffsplit-stats",
+        "format_version": str(STATS_FORMAT_VERSION),
+        "meta": json.dumps(stats.meta, sort_keys=True),
+    }
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -184,7 +194,9 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise FFSplitError(f"{path}: not a readable safetensors statistics file ({exc})") from None
     if header.get("format") != "ffsplit-stats":
-        raise FFSplitError(f"{path}: not an ffsplit statistics file (format={header.get('format')!r})")
+        raise FFSplitError(
+            f"{path}: not an ffsplit statistics file (format={header.get('format')!r})"
+        )
     if int(header.get("format_version", "0")) > STATS_FORMAT_VERSION:
         raise FFSplitError(
             f"{path}: statistics format {header.get('format_version')} is newer than this ffsplit "
@@ -193,19 +205,26 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
     layer_ids = sorted({int(k.split(".")[1]) for k in tensors})
     layers: dict[int, LayerStats] = {}
     for i in layer_ids:
+
         def get(name: str, i: int = i) -> Tensor | None:
             return tensors.get(f"layer.{i}.{name}")
 
         sum_sq, max_abs, hits = get("sum_sq"), get("max_abs"), get("hits")
         if sum_sq is None or max_abs is None or hits is None or get("tokens") is None:
             raise FFSplitError(f"{path}: layer {i} is missing statistics")
-        for name, t in (("sum_sq", sum_sq), ("max_abs", max_abs), ("gram_in", get("gram_in")),
-                        ("gram_hidden", get("gram_hidden"))):
+        for name, t in (
+            ("sum_sq", sum_sq),
+            ("max_abs", max_abs),
+            ("gram_in", get("gram_in")),
+            ("gram_hidden", get("gram_hidden")),
+        ):
             if t is not None and not torch.isfinite(t).all():
                 raise FFSplitError(f"{path}: layer {i} {name} holds NaN or inf; re-run profiling")
         layers[i] = LayerStats(
             tokens=int(get("tokens")[0]),  # type: ignore[index]
-            sum_sq=sum_sq.to(device), max_abs=max_abs.to(device), hits=hits.to(device),
+            sum_sq=sum_sq.to(device),
+            max_abs=max_abs.to(device),
+            hits=hits.to(device),
             gram_in=None if get("gram_in") is None else get("gram_in").to(device),  # type: ignore[union-attr]
             gram_hidden=None if get("gram_hidden") is None else get("gram_hidden").to(device),  # type: ignore[union-attr]
             hit_top_k=int(get("hit_top_k")[0]),  # type: ignore[index]

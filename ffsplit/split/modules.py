@@ -48,7 +48,10 @@ class SplitOutProjection(LinearPart):
         if all(b is None for b in biases):
             return None
         return torch.cat(
-            [b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, self.parts, strict=True)]
+            [
+                b if b is not None else torch.zeros(p.out_features)
+                for b, p in zip(biases, self.parts, strict=True)
+            ]
         )
 
     def spec(self) -> dict[str, Any]:
@@ -72,7 +75,9 @@ class SplitInProjection(LinearPart):
         self.sizes = [p.in_features for p in parts]
         self.in_features = sum(self.sizes)
         self.out_features = parts[0].out_features
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
 
     def forward(self, h: Tensor) -> Tensor:
         if len(self.parts) == 1:
@@ -95,8 +100,11 @@ class SplitInProjection(LinearPart):
         return torch.cat([p.dense_weight() for p in self.parts], dim=1)
 
     def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "parts": [p.spec() for p in self.parts],
-                "bias": self.bias is not None}
+        return {
+            "type": self.kind,
+            "parts": [p.spec() for p in self.parts],
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> SplitInProjection:

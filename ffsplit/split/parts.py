@@ -60,7 +60,9 @@ class DenseLinear(LinearPart):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
@@ -72,8 +74,12 @@ class DenseLinear(LinearPart):
         return self.weight.detach()
 
     def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "in": self.in_features, "out": self.out_features,
-                "bias": self.bias is not None}
+        return {
+            "type": self.kind,
+            "in": self.in_features,
+            "out": self.out_features,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> DenseLinear:
@@ -94,7 +100,9 @@ class LowRankLinear(LinearPart):
         self.in_features = b.shape[1]
         self.a = nn.Parameter(a.detach().clone(), requires_grad=False)
         self.b = nn.Parameter(b.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(nn.functional.linear(x, self.b), self.a, self.bias)
@@ -106,13 +114,20 @@ class LowRankLinear(LinearPart):
         return (self.a @ self.b).detach()
 
     def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "in": self.in_features, "out": self.out_features,
-                "rank": self.rank, "bias": self.bias is not None}
+        return {
+            "type": self.kind,
+            "in": self.in_features,
+            "out": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> LowRankLinear:
         bias = torch.zeros(spec["out"]) if spec["bias"] else None
-        return cls(torch.zeros(spec["out"], spec["rank"]), torch.zeros(spec["rank"], spec["in"]), bias)
+        return cls(
+            torch.zeros(spec["out"], spec["rank"]), torch.zeros(spec["rank"], spec["in"]), bias
+        )
 
 
 class QuantizedLinear(LinearPart):
@@ -137,22 +152,32 @@ class QuantizedLinear(LinearPart):
         self.register_buffer("packed", quantized.packed.detach().clone())
         self.register_buffer("scales", quantized.scales.detach().clone())
         self.register_buffer("zeros", quantized.zeros.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
         self._cache: tuple[torch.device, torch.dtype, Tensor] | None = None
 
     def quantized(self) -> Any:
         from ffsplit.compress.quant import QuantizedTensor
 
         return QuantizedTensor(
-            packed=self.packed, scales=self.scales, zeros=self.zeros, bits=self.bits,
-            group_size=self.group_size, shape=self.shape,
+            packed=self.packed,
+            scales=self.scales,
+            zeros=self.zeros,
+            bits=self.bits,
+            group_size=self.group_size,
+            shape=self.shape,
         )
 
     def _stored_matrix(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         if self._cache is None or self._cache[0] != device or self._cache[1] != dtype:
             from ffsplit.compress.quant import dequantize
 
-            self._cache = (device, dtype, dequantize(self.quantized()).to(device=device, dtype=dtype))
+            self._cache = (
+                device,
+                dtype,
+                dequantize(self.quantized()).to(device=device, dtype=dtype),
+            )
         return self._cache[2]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -165,8 +190,11 @@ class QuantizedLinear(LinearPart):
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:
-        return (self.packed.numel() + (self.scales.numel() + self.zeros.numel()) * FLOAT_BYTES
-                + self._bias_bytes())
+        return (
+            self.packed.numel()
+            + (self.scales.numel() + self.zeros.numel()) * FLOAT_BYTES
+            + self._bias_bytes()
+        )
 
     def parameter_count(self) -> int:
         return self.shape[0] * self.shape[1] + (0 if self.bias is None else self.bias.numel())
@@ -176,15 +204,23 @@ class QuantizedLinear(LinearPart):
         return (w.t() if self.neuron_major else w).detach()
 
     def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "in": self.in_features, "out": self.out_features,
-                "bits": self.bits, "group_size": self.group_size,
-                "neuron_major": self.neuron_major, "bias": self.bias is not None}
+        return {
+            "type": self.kind,
+            "in": self.in_features,
+            "out": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "neuron_major": self.neuron_major,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> QuantizedLinear:
         from ffsplit.compress.quant import quantize_groups
 
-        rows, cols = (spec["in"], spec["out"]) if spec["neuron_major"] else (spec["out"], spec["in"])
+        rows, cols = (
+            (spec["in"], spec["out"]) if spec["neuron_major"] else (spec["out"], spec["in"])
+        )
         q = quantize_groups(torch.zeros(rows, cols), spec["bits"], spec["group_size"])
         bias = torch.zeros(spec["out"]) if spec["bias"] else None
         return cls(q, spec["neuron_major"], bias)

@@ -24,8 +24,15 @@ from ffsplit.variant.atomic import atomic_dir, sha256_file
 from ffsplit.variant.manifest import MANIFEST, NEURONS, WEIGHTS, new_manifest, read_manifest
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.txt", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
 )
 
 
@@ -137,7 +144,9 @@ def _build_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     from ffsplit.models.loading import is_causal_lm
 
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError) as exc:
         raise FFSplitError(f"{folder / 'config.json'}: unreadable model config ({exc})") from None
     model_class = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
@@ -211,8 +220,9 @@ def load_variant(
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
-                                                  trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     return model, tokenizer, manifest
 
 

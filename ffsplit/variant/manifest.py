@@ -35,7 +35,10 @@ def git_commit() -> str | None:
     """The code version that wrote an artifact (None outside a git checkout)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.SubprocessError):
@@ -54,8 +57,17 @@ def new_manifest(**fields: Any) -> dict[str, Any]:
     }
 
 
-REQUIRED = ("format", "format_version", "base_model", "adapter", "architecture", "recipe",
-            "layers", "files", "sizes")
+REQUIRED = (
+    "format",
+    "format_version",
+    "base_model",
+    "adapter",
+    "architecture",
+    "recipe",
+    "layers",
+    "files",
+    "sizes",
+)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -68,11 +80,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise FFSplitError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise FFSplitError(f"{path}: invalid or truncated JSON ({exc.msg} at line {exc.lineno})") from None
+        raise FFSplitError(
+            f"{path}: invalid or truncated JSON ({exc.msg} at line {exc.lineno})"
+        ) from None
     if not isinstance(manifest, dict):
         raise FFSplitError(f"{path}: expected a JSON object")
     if manifest.get("format") != FORMAT:
-        raise FFSplitError(f"{path}: not an ffsplit variant manifest (format={manifest.get('format')!r})")
+        raise FFSplitError(
+            f"{path}: not an ffsplit variant manifest (format={manifest.get('format')!r})"
+        )
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise FFSplitError(f"{path}: format_version must be an integer, got {version!r}")
@@ -103,8 +119,16 @@ def flat_params(manifest: dict[str, Any]) -> dict[str, str]:
         else:
             out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
 
-    for key in ("recipe", "base_model", "calibration", "adapter", "architecture", "format_version",
-                "ffsplit_version", "git_commit"):
+    for key in (
+        "recipe",
+        "base_model",
+        "calibration",
+        "adapter",
+        "architecture",
+        "format_version",
+        "ffsplit_version",
+        "git_commit",
+    ):
         if key in manifest:
             walk(key, manifest[key])
     return out

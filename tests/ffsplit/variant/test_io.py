@@ -28,9 +28,15 @@ def _variant(tmp_path, architecture, recipe):
     stats = profile_model(model, IDS, CONFIG)
     report, layers = compress_model(model, stats, recipe)
     adapter = get_adapter(model)
-    out = save_variant(model, None, tmp_path / "variant", adapter=adapter,
-                       base_model={"name": "tiny", "weights_sha256": "0" * 64},
-                       report=report, layers=layers)
+    out = save_variant(
+        model,
+        None,
+        tmp_path / "variant",
+        adapter=adapter,
+        base_model={"name": "tiny", "weights_sha256": "0" * 64},
+        report=report,
+        layers=layers,
+    )
     return model, out, report
 
 
@@ -46,7 +52,9 @@ def test_round_trip_logits_identical(tmp_path, architecture):
 
 
 def test_quant_round_trip(tmp_path):
-    recipe = Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.6, quant=QuantConfig(group_size=32))
+    recipe = Recipe(
+        method="quant", heavy_ratio=0.1, ffn_reduction=0.6, quant=QuantConfig(group_size=32)
+    )
     model, out, _ = _variant(tmp_path, "LlamaForCausalLM", recipe)
     loaded, _, _ = load_variant(out)
     assert torch.equal(_outputs(loaded), _outputs(model))
@@ -94,6 +102,10 @@ def test_truncated_manifest_is_refused(tmp_path):
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
-    model, out, report = _variant(tmp_path, "OPTForCausalLM", Recipe(method="prune", ffn_reduction=0.3))
+    model, out, report = _variant(
+        tmp_path, "OPTForCausalLM", Recipe(method="prune", ffn_reduction=0.3)
+    )
     with pytest.raises(FFSplitError, match="already exists"):
-        save_variant(model, None, out, adapter=get_adapter(model), base_model={}, report=report, layers={})
+        save_variant(
+            model, None, out, adapter=get_adapter(model), base_model={}, report=report, layers={}
+        )

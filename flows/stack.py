@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,10 +27,9 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,15 @@ SERVICE_ENV: dict[str, str] = {
     "HF_HUB_OFFLINE": "1",
 }
 
+# Variables that point a client at services; never inherited by the services themselves.
+CLIENT_VARS = (
+    "PREFECT_API_URL",
+    "MLFLOW_TRACKING_URI",
+    "RAY_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_POOL = "ffsplit-process"
 STATE_FILE = "stack.json"
@@ -54,8 +63,10 @@ SERVICES = ("prefect", "mlflow", "worker", "ray")  # start order; stopped in rev
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Environment variable carried by every process a service spawns: lets `down` find children that
 # left the process group (Ray workers, flow-run subprocesses) and never touch anyone else's.
-_TOKEN_VAR = "FFSPLIT_STACK_TOKEN"
-_GRACE_S = {"prefect": 10.0, "mlflow": 10.0, "worker": 10.0, "ray": 5.0}
+TOKEN_VAR = "FFSPLIT_STACK_TOKEN"
+# SIGTERM grace per service. Prefect exits in <1 s, MLflow ~3 s; Ray's gcs_server ignores SIGTERM
+# for >30 s, and `ray stop --force` SIGKILLs at once too (a head holds no state worth a clean exit).
+_GRACE_S = {"prefect": 10.0, "mlflow": 10.0, "worker": 10.0, "ray": 2.0}
 
 
 def default_home() -> Path:
@@ -159,8 +170,36 @@ class StackState:
         if "mlflow" in self.services:
             env["MLFLOW_TRACKING_URI"] = self.services["mlflow"].url
         if "ray" in self.services:
-            env["RAY_ADDRESS"] = self.services["ray"].url
+            ray = self.services["ray"]
+            env["RAY_ADDRESS"] = ray.url
+            env.update(ray.extra.get("client_env", {}))
         return env
+
+
+RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
+# Client variables a Ray task needs to reach the same servers as its driver.
+FORWARDED_VARS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+
+
+def ray_runtime_env(path: Path | None = None) -> dict[str, Any]:
+    """The Ray runtime env for the flows: cluster/runtime_env.yaml plus the driver's
+    PREFECT_API_URL / MLFLOW_TRACKING_URI (a Ray worker inherits its raylet's environment, not the
+    driver's, so tasks on other nodes would otherwise miss them)."""
+    import yaml
+
+    path = Path(path) if path is not None else RUNTIME_ENV_FILE
+    try:
+        runtime_env = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise FFSplitError(f"{path}: cannot read the Ray runtime env ({exc})") from exc
+    env_vars = runtime_env.get("env_vars", {})
+    if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+        raise FFSplitError(f"{path}: env_vars must map names to quoted strings")
+    env_vars = dict(env_vars)
+    for var in FORWARDED_VARS:
+        if os.environ.get(var):
+            env_vars[var] = os.environ[var]
+    return {**runtime_env, "env_vars": env_vars}
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -205,41 +244,41 @@ def _save_records(home: Path, records: Mapping[str, ServiceRecord]) -> None:
 
 def _owned(proc: psutil.Process, token: str) -> bool:
     try:
-        return proc.environ().get(_TOKEN_VAR) == token
+        return proc.environ().get(TOKEN_VAR) == token
     except (psutil.Error, OSError):
         return False
 
 
 def service_processes(record: ServiceRecord) -> list[psutil.Process]:
-    """Live processes of a service: its process group plus any process carrying its token (children
-    that moved to their own group), plus their descendants."""
+    """Live processes of a service: processes carrying its token, its whole process group once a
+    member carries the token (Ray's agents and workers overwrite /proc/PID/environ with
+    setproctitle), and all their descendants (Ray workers leave the group)."""
     if record.external or record.token is None:
         return []
     found: dict[int, psutil.Process] = {}
+    group: dict[int, psutil.Process] = {}
+    group_is_ours = False
     for proc in psutil.process_iter():
-        try:
-            in_group = record.pgid is not None and os.getpgid(proc.pid) == record.pgid
-        except (OSError, psutil.Error):
-            continue
         if proc.pid == os.getpid():
             continue
-        if (in_group and (_owned(proc, record.token) or proc.pid == record.pid)) or _owned(
-            proc, record.token
-        ):
+        owned = _owned(proc, record.token)
+        if owned:
             found[proc.pid] = proc
+        with contextlib.suppress(OSError, psutil.Error):
+            if record.pgid is not None and os.getpgid(proc.pid) == record.pgid:
+                group[proc.pid] = proc
+                group_is_ours = group_is_ours or owned
+    if group_is_ours:  # else the number was reused by someone else's group: never touch it
+        found.update(group)
     for proc in list(found.values()):
-        try:
+        with contextlib.suppress(psutil.Error):
             for child in proc.children(recursive=True):
                 found.setdefault(child.pid, child)
-        except psutil.Error:
-            pass
     alive = []
     for proc in found.values():
-        try:
+        with contextlib.suppress(psutil.Error):
             if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
                 alive.append(proc)
-        except psutil.Error:
-            pass
     return alive
 
 
@@ -261,19 +300,28 @@ def _signal_all(record: ServiceRecord, procs: list[psutil.Process], sig: int) ->
             proc.send_signal(sig)
 
 
-def _stop_service(record: ServiceRecord) -> bool:
-    """SIGTERM the service's processes, wait, SIGKILL what is left. True if nothing is left."""
-    procs = service_processes(record)
-    if not procs:
-        return True
-    _signal_all(record, procs, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=_GRACE_S.get(record.name, 10.0))
-    # Children started during the grace period are caught by a fresh scan.
-    alive = list({p.pid: p for p in alive + service_processes(record)}.values())
-    if alive:
+def _stop_services(records: list[ServiceRecord]) -> list[str]:
+    """SIGTERM the services' processes together, wait each one's grace period, SIGKILL what is
+    left. Returns the names of services with processes left after SIGKILL."""
+    procs = {r.name: service_processes(r) for r in records}
+    records = [r for r in records if procs[r.name]]  # already gone: never signal its group number
+    for record in records:
+        _signal_all(record, procs[record.name], signal.SIGTERM)
+    t0 = time.monotonic()
+    for record in sorted(records, key=lambda r: _GRACE_S.get(r.name, 10.0)):
+        left = _GRACE_S.get(record.name, 10.0) - (time.monotonic() - t0)
+        _, alive = psutil.wait_procs(procs[record.name], timeout=max(left, 0.0))
+        # Children started during the grace period are caught by a fresh scan; the final killpg
+        # also sweeps group members that lost their token and their parent meanwhile.
+        alive = list({p.pid: p for p in alive + service_processes(record)}.values())
         _signal_all(record, alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=5.0)
-    return not service_processes(record)
+    return [r.name for r in records if service_processes(r)]
+
+
+def _stop_service(record: ServiceRecord) -> bool:
+    """Stop one service (see _stop_services). True if nothing is left."""
+    return not _stop_services([record])
 
 
 def _start_process(
@@ -283,7 +331,7 @@ def _start_process(
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{name}.log"
-    full_env = {**env, _TOKEN_VAR: token}
+    full_env = {**env, TOKEN_VAR: token}
     with open(log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log.flush()
@@ -341,7 +389,8 @@ def free_port(host: str = DEFAULT_HOST) -> int:
         return int(s.getsockname()[1])
 
 
-def _pick_port(host: str, wanted: int, taken: set[int]) -> int:
+def pick_port(host: str, wanted: int, taken: Collection[int] = ()) -> int:
+    """wanted if it is free (and not in taken), else a free port; wanted=0 means any."""
     if wanted and wanted not in taken and port_is_free(host, wanted):
         return wanted
     for _ in range(50):
@@ -374,11 +423,8 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
 
 
 def _health_url(name: str, url: str) -> str:
-    if name == "prefect":
-        return url.rstrip("/") + "/health"  # url ends in /api
-    if name == "mlflow":
-        return url.rstrip("/") + "/health"
-    raise ValueError(name)
+    """Prefect: API_URL/health (the URL ends in /api); MLflow: URL/health."""
+    return url.rstrip("/") + "/health"
 
 
 def _prefect_json(api_url: str, method: str, path: str, body: Any = None) -> Any:
@@ -410,6 +456,10 @@ def _pool_exists(api_url: str, pool: str) -> bool:
         if exc.code == 404:
             return False
         raise FFSplitError(f"Prefect at {api_url}: GET /work_pools/{pool} failed ({exc})") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise FFSplitError(
+            f"Prefect at {api_url} is not reachable ({exc}): start it or fix PREFECT_API_URL"
+        ) from exc
     return True
 
 
@@ -448,7 +498,7 @@ class _Pending:
 def _base_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(SERVICE_ENV)
-    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+    for var in CLIENT_VARS:
         env.pop(var, None)
     return env
 
@@ -528,7 +578,8 @@ def _wait_ready(
         for p in pending:
             if p.name in ready or p in dead:
                 continue
-            if http_ok(_health_url(p.name, p.url), timeout_s=1.0):
+            # Alive and answering: never mistake another server on a lost port for ours.
+            if http_ok(_health_url(p.name, p.url), timeout_s=1.0) and p.proc.poll() is None:
                 ready[p.name] = time.monotonic() - p.t0
             elif p.proc.poll() is not None:
                 dead.append(p)
@@ -600,7 +651,7 @@ def _start_servers(
             return
         pending = []
         for name, port in wanted.items():
-            port = _pick_port(config.host, port, taken)
+            port = pick_port(config.host, port, taken)
             taken.add(port)
             pending.append(launchers[name](config, port))
         ready, dead = _wait_ready(pending, config.timeout_s)
@@ -672,7 +723,11 @@ def _start_ray(config: StackConfig, records: dict[str, ServiceRecord], started: 
 
     Its own short temp dir keeps the address file out of /tmp/ray/ray_current_cluster, so a plain
     ray.init() elsewhere never joins (or hangs on) this head; short because Ray's unix sockets live
-    there (107-byte path limit)."""
+    there (107-byte path limit).
+
+    Token auth is set explicitly, with a token file per state dir: left unset, Ray 2.60 turns it on
+    for a head whenever ~/.ray/auth_token exists (any earlier ray.init() writes one) but not for
+    nodes joining it, and the head listens on a routable address (it ignores 127.0.0.1)."""
     if "ray" in records:
         return
     external = os.environ.get("RAY_ADDRESS")
@@ -680,18 +735,30 @@ def _start_ray(config: StackConfig, records: dict[str, ServiceRecord], started: 
         raise FFSplitError(
             f"RAY_ADDRESS={external} is set: unset it to start a local head, or drop --ray-head"
         )
-    port = _pick_port(config.host, config.ray_port, {r.port for r in records.values() if r.port})
+    # Ray listens on all interfaces: check ports there. The Ray Client port (default 10001) gets a
+    # free one too, so two heads (two state dirs) can run on one machine.
+    taken = {r.port for r in records.values() if r.port}
+    port = pick_port("0.0.0.0", config.ray_port, taken)
+    client_port = pick_port("0.0.0.0", 0, taken | {port})
     temp_dir = tempfile.mkdtemp(prefix="ffray-", dir="/tmp")
     argv = [_bin("ray"), "start", "--head", "--port", str(port), "--temp-dir", temp_dir]
+    argv += ["--ray-client-server-port", str(client_port)]
     argv += ["--include-dashboard=false", "--disable-usage-stats"]
     if config.ray_num_cpus is not None:
         argv += ["--num-cpus", str(config.ray_num_cpus)]
     if config.ray_num_gpus is not None:
         argv += ["--num-gpus", str(config.ray_num_gpus)]
+    auth_file = config.home / "ray_auth_token"
+    if not auth_file.exists():
+        fd = os.open(auth_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(auth_file)}
     token = uuid.uuid4().hex
     t0 = time.monotonic()
-    proc, log = _start_process("ray", argv, _base_env(), config.home, token)
-    pending = _Pending("ray", proc, log, "", port, token, t0, {"temp_dir": temp_dir})
+    proc, log = _start_process("ray", argv, {**_base_env(), **client_env}, config.home, token)
+    extra = {"temp_dir": temp_dir, "client_env": client_env, "client_port": client_port}
+    pending = _Pending("ray", proc, log, "", port, token, t0, extra)
     try:
         code = proc.wait(timeout=config.timeout_s)  # `ray start` returns once the head is up
     except subprocess.TimeoutExpired:
@@ -712,24 +779,21 @@ def _start_ray(config: StackConfig, records: dict[str, ServiceRecord], started: 
 
 
 def stop_stack(home: Path | None = None, names: tuple[str, ...] | None = None) -> list[str]:
-    """Stop the recorded services of HOME (all, or only NAMES), worker first, Ray last; returns the
-    names stopped. Raises FFSplitError if a process survives SIGKILL."""
+    """Stop the recorded services of HOME (all, or only NAMES), all at once to keep `down` quick;
+    returns the names stopped. Raises FFSplitError if a process survives SIGKILL."""
     home = Path(home).resolve() if home is not None else default_home()
     records = load_records(home)
-    stopped, survivors = [], []
-    for name in reversed(SERVICES):
-        rec = records.get(name)
-        if rec is None or (names is not None and name not in names):
-            continue
-        if not rec.external:
-            if not _stop_service(rec):
-                survivors.append(name)
-                continue
-            temp_dir = rec.extra.get("temp_dir")
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-        stopped.append(name)
-        del records[name]
+    chosen = [
+        records[name]
+        for name in reversed(SERVICES)
+        if name in records and (names is None or name in names)
+    ]
+    survivors = _stop_services([r for r in chosen if not r.external])
+    stopped = [r.name for r in chosen if r.name not in survivors]
+    for name in stopped:
+        temp_dir = records.pop(name).extra.get("temp_dir")
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
     _save_records(home, {n: r for n, r in records.items() if not r.external})
     if survivors:
         raise FFSplitError(

@@ -29,8 +29,10 @@ def test_no_source_file_in_core_imports_the_stack():
     for path in root.rglob("*.py"):
         for line in path.read_text().splitlines():
             words = line.strip().split()
-            if len(words) >= 2 and words[0] in ("import", "from") and words[1].split(".")[0] in {
-                "prefect", "ray", "mlflow"
-            }:
+            if (
+                len(words) >= 2
+                and words[0] in ("import", "from")
+                and words[1].split(".")[0] in {"prefect", "ray", "mlflow"}
+            ):
                 offenders.append(f"{path.relative_to(root)}: {line.strip()}")
     assert not offenders, offenders

@@ -77,6 +77,11 @@ class Adapter:
     activation: ClassVar[str]  # attribute path, relative to one layer, of the activation module
     ffn: ClassVar[str] = ""  # the FFN container relative to one layer ("" = the layer itself)
     transposed: ClassVar[bool] = False
+    # How the FFN computes, for fused execution (ffsplit/split/fused.py): "gated_mlp" = the
+    # container at `ffn` computes exactly down(act(gate(x)) * up(x)) and may be replaced whole;
+    # "up_act_down" = the enclosing forward applies up, the `activation` module, then down.
+    # None = infer (gated -> gated_mlp, else up_act_down); every fused swap is checked on a probe.
+    ffn_dataflow: ClassVar[str | None] = None
 
     def layers_path(self, model: nn.Module) -> str:
         for path in self.layer_paths:

@@ -10,3 +10,4 @@ class BertAdapter(Adapter):
     up = "intermediate.dense"
     down = "output.dense"
     activation = "intermediate.intermediate_act_fn"
+    ffn_dataflow = "up_act_down"

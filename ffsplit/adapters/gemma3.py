@@ -12,3 +12,4 @@ class Gemma3Adapter(Adapter):
     gate = "mlp.gate_proj"
     down = "mlp.down_proj"
     activation = "mlp.act_fn"
+    ffn_dataflow = "gated_mlp"

@@ -11,4 +11,5 @@ class GPT2Adapter(Adapter):
     up = "mlp.c_fc"
     down = "mlp.c_proj"
     activation = "mlp.act"
+    ffn_dataflow = "up_act_down"
     transposed = True

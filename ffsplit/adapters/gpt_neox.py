@@ -11,3 +11,4 @@ class GPTNeoXAdapter(Adapter):
     up = "mlp.dense_h_to_4h"
     down = "mlp.dense_4h_to_h"
     activation = "mlp.act"
+    ffn_dataflow = "up_act_down"

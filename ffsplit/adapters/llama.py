@@ -19,3 +19,4 @@ class LlamaAdapter(Adapter):
     gate = "mlp.gate_proj"
     down = "mlp.down_proj"
     activation = "mlp.act_fn"
+    ffn_dataflow = "gated_mlp"

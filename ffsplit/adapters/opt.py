@@ -10,3 +10,4 @@ class OPTAdapter(Adapter):
     up = "fc1"
     down = "fc2"
     activation = "activation_fn"
+    ffn_dataflow = "up_act_down"

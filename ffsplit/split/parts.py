@@ -180,6 +180,16 @@ class QuantizedLinear(LinearPart):
             )
         return self._cache[2]
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
+        """Follow device moves but keep scales and zeros float16: model.to(bfloat16) must not
+        round them (bf16 has fewer mantissa bits), nor change the format the codes assume."""
+        scales, zeros = self.scales, self.zeros
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.packed.device)
+        self.zeros = zeros.to(self.packed.device)
+        self._cache = None
+        return self
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._cache = None
         super()._load_from_state_dict(*args, **kwargs)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ffsplit.adapters import Adapter, adapter_by_name, architecture_of
+from ffsplit.adapters import Adapter, FFNWeights, adapter_by_name, architecture_of
 from ffsplit.compress.recipe import CompressedLayer, CompressionReport
 from ffsplit.errors import FFSplitError
 from ffsplit.split.apply import swap_ffn
@@ -153,6 +153,35 @@ def _build_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     return model_class.from_config(config, dtype=dtype)
 
 
+def _check_specs(entry: dict[str, Any], dense: FFNWeights, where: str) -> None:
+    """Part specs must fit the FFN (m neurons, hidden size d) before anything is allocated, so a
+    damaged or hostile manifest cannot ask for absurd sizes."""
+    m, d = dense.up.shape
+    projections = [("up", True), ("down", False)] + ([("gate", True)] if "gate" in entry else [])
+    if dense.gate is not None and "gate" not in entry:
+        raise FFSplitError(f"{where}: the FFN is gated but the manifest has no gate spec")
+    for name, outward in projections:
+        spec = entry.get(name)
+        parts = spec.get("parts") if isinstance(spec, dict) else None
+        if not isinstance(parts, list) or not parts:
+            raise FFSplitError(f"{where}: {name} spec has no list of parts")
+        neurons = 0
+        for part in parts:
+            if not isinstance(part, dict):
+                raise FFSplitError(f"{where}: {name} part {part!r} is not an object")
+            size_in, size_out, rank = part.get("in"), part.get("out"), part.get("rank", 1)
+            for value in (size_in, size_out, rank):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise FFSplitError(f"{where}: {name} part sizes must be positive integers")
+            hidden, count = (size_in, size_out) if outward else (size_out, size_in)
+            neurons += count
+            if hidden != d or neurons > m or rank > min(size_in, size_out):
+                raise FFSplitError(
+                    f"{where}: {name} part {size_out}x{size_in} (rank {rank}) does not fit the "
+                    f"FFN ({m} neurons, hidden size {d})"
+                )
+
+
 def load_variant(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -171,7 +200,10 @@ def load_variant(
     manifest = read_manifest(folder)
     if verify:
         verify_files(folder, manifest)
-    adapter = adapter_by_name(manifest["adapter"])
+    try:
+        adapter = adapter_by_name(manifest["adapter"])
+    except FFSplitError as exc:
+        raise FFSplitError(f"{folder / MANIFEST}: {exc}") from None
     model = _build_model(folder, dtype)
     if architecture_of(model) != manifest["architecture"]:
         raise FFSplitError(
@@ -184,6 +216,7 @@ def load_variant(
         if handle is None:
             raise FFSplitError(f"{folder / MANIFEST}: layer {layer} does not exist in the model")
         where = f"{folder / MANIFEST}: layer {layer}"
+        _check_specs(entry, adapter.weights(model, handle), where)
         modules = (
             build_part(entry["up"], where),
             build_part(entry["gate"], where) if "gate" in entry else None,
@@ -197,7 +230,13 @@ def load_variant(
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FFSplitError(f"{folder / WEIGHTS}: tensor {name} holds NaN or inf")
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        reason = " ".join(str(exc).split())[:300]
+        raise FFSplitError(
+            f"{folder / WEIGHTS}: weights do not fit the manifest's structure ({reason})"
+        ) from None
     tied = set(manifest.get("tied", {}))
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
@@ -209,7 +248,8 @@ def load_variant(
         model.tie_weights()
     model.to(device)
     model.eval()
-    if fast and torch.device(device).type == "cuda":
+    # The fused GPU path (contiguous stacks, Triton kernels) serves 16-bit models on CUDA.
+    if fast and torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         try:
             from ffsplit.split.fused import fuse_model
         except ImportError:

@@ -109,3 +109,15 @@ def test_existing_output_is_not_overwritten(tmp_path):
         save_variant(
             model, None, out, adapter=get_adapter(model), base_model={}, report=report, layers={}
         )
+
+
+def test_quantized_parts_keep_float16_scales_under_dtype_casts(tmp_path):
+    recipe = Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.6, quant=QuantConfig(group_size=32))
+    model, out, _ = _variant(tmp_path, "LlamaForCausalLM", recipe)
+    model.to(torch.bfloat16)
+    from ffsplit.split.parts import QuantizedLinear
+
+    parts = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert parts and all(p.scales.dtype == torch.float16 for p in parts)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=IDS[:1]).logits).all()

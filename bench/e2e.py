@@ -1,0 +1,629 @@
+"""End-to-end speed: dense bf16 models against FFSplit-compressed ones, 43.1% smaller (the paper's size).
+
+Workload pinned here (style.md, 10). GPU: HF models built from the public 7B configs (Llama-2-7B,
+Llama-3-8B, Mistral-7B, OPT-6.7B) and SmolLM2-135M's config, random bf16 weights (valid for speed);
+prefill latency of 2048 tokens (batch 1, last-token logits as generate() computes them) and decode
+of 256 new tokens at batch 1 and 16 after a 32-token prompt. Dense and compressed run through the
+same decode loop: HF static KV cache, the whole step (forward, greedy argmax, position update)
+captured in one CUDA graph and replayed 256 times. The compressed model is split by FFSplit's
+structure, then converted by ``fuse_model`` (what load_variant uses on GPU).
+
+Recipe (random-weight models): in every FFN the first ceil(0.10 m) neurons are heavy (bf16, kept
+dense); the light neurons are factored to the rank the budget solver (compress/budget.py) gives for
+the FFN reduction that makes the whole model 43.1% smaller, rounded down to a multiple of 16;
+factor values random. Where the time goes: the decode step is also timed with the FFNs removed
+(zero modules), which splits it into FFN and non-FFN time.
+
+CPU (this machine): the real SmolLM2-135M, fp32, the same structure with a seeded random heavy
+set and plain truncated-SVD factors of its real light weights, decode through generate()
+(eager, dynamic cache) for both models.
+
+    python bench/e2e.py                               # GPU: all models -> bench/results/e2e-h200.json
+    python bench/e2e.py --models smollm2-135m --real  # CPU: real SmolLM2 -> e2e-cpu-smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import inspect
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    ALIGN,
+    RESULTS,
+    cpu_time_ms,
+    event_time_ms,
+    machine,
+    module_bytes,
+    write_json,
+)
+from ffsplit.adapters.registry import get_adapter  # noqa: E402
+from ffsplit.compress.budget import FFNShape, solve_rank  # noqa: E402
+from ffsplit.split.modules import SplitInProjection, SplitOutProjection  # noqa: E402
+from ffsplit.split.parts import DenseLinear, LowRankLinear  # noqa: E402
+
+SIZE_REDUCTION = 0.431  # whole-model size reduction reported by the paper (arXiv 2401.04044)
+HEAVY_RATIO = 0.10
+PROMPT = 32
+NEW_TOKENS = 256
+PREFILL = 2048
+BATCHES = (1, 16)
+
+
+def _config(name: str) -> Any:
+    import transformers as tf
+
+    llama = dict(rms_norm_eps=1e-5, tie_word_embeddings=False)
+    configs = {
+        "llama2-7b": lambda: tf.LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            **llama,
+        ),
+        "llama3-8b": lambda: tf.LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            **llama,
+        ),
+        "mistral-7b": lambda: tf.MistralConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=32768,
+            sliding_window=None,
+            **llama,
+        ),
+        "opt-6.7b": lambda: tf.OPTConfig(
+            hidden_size=4096,
+            ffn_dim=16384,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=50272,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=4096,
+            do_layer_norm_before=True,
+        ),
+        "smollm2-135m": lambda: tf.LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
+    }
+    config = configs[name]()
+    config.architectures = [
+        {
+            "LlamaConfig": "LlamaForCausalLM",
+            "MistralConfig": "MistralForCausalLM",
+            "OPTConfig": "OPTForCausalLM",
+        }[type(config).__name__]
+    ]
+    return config
+
+
+def build_random(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            _config(name), dtype=dtype, attn_implementation="sdpa"
+        )
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------- compression
+
+
+def ffn_bytes(model: nn.Module, adapter: Any) -> int:
+    return sum(
+        module_bytes(model.get_submodule(p))
+        for h in adapter.ffns(model)
+        for p in h.projection_paths
+    )
+
+
+def plan(model: nn.Module, adapter: Any) -> dict[str, Any]:
+    """The FFN reduction and light rank that make the whole model SIZE_REDUCTION smaller."""
+    handle = adapter.ffns(model)[0]
+    w = adapter.weights(model, handle)
+    shape = FFNShape.from_weights(w)
+    total = module_bytes(model)
+    ffn = ffn_bytes(model, adapter)
+    target = SIZE_REDUCTION * total / ffn
+    heavy = math.ceil(HEAVY_RATIO * shape.m)
+    rank = solve_rank(shape, heavy, target) // ALIGN * ALIGN
+    return {
+        "dense_bytes": total,
+        "dense_ffn_bytes": ffn,
+        "target_ffn_reduction": target,
+        "heavy_ratio": HEAVY_RATIO,
+        "heavy": heavy,
+        "neurons": shape.m,
+        "rank": rank,
+    }
+
+
+def _factor(
+    weight: torch.Tensor, rank: int, real: bool, bias: torch.Tensor | None = None
+) -> LowRankLinear:
+    if real:
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        a, b = u[:, :rank] * s[:rank], vh[:rank]
+    else:
+        rows, cols = weight.shape
+        a = torch.randn(rows, rank, device=weight.device) * rank**-0.5
+        b = torch.randn(rank, cols, device=weight.device) * cols**-0.5
+    return LowRankLinear(a.to(weight.dtype), b.to(weight.dtype), bias)
+
+
+def _out_projection(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    hi: torch.Tensor,
+    lo: torch.Tensor,
+    rank: int,
+    real: bool,
+) -> SplitOutProjection:
+    light = _factor(weight[lo], rank, real, None if bias is None else bias[lo])
+    heavy = DenseLinear(weight[hi], None if bias is None else bias[hi])
+    return SplitOutProjection([heavy, light])
+
+
+@torch.no_grad()
+def compress(
+    model: nn.Module, adapter: Any, recipe: dict[str, Any], real: bool, seed: int = 0
+) -> None:
+    """Split every FFN in place: heavy neurons dense, light neurons factored to the recipe's rank.
+
+    real=False: the first `heavy` neurons are heavy, factors random (speed only).
+    real=True: a seeded random heavy set, plain truncated SVD of the real light weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    heavy, rank = recipe["heavy"], recipe["rank"]
+    for handle in adapter.ffns(model):
+        w = adapter.weights(model, handle)
+        m = w.up.shape[0]
+        order = (torch.randperm(m, generator=gen) if real else torch.arange(m)).to(w.up.device)
+        hi, lo = order[:heavy], order[heavy:]
+        up = _out_projection(w.up, w.up_bias, hi, lo, rank, real)
+        gate = _out_projection(w.gate, w.gate_bias, hi, lo, rank, real) if w.gated else None
+        down = SplitInProjection(
+            [DenseLinear(w.down[:, hi]), _factor(w.down[:, lo], rank, real)], w.down_bias
+        )
+        adapter.replace(model, handle, up=up, gate=gate, down=down)
+        del w
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def _forward_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The cache keyword of this transformers version (5.17: past_key_values; later: cache)."""
+    params = inspect.signature(model.forward).parameters
+    return {"past_key_values": cache} if "past_key_values" in params else {"cache": cache}
+
+
+@torch.no_grad()
+def prefill_ms(model: nn.Module, vocab: int, device: torch.device) -> float:
+    ids = torch.randint(0, vocab, (1, PREFILL), device=device)
+
+    def run() -> None:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    if device.type == "cuda":
+        return event_time_ms(run, warmup=2, trials=5)
+    return cpu_time_ms(run, warmup=1, trials=2)
+
+
+@torch.no_grad()
+def decode_gpu(
+    model: nn.Module, batch: int, vocab: int, needs_mask: bool, compiled: bool = False
+) -> dict[str, Any]:
+    """ms per decode step: the whole step in one CUDA graph, replayed NEW_TOKENS times.
+
+    compiled: the forward goes through torch.compile (inductor fuses the small ops of
+    attention, norms and rotary; the fused FFN is one opaque custom op) before the capture.
+    """
+    from transformers import StaticCache
+
+    device = torch.device("cuda")
+    max_len = PROMPT + NEW_TOKENS + 8
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    kw = _forward_kwargs(model, cache)
+    ids = torch.randint(0, vocab, (batch, PROMPT), device=device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+    tok = out.logits[:, -1:].argmax(-1)
+    pos = torch.full((batch, 1), PROMPT, device=device, dtype=torch.long)
+    mask = (
+        {"attention_mask": torch.ones(batch, max_len, device=device, dtype=torch.long)}
+        if needs_mask
+        else {}
+    )
+
+    forward = torch.compile(model.forward, dynamic=False) if compiled else model.forward
+
+    def step() -> None:
+        logits = forward(
+            input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1, **kw, **mask
+        ).logits
+        tok.copy_(logits[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    t0 = time.time()
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    warmup_s = time.time() - t0
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    steps = max_len - PROMPT - 2 - 1 - 1  # what fits in the static cache after warm-up
+    steps = min(steps, NEW_TOKENS)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end) / steps
+    del graph, cache
+    out = {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "steps": steps}
+    if compiled:
+        out["compile_and_warmup_s"] = warmup_s
+    return out
+
+
+@torch.no_grad()
+def decode_cpu(model: nn.Module, batch: int, vocab: int) -> dict[str, Any]:
+    """ms per decode step: (generate NEW_TOKENS - generate 1 token) / (NEW_TOKENS - 1), so the
+    prompt's prefill is not counted."""
+    ids = torch.randint(0, vocab, (batch, PROMPT))
+
+    def run(tokens: int) -> float:
+        return cpu_time_ms(
+            lambda: model.generate(
+                ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0
+            ),
+            warmup=0,
+            trials=1,
+        )
+
+    run(2)  # warm-up
+    ms = (run(NEW_TOKENS) - run(1)) / (NEW_TOKENS - 1)
+    return {
+        "ms_per_step": ms,
+        "tokens_per_s": batch * 1e3 / ms,
+        "steps": NEW_TOKENS,
+        "loop": "generate(), eager, dynamic cache",
+    }
+
+
+def measure(
+    model: nn.Module,
+    name: str,
+    vocab: int,
+    device: torch.device,
+    needs_mask: bool,
+    what: tuple[str, ...] = ("prefill", "b1", "b16"),
+    compiled: bool = False,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "prefill" in what:
+        out["prefill_ms"] = prefill_ms(model, vocab, device)
+        print(f"  {name:14s} prefill {PREFILL}: {out['prefill_ms']:.2f} ms", flush=True)
+    for batch in BATCHES:
+        if f"b{batch}" not in what:
+            continue
+        try:
+            result = (
+                decode_gpu(model, batch, vocab, needs_mask, compiled)
+                if device.type == "cuda"
+                else decode_cpu(model, batch, vocab)
+            )
+        except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
+            result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+        out[f"decode_b{batch}"] = result
+        print(f"  {name:14s} decode b{batch}: {result}", flush=True)
+    return out
+
+
+class _ZeroFFN(nn.Module):
+    """Stands in for an FFN (or its last projection) to time the rest of the step."""
+
+    def __init__(self, width: int | None = None) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = self.width if self.width is not None else x.shape[-1]
+        return x.new_zeros(*x.shape[:-1], width)
+
+
+def remove_ffns(model: nn.Module, adapter: Any, d: int) -> None:
+    """Replace every FFN by zeros (gated containers whole; non-gated projections)."""
+    from ffsplit.split.fused import _activation_path, _set_module, dataflow_of
+
+    for handle in adapter.ffns(model):
+        if dataflow_of(adapter, handle) == "gated_mlp":
+            _set_module(model, handle.path, _ZeroFFN())
+        else:
+            _set_module(model, handle.up_path, _ZeroFFN(1))
+            _set_module(model, _activation_path(adapter, handle), nn.Identity())
+            _set_module(model, handle.down_path, _ZeroFFN(d))
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def ratios(dense: dict[str, Any], comp: dict[str, Any]) -> dict[str, float | None]:
+    def r(key: str) -> float | None:
+        a, b = dense.get(key), comp.get(key)
+        if isinstance(a, dict):
+            a, b = a.get("ms_per_step"), (b or {}).get("ms_per_step")
+        return a / b if a and b else None
+
+    return {
+        "prefill_speedup": r("prefill_ms"),
+        "decode_speedup_b1": r("decode_b1"),
+        "decode_speedup_b16": r("decode_b16"),
+    }
+
+
+def bench_gpu(
+    name: str,
+    with_reference: bool,
+    compiled: bool = False,
+    dense_fused: bool = True,
+    save: Any = None,
+) -> dict[str, Any]:
+    """Dense, compressed (split + fuse_model), dense-fused and no-FFN, same loop for all.
+
+    compiled: decode only, through torch.compile for every variant (prefill is measured eagerly
+    by the plain run); dense-fused and the naive split are skipped (compile time).
+    """
+    from ffsplit.split.fused import fuse_model
+
+    if compiled:
+        return bench_gpu_compiled(name, save or (lambda result: None))
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    t0 = time.time()
+    torch.manual_seed(0)
+    dense = build_random(name, device, dtype)
+    adapter = get_adapter(dense)
+    vocab = dense.config.vocab_size
+    d = dense.config.hidden_size
+    needs_mask = dense.config.model_type == "opt"  # OPT derives positions from a mask otherwise
+    recipe = plan(dense, adapter)
+    print(f"{name}: built in {time.time() - t0:.0f}s; recipe {recipe}", flush=True)
+    result: dict[str, Any] = {"recipe": recipe}
+    result["dense"] = measure(dense, "dense", vocab, device, needs_mask)
+
+    comp = copy.deepcopy(dense)
+    compress(comp, adapter, recipe, real=False)
+    comp_bytes = module_bytes(comp)
+    result["size_reduction"] = 1 - comp_bytes / recipe["dense_bytes"]
+    result["ffn_reduction"] = 1 - ffn_bytes(comp, adapter) / recipe["dense_ffn_bytes"]
+    result["compressed_bytes"] = comp_bytes
+    if with_reference:
+        result["split_reference"] = measure(comp, "split-ref", vocab, device, needs_mask, ("b1",))
+    report = fuse_model(comp, adapter, strict=True)
+    result["compressed_stored_bytes"] = module_bytes(comp)
+    result["fuse_dataflow"] = report.dataflow
+    result["compressed"] = measure(comp, "compressed", vocab, device, needs_mask)
+    del comp
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    if dense_fused:
+        fuse_model(dense, adapter, strict=True)
+        result["dense_fused"] = measure(dense, "dense-fused", vocab, device, needs_mask)
+    remove_ffns(dense, adapter, d)
+    result["no_ffn"] = measure(dense, "no-ffn", vocab, device, needs_mask, ("prefill", "b1", "b16"))
+    del dense
+    gc.collect()
+    torch.cuda.empty_cache()
+    result.update(ratios(result["dense"], result["compressed"]))
+    if dense_fused:
+        result["dense_fused_vs_dense"] = ratios(result["dense"], result["dense_fused"])
+        result["compressed_vs_dense_fused"] = ratios(result["dense_fused"], result["compressed"])
+    result["profile"] = profile(result)
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def bench_gpu_compiled(name: str, save: Any) -> dict[str, Any]:
+    from ffsplit.split.fused import fuse_model
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    t0 = time.time()
+    torch.manual_seed(0)
+    dense = build_random(name, device, dtype)
+    adapter = get_adapter(dense)
+    vocab, d = dense.config.vocab_size, dense.config.hidden_size
+    needs_mask = dense.config.model_type == "opt"
+    recipe = plan(dense, adapter)
+    result: dict[str, Any] = {"recipe": recipe, "loop": "torch.compile(forward) + CUDA graph"}
+    comp = copy.deepcopy(dense)
+    compress(comp, adapter, recipe, real=False)
+    result["size_reduction"] = 1 - module_bytes(comp) / recipe["dense_bytes"]
+    fuse_model(comp, adapter, strict=True)
+    result["dense"], result["compressed"] = {}, {}
+    # b1 of both first (the headline), results saved after every measurement
+    for batch in ("b1", "b16"):
+        for key, model in (("dense", dense), ("compressed", comp)):
+            result[key].update(
+                measure(model, f"{key}+compile", vocab, device, needs_mask, (batch,), compiled=True)
+            )
+            result.update(ratios(result["dense"], result["compressed"]))
+            save(result)
+    del comp
+    remove_ffns(dense, adapter, d)
+    result["no_ffn"] = measure(
+        dense, "no-ffn+compile", vocab, device, needs_mask, ("b1",), compiled=True
+    )
+    del dense
+    gc.collect()
+    torch.cuda.empty_cache()
+    result.update(ratios(result["dense"], result["compressed"]))
+    result["profile"] = profile(result)
+    result["seconds"] = time.time() - t0
+    from torch._dynamo.utils import counters
+
+    result["dynamo_graph_breaks"] = {str(k): v for k, v in counters["graph_break"].items()}
+    return result
+
+
+def profile(result: dict[str, Any]) -> dict[str, Any]:
+    """Where the time goes: step time minus the step without FFNs = FFN time, dense vs compressed;
+    and the end-to-end speedup bound if the FFN took no time at all."""
+    out = {}
+    for key in ("prefill_ms", "decode_b1", "decode_b16"):
+
+        def ms(variant: str, key: str = key) -> float | None:
+            value = result.get(variant, {}).get(key)
+            return value.get("ms_per_step") if isinstance(value, dict) else value
+
+        rest, dense, comp = ms("no_ffn"), ms("dense"), ms("compressed")
+        if None in (rest, dense, comp):
+            continue
+        out[key] = {
+            "non_ffn_ms": rest,
+            "dense_ffn_ms": dense - rest,
+            "compressed_ffn_ms": comp - rest,
+            "ffn_speedup": (dense - rest) / max(comp - rest, 1e-9),
+            "ffn_share_of_dense_step": (dense - rest) / dense,
+            "bound_if_ffn_free": dense / rest,
+        }
+    return out
+
+
+def bench_cpu_real(name: str) -> dict[str, Any]:
+    from ffsplit.models import load_model
+    from ffsplit.split.fused import fuse_model
+
+    torch.manual_seed(0)
+    t0 = time.time()
+    dense, _, _ = load_model(name)
+    dense.eval().requires_grad_(False)
+    adapter = get_adapter(dense)
+    vocab = dense.config.vocab_size
+    recipe = plan(dense, adapter)
+    result: dict[str, Any] = {
+        "recipe": recipe,
+        "weights": "real (ffsplit.models.load_model)",
+        "dtype": "float32",
+    }
+    device = torch.device("cpu")
+    result["dense"] = measure(dense, "dense", vocab, device, False)
+    comp = copy.deepcopy(dense)
+    compress(comp, adapter, recipe, real=True)
+    comp_bytes = module_bytes(comp)
+    result["size_reduction"] = 1 - comp_bytes / recipe["dense_bytes"]
+    result["ffn_reduction"] = 1 - ffn_bytes(comp, adapter) / recipe["dense_ffn_bytes"]
+    fuse_model(comp, adapter, strict=True)
+    result["compressed"] = measure(comp, "compressed", vocab, device, False)
+    result.update(ratios(result["dense"], result["compressed"]))
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def main() -> None:
+    global NEW_TOKENS, PREFILL
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=["llama2-7b", "llama3-8b", "mistral-7b", "opt-6.7b", "smollm2-135m"],
+    )
+    parser.add_argument("--real", action="store_true", help="CPU: the real packaged model")
+    parser.add_argument("--no-reference", action="store_true", help="skip the naive split decode")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-dense-fused", action="store_true", help="skip dense-fused")
+    parser.add_argument(
+        "--compile", action="store_true", help="GPU decode through torch.compile for every variant"
+    )
+    parser.add_argument("--new-tokens", type=int, default=256, help="(smoke tests)")
+    parser.add_argument("--prefill", type=int, default=2048, help="(smoke tests)")
+    args = parser.parse_args()
+    NEW_TOKENS, PREFILL = args.new_tokens, args.prefill
+    gpu = torch.cuda.is_available() and not args.real
+    results: dict[str, Any] = {}
+    out = args.out or RESULTS / ("e2e-h200.json" if gpu else "e2e-cpu-smollm2.json")
+
+    def save(partial: dict[str, Any] | None = None, name: str = "") -> None:
+        if partial is not None:
+            results[name] = partial
+        write_json(
+            out,
+            {
+                "benchmark": "e2e",
+                "machine": machine(),
+                "workload": {
+                    "prompt": PROMPT,
+                    "new_tokens": NEW_TOKENS,
+                    "prefill_tokens": PREFILL,
+                    "batches": list(BATCHES),
+                    "target_size_reduction": SIZE_REDUCTION,
+                },
+                "loop": (
+                    "static KV cache; whole decode step (forward, argmax, position update) in one "
+                    "CUDA graph, replayed; prefill eager, last-token logits"
+                    + ("; forward through torch.compile" if args.compile else "")
+                )
+                if gpu
+                else "generate() for decode, one forward for prefill; eager fp32",
+                "models": results,
+            },
+        )
+
+    for name in args.models:
+        if gpu:
+            results[name] = bench_gpu(
+                name,
+                not args.no_reference,
+                args.compile,
+                not args.no_dense_fused,
+                lambda partial, name=name: save(partial, name),
+            )
+        else:
+            results[name] = bench_cpu_real(name)
+        save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""FFN-layer benchmark: dense bf16 FFN against split FFNs in the fused execution form.
+
+Workload pinned here (style.md, 10): 7B-class FFN shapes (Llama-2-7B, Llama-3-8B, Mistral-7B,
+OPT-6.7B) and the small real models' shapes (SmolLM2-135M, Gemma3-270M), 1/16/128/2048 tokens,
+bf16, random weights (valid for speed). Each FFN is timed inside a CUDA graph (the decode setting:
+no launch gaps from Python), over enough independent weight copies that they do not fit in L2,
+so every call streams its weights from HBM as a layer of a real model would.
+
+Variants: dense (stock HF MLP: gate, up, act, mul, down), dense-fused (the same weights through
+fused.py: gate+up one GEMM, act fused), split-reference (the split modules as written, captured
+in a graph: the naive split), and fused split FFNs: low-rank light at several heavy ratios and
+budgets, int4 light (heavy kept bf16) and uniform (no split) baselines.
+
+Roofline speedup: weight-bytes ratio (dense / variant) up to 16 tokens, FLOPs ratio at 2048 tokens,
+and at 128 tokens the ratio of the floors max(bytes / HBM, FLOPs / peak) (H200 ceilings in
+bench/common.py). ``roofline_share`` = measured speedup / roofline speedup.
+
+    python bench/ffn.py                      # all shapes, GPU, writes bench/results/ffn-h200.json
+    python bench/ffn.py --shapes smollm2-135m --tokens 1 16 --out /tmp/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    BF16_FLOPS_PER_S,
+    FFN_SHAPES,
+    HBM_BYTES_PER_S,
+    RESULTS,
+    FFNSpec,
+    Recipe,
+    dense_mlp,
+    ffn_flops,
+    graph_time_ms,
+    machine,
+    module_bytes,
+    split_mlp,
+    write_json,
+)
+from ffsplit.split.fused import FusedFFNCore, fuse_projections  # noqa: E402
+
+L2_BYTES = 60e6  # H200 L2 (KINDS.md); weights of all copies together exceed it 4x
+TOKENS = (1, 16, 128, 2048)
+E2E_REDUCTION = 0.67  # FFN reduction that makes a Llama-2-7B 43.1% smaller (bench/e2e.py)
+
+
+def recipes(spec: FFNSpec) -> list[Recipe]:
+    group = 128 if spec.d % 128 == 0 else 64
+    return [
+        Recipe("lowrank-h0.10-b0.50", 0.10, "lowrank", 0.50),
+        Recipe("lowrank-h0.10-b0.67", 0.10, "lowrank", E2E_REDUCTION),
+        Recipe("lowrank-h0.20-b0.67", 0.20, "lowrank", E2E_REDUCTION),
+        Recipe("lowrank-uniform-b0.67", 0.0, "lowrank", E2E_REDUCTION),
+        Recipe("int4-h0.10", 0.10, "quant", group=group),
+        Recipe("int4-h0.20", 0.20, "quant", group=group),
+        Recipe("int4-uniform", 0.0, "quant", group=group),
+    ]
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(48, math.ceil(4 * L2_BYTES / max(nbytes, 1))))
+
+
+def roofline(
+    spec: FFNSpec, recipe: Recipe | None, tokens: int, dense_bytes: int, variant_bytes: int
+) -> float:
+    flops_dense = ffn_flops(spec, None, tokens)
+    flops_variant = ffn_flops(spec, recipe, tokens)
+    if tokens <= 16:
+        return dense_bytes / variant_bytes
+    if tokens >= 2048:
+        return flops_dense / flops_variant
+    floor_dense = max(dense_bytes / HBM_BYTES_PER_S, flops_dense / BF16_FLOPS_PER_S)
+    floor_variant = max(variant_bytes / HBM_BYTES_PER_S, flops_variant / BF16_FLOPS_PER_S)
+    return floor_dense / floor_variant
+
+
+def time_modules(modules: list[torch.nn.Module], x: torch.Tensor) -> float:
+    def run() -> None:
+        for m in modules:
+            m(x)
+
+    with torch.no_grad():
+        return graph_time_ms(run, calls_per_replay=len(modules))
+
+
+def stage_profile(cores: list[FusedFFNCore], tokens: int) -> dict[str, Any]:
+    """Time each decode kernel of a fused FFN alone, with the weight bytes it must read."""
+    from ffsplit.kernels import ffn
+
+    core = cores[0]
+    x = torch.randn(tokens, core.d, device="cuda", dtype=core.w1.dtype)
+    hidden = core._first_kernels(x)
+    n_heavy = (2 if core.gated else 1) * core.m_heavy
+
+    def nbytes(*tensors: torch.Tensor | None) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    stages = []
+    if core.light == "lowrank":
+        z = torch.randn(tokens, core.r_gate + core.r_up, device="cuda", dtype=torch.float32)
+
+        def first_only() -> None:
+            for c in cores:
+                ffn.first(
+                    x,
+                    c.w1,
+                    c.b1[:n_heavy] if c.b1 is not None else None,
+                    gated=c.gated,
+                    act=c.act_name,
+                    m_heavy=c.m_heavy,
+                    light="lowrank",
+                    hidden_cols=c.hidden_features,
+                    r_first=c.r_gate + c.r_up,
+                    zero_offset=c.m_heavy,
+                    zero_cols=c.r_down,
+                )
+
+        def chain_only() -> None:
+            for c in cores:
+                ffn.lowrank_chain(
+                    z,
+                    hidden[:, c.m_heavy :],
+                    c.a_gate,
+                    c.a_up,
+                    c.b_down_t,
+                    gated=c.gated,
+                    act=c.act_name,
+                    bias_gate=c.bias_gate,
+                    bias_up=c.bias_up,
+                )
+
+        stages += [
+            ("first", first_only, nbytes(core.w1)),
+            ("chain", chain_only, nbytes(core.a_gate, core.a_up, core.b_down_t)),
+        ]
+    else:
+
+        def first_stage() -> None:
+            for c in cores:
+                c._first_kernels(x)
+
+        q = [getattr(core, n, None) for n in ("q1", "q1_scales", "q1_zeros")]
+        stages.append(("first", first_stage, nbytes(core.w1, *q)))
+
+    def last_stage() -> None:
+        for c in cores:
+            c._last_kernels(hidden)
+
+    q = [getattr(core, n, None) for n in ("q3", "q3_scales", "q3_zeros")]
+    stages.append(("last", last_stage, nbytes(core.w3, *q)))
+    out = {}
+    with torch.no_grad():
+        for name, fn, weights in stages:
+            ms = graph_time_ms(fn, calls_per_replay=len(cores))
+            out[name] = {"ms": ms, "weight_bytes": weights, "tb_per_s": weights / ms / 1e9}
+    return out
+
+
+def bench_shape(spec: FFNSpec, tokens: tuple[int, ...], dtype: torch.dtype) -> tuple[list, dict]:
+    device = torch.device("cuda")
+    rows: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
+    inputs = {t: torch.randn(t, spec.d, device=device, dtype=dtype) for t in tokens}
+
+    dense_one = dense_mlp(spec, device, dtype)
+    dense_bytes = module_bytes(dense_one)
+    k = copies_for(dense_bytes)
+    dense = [dense_one] + [dense_mlp(spec, device, dtype) for _ in range(k - 1)]
+    dense_ms = {t: time_modules(dense, inputs[t]) for t in tokens}
+    for t in tokens:
+        rows.append(
+            _row(
+                spec,
+                t,
+                "dense",
+                None,
+                dense_ms[t],
+                dense_ms[t],
+                dense_bytes,
+                dense_bytes,
+                dense_bytes,
+                k,
+            )
+        )
+        print(
+            f"{spec.name:13s} {t:5d} dense        {dense_ms[t]:8.4f} ms "
+            f"({dense_bytes / dense_ms[t] / 1e9:.2f} TB/s)",
+            flush=True,
+        )
+
+    fused_dense = [
+        fuse_projections(m.up_proj, m.gate_proj, m.down_proj, m.act_fn, dtype=dtype) for m in dense
+    ]
+    del dense, dense_one
+    _free()
+    _measure(
+        rows,
+        spec,
+        tokens,
+        inputs,
+        "dense-fused",
+        None,
+        fused_dense,
+        dense_ms,
+        dense_bytes,
+        dense_bytes,
+    )
+    del fused_dense
+    _free()
+
+    for recipe in recipes(spec):
+        one = split_mlp(spec, recipe, device, dtype)
+        split_bytes = module_bytes(one)
+        k = copies_for(split_bytes)
+        mlps = [one] + [split_mlp(spec, recipe, device, dtype) for _ in range(k - 1)]
+        if recipe.name == "lowrank-h0.10-b0.67":
+            _measure(
+                rows,
+                spec,
+                tokens,
+                inputs,
+                "split-reference-" + recipe.name,
+                recipe,
+                mlps,
+                dense_ms,
+                dense_bytes,
+                split_bytes,
+            )
+        cores = [
+            fuse_projections(m.up_proj, m.gate_proj, m.down_proj, m.act_fn, dtype=dtype)
+            for m in mlps
+        ]
+        del mlps, one
+        _free()
+        _measure(
+            rows,
+            spec,
+            tokens,
+            inputs,
+            recipe.name,
+            recipe,
+            cores,
+            dense_ms,
+            dense_bytes,
+            split_bytes,
+        )
+        if recipe.name in ("lowrank-h0.10-b0.67", "int4-h0.10", "lowrank-uniform-b0.67"):
+            profiles.setdefault(spec.name, {})[recipe.name] = {
+                f"tokens_{t}": stage_profile(cores, t) for t in tokens if t <= 16
+            }
+        del cores
+        _free()
+    return rows, profiles
+
+
+def _measure(
+    rows: list,
+    spec: FFNSpec,
+    tokens: tuple[int, ...],
+    inputs: dict,
+    variant: str,
+    recipe: Recipe | None,
+    modules: list,
+    dense_ms: dict,
+    dense_bytes: int,
+    split_bytes: int,
+) -> None:
+    stored = sum(module_bytes(m) for m in modules) // len(modules)
+    for t in tokens:
+        ms = time_modules(modules, inputs[t])
+        row = _row(
+            spec,
+            t,
+            variant,
+            recipe,
+            dense_ms[t],
+            ms,
+            dense_bytes,
+            split_bytes,
+            stored,
+            len(modules),
+        )
+        rows.append(row)
+        print(
+            f"{spec.name:13s} {t:5d} {variant:34s} {ms:8.4f} ms  x{row['speedup']:.2f} "
+            f"(roofline x{row['roofline_speedup']:.2f}, {100 * row['roofline_share']:.0f}%)",
+            flush=True,
+        )
+
+
+def _row(
+    spec: FFNSpec,
+    tokens: int,
+    variant: str,
+    recipe: Recipe | None,
+    dense_ms: float,
+    split_ms: float,
+    dense_bytes: int,
+    split_bytes: int,
+    stored_bytes: int,
+    copies: int,
+) -> dict[str, Any]:
+    rl = roofline(spec, recipe, tokens, dense_bytes, split_bytes)
+    speedup = dense_ms / split_ms
+    return {
+        "shape": spec.name,
+        "d": spec.d,
+        "m": spec.m,
+        "tokens": tokens,
+        "variant": variant,
+        "recipe": recipe.describe(spec) if recipe is not None else None,
+        "dense_ms": dense_ms,
+        "split_ms": split_ms,
+        "speedup": speedup,
+        "roofline_speedup": rl,
+        "roofline_share": speedup / rl,
+        "dense_bytes": dense_bytes,
+        "split_bytes": split_bytes,
+        "stored_bytes": stored_bytes,
+        "ffn_reduction": 1 - split_bytes / dense_bytes,
+        "split_tb_per_s": split_bytes / split_ms / 1e9,
+        "dense_tb_per_s": dense_bytes / dense_ms / 1e9,
+        "copies": copies,
+    }
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _speed_up_autotuning() -> None:
+    """Shorter autotuning runs (Triton's defaults time each tile for ~125 ms)."""
+    import triton
+    import triton.testing
+
+    from ffsplit.kernels import ffn
+
+    def quick(fn: Any, quantiles: Any) -> Any:
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+    for name in ("first", "chain", "last"):
+        ffn._kernel(name).do_bench = quick
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="*", default=list(FFN_SHAPES))
+    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "ffn-h200.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/ffn.py times CUDA graphs: it needs a GPU")
+    _speed_up_autotuning()
+    torch.manual_seed(0)
+    all_rows, profiles = [], {}
+    for name in args.shapes:  # results written after every shape: a cut-short run keeps them
+        rows, prof = bench_shape(FFN_SHAPES[name], tuple(args.tokens), torch.bfloat16)
+        all_rows += rows
+        profiles.update(prof)
+        write_json(
+            args.out,
+            {
+                "benchmark": "ffn",
+                "machine": machine(),
+                "dtype": "bfloat16",
+                "timing": "CUDA graph replays, median of 7 trials; weights of all copies > 4x L2",
+                "ceilings": {
+                    "hbm_bytes_per_s": HBM_BYTES_PER_S,
+                    "bf16_flops_per_s": BF16_FLOPS_PER_S,
+                },
+                "roofline": "bytes ratio at <=16 tokens, FLOPs ratio at 2048, ratio of floors at 128",
+                "rows": all_rows,
+                "decode_stage_profile": profiles,
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()

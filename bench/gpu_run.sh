@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, then the benchmarks, each under its own time limit; everything
+# lands in $OUT (copied into bench/results/ afterwards). Usage: bench/gpu_run.sh STEP...
+# Steps: tests | ffn | e2e:MODEL[,MODEL...] | e2ec:MODEL[,...] (decode through torch.compile)
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
+  | tee "$OUT/nvidia-smi.txt"
+for step in "$@"; do
+  case "$step" in
+    tests)
+      timeout ${TESTS_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider \
+        tests/ffsplit/split/test_fused.py tests/ffsplit/kernels 2>&1 | tee "$OUT/tests.log" | tail -${TESTS_TAIL:-15}
+      ;;
+    ffn)
+      timeout ${FFN_LIMIT:-300} python3 bench/ffn.py --out "$OUT/ffn-h200.json" ${FFN_ARGS:-} \
+        2>&1 | tee "$OUT/ffn.log" | tail -${FFN_TAIL:-80}
+      ;;
+    e2ec:*)
+      models=${step#e2ec:}
+      timeout ${E2EC_LIMIT:-300} python3 bench/e2e.py --compile --models ${models//,/ } \
+        --out "$OUT/e2e-h200-compile.json" 2>&1 | tee "$OUT/e2e-compile.log" \
+        | grep -v "^Loading" | tail -${E2EC_TAIL:-30}
+      ;;
+    e2e:*)
+      models=${step#e2e:}
+      timeout ${E2E_LIMIT:-420} python3 bench/e2e.py --models ${models//,/ } --out "$OUT/e2e-h200.json" ${E2E_ARGS:-} \
+        2>&1 | tee "$OUT/e2e.log" | grep -v "^Loading" | tail -${E2E_TAIL:-60}
+      ;;
+  esac
+done

@@ -1,0 +1,794 @@
+"""Fast execution form of split FFNs: contiguous stacked weights, fused projections, Triton decode.
+
+A split FFN (split/modules.py) runs its parts one by one: 5-7 small kernels per FFN, which makes it
+about 2x slower than the dense FFN at decode sizes (method.md, "Known engineering facts").
+``fuse_model`` rewrites each FFN into one ``FusedFFNCore`` holding:
+
+- ``w1`` [N1, d]: the first-projection rows stacked ``[gate_H; up_H; B_gate; B_up]`` (one GEMM),
+- low-rank light factors ``a_gate``, ``a_up`` [m_L, r] and ``b_down_t`` = B_down^T [m_L, r],
+- int4 light codes repacked for the kernels (``q1`` gate/up rows, ``q3`` down),
+- ``w3`` [d, K] = ``[down_H | A_down]`` (the last projections as one GEMM), ``b3`` the down bias.
+
+Forward: ``first(x)`` gives a compact hidden vector (``act(g)*u`` of the heavy neurons, then the
+light part already projected to the down rank ``z_down = B_down h_L``, or int4 light activations),
+``last(hidden)`` gives ``hidden @ w3^T + b3``. Up to 16 tokens on a GPU, Triton kernels do this in
+three launches (ffsplit/kernels/ffn.py); otherwise (prefill, CPU) torch ops do it with a few large
+GEMMs. Both are static-shape and sync-free, so they can be captured in a CUDA graph.
+
+Where it goes: a gated FFN whose container computes ``down(act(gate(x)) * up(x))`` (Llama, Gemma)
+is replaced whole by ``FusedFFN``; a non-gated FFN applied as up -> activation -> down by the
+enclosing forward (OPT, GPT-2, BERT) gets ``FusedFirst`` as up, ``nn.Identity`` as activation and
+``FusedLast`` as down. The model's forward is never rewritten. Each swap is checked on a random
+probe against the modules it replaces.
+
+Padding: heavy neurons and ranks are padded to multiples of 16 with zero rows/columns (exact:
+act(0) * 0 = 0 and zero columns add nothing) so every row starts 32-byte aligned.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ffsplit.adapters.base import Adapter, FFNHandle
+from ffsplit.errors import FFSplitError
+from ffsplit.split.modules import SplitInProjection, SplitOutProjection
+from ffsplit.split.parts import DenseLinear, LinearPart, LowRankLinear, QuantizedLinear
+
+ALIGN = 16  # rows/ranks padded to this many (32 bytes of bf16)
+QUANT_BLOCK = 128  # must equal ffsplit.kernels.ffn.QUANT_BLOCK (int4 down layout block)
+DECODE_TOKENS = 16  # up to this many tokens the Triton decode kernels run (ffsplit/kernels/ffn.py)
+DATAFLOWS = ("gated_mlp", "up_act_down")
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": nn.functional.silu,
+    "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "gelu": nn.functional.gelu,
+    "relu": nn.functional.relu,
+}
+
+
+def activation_name(activation: Callable[[Tensor], Tensor]) -> str | None:
+    """Which kernel activation an activation module computes, found by probing it (so any class,
+    HF's or torch's, is recognised by what it does); None if none matches."""
+    probe = torch.linspace(-8.0, 8.0, 257, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            out = activation(probe.float()).double()
+    except Exception:  # noqa: BLE001 - an activation that cannot run on CPU floats is unknown
+        return None
+    for name, fn in _ACTIVATIONS.items():
+        if torch.allclose(out, fn(probe), rtol=1e-5, atol=1e-5):
+            return name
+    return None
+
+
+def _pad_to(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple) if n else 0
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _pad_cols(t: Tensor, cols: int) -> Tensor:
+    return (
+        t if t.shape[1] == cols else torch.cat([t, t.new_zeros(t.shape[0], cols - t.shape[1])], 1)
+    )
+
+
+def pack_halves(codes: Tensor, block: int) -> Tensor:
+    """Pack 4-bit codes [rows, cols] into bytes [rows, cols / 2], half-split within blocks of
+    ``block`` columns: byte i of a block = code i (low nibble) | code i + block/2 (high nibble)."""
+    rows, cols = codes.shape
+    if cols % block or block % 2:
+        raise ValueError(f"pack_halves: {cols} columns are not a multiple of the block {block}")
+    c = codes.to(torch.uint8).view(rows, cols // block, 2, block // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(rows, cols // 2)
+
+
+def unpack_halves(packed: Tensor, block: int) -> Tensor:
+    """Inverse of :func:`pack_halves`: codes [rows, 2 * packed cols]."""
+    rows, half_cols = packed.shape
+    p = packed.view(rows, half_cols // (block // 2), 1, block // 2)
+    return torch.cat([p & 15, p >> 4], dim=2).reshape(rows, half_cols * 2)
+
+
+def _dequant_rows(
+    packed: Tensor, scales: Tensor, zeros: Tensor, group: int, block: int, dtype: torch.dtype
+) -> Tensor:
+    """[rows, cols] float weights from half-split codes with per-row groups along the columns."""
+    codes = unpack_halves(packed, block).to(torch.float32)
+    rows, cols = codes.shape
+    grouped = codes.view(rows, cols // group, group)
+    values = grouped * scales.float()[..., None] + zeros.float()[..., None]
+    return values.view(rows, cols).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a split FFN into neuron ranges
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Range:
+    """One neuron range of an FFN: its up, gate (or None) and down parts."""
+
+    up: LinearPart
+    gate: LinearPart | None
+    down: LinearPart
+
+    @property
+    def size(self) -> int:
+        return self.up.out_features
+
+    def kind(self) -> str:
+        parts = [p for p in (self.up, self.gate, self.down) if p is not None]
+        kinds = {type(p) for p in parts}
+        if kinds == {DenseLinear}:
+            return "dense"
+        if kinds == {LowRankLinear}:
+            return "lowrank"
+        if kinds == {QuantizedLinear}:
+            return "quant"
+        return "mixed"
+
+
+def _parts(module: nn.Module) -> list[LinearPart] | None:
+    if isinstance(module, SplitOutProjection | SplitInProjection):
+        return list(module.parts)
+    if isinstance(module, LinearPart):
+        return [module]
+    return None
+
+
+def _ranges(
+    adapter: Adapter, model: nn.Module, handle: FFNHandle
+) -> tuple[list[_Range], Tensor | None]:
+    """The FFN as aligned neuron ranges plus the down bias; plain (unsplit) FFNs are one dense range."""
+    up_m = model.get_submodule(handle.up_path)
+    down_m = model.get_submodule(handle.down_path)
+    gate_m = model.get_submodule(handle.gate_path) if handle.gate_path else None
+    if all(_parts(m) is None for m in (up_m, gate_m, down_m) if m is not None):
+        w = adapter.weights(model, handle)  # plain projections (any class): canonical dense weights
+        gate = DenseLinear(w.gate, w.gate_bias) if w.gate is not None else None
+        return [_Range(DenseLinear(w.up, w.up_bias), gate, DenseLinear(w.down))], w.down_bias
+    return _ranges_of(up_m, gate_m, down_m, f"layer {handle.layer}")
+
+
+def _ranges_of(
+    up_m: nn.Module, gate_m: nn.Module | None, down_m: nn.Module, where: str
+) -> tuple[list[_Range], Tensor | None]:
+    def parts(module: nn.Module) -> list[LinearPart]:
+        found = _parts(module)
+        if found is not None:
+            return found
+        if isinstance(module, nn.Linear):
+            return [DenseLinear(module.weight, module.bias)]
+        raise FFSplitError(f"{where}: cannot fuse a {type(module).__name__} projection")
+
+    ups, downs = parts(up_m), parts(down_m)
+    gates = parts(gate_m) if gate_m is not None else None
+    sizes = [p.out_features for p in ups]
+    if [p.in_features for p in downs] != sizes or (
+        gates is not None and [p.out_features for p in gates] != sizes
+    ):
+        raise FFSplitError(f"{where}: up/gate/down parts cover different neuron ranges")
+    down_bias = down_m.bias if isinstance(down_m, SplitInProjection | nn.Linear) else None
+    if isinstance(down_m, nn.Linear):
+        downs = [DenseLinear(down_m.weight)]
+    extra = [p.bias_or_none() for p in downs if p.bias_or_none() is not None]
+    if extra:
+        down_bias = sum(extra, torch.zeros_like(extra[0]) if down_bias is None else down_bias)
+    ranges = [
+        _Range(u, gates[i] if gates is not None else None, dn)
+        for i, (u, dn) in enumerate(zip(ups, downs, strict=True))
+    ]
+    return ranges, None if down_bias is None else down_bias.detach()
+
+
+def fuse_projections(
+    up: nn.Module,
+    gate: nn.Module | None,
+    down: nn.Module,
+    activation: Callable[[Tensor], Tensor],
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> FusedFFNCore:
+    """One FFN's fused core from its projection modules (split projections, parts or nn.Linear):
+    ``core(x) == down(act(gate(x)) * up(x))`` (or ``down(act(up(x)))``). For benchmarks and tests;
+    models go through :func:`fuse_model`."""
+    ranges, down_bias = _ranges_of(up, gate, down, "fuse_projections")
+    core = FusedFFNCore(ranges, down_bias, activation, gate is not None, dtype)
+    core.backend = backend
+    return core
+
+
+# --------------------------------------------------------------------------------------------
+# The fused core
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FusePlan:
+    """What one fused FFN holds (sizes after padding), for reports and tests."""
+
+    d: int
+    gated: bool
+    activation: str | None
+    heavy: int
+    light: str  # "none" | "lowrank" | "quant"
+    light_neurons: int = 0
+    ranks: tuple[int, int, int] = (0, 0, 0)  # gate, up, down (padded)
+    bits: int = 0
+    group: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class FusedFFNCore(nn.Module):
+    """The fused weights of one FFN and its two stages (``first``, ``last``); see module doc."""
+
+    def __init__(
+        self,
+        ranges: list[_Range],
+        down_bias: Tensor | None,
+        activation: Callable[[Tensor], Tensor],
+        gated: bool,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        heavy = [r for r in ranges if r.kind() == "dense"]
+        light = [r for r in ranges if r.kind() != "dense"]
+        kinds = {r.kind() for r in light}
+        if "mixed" in kinds or len(light) > 1:
+            raise FFSplitError(
+                f"fuse supports dense ranges plus one low-rank or int4 light range, got "
+                f"{[r.kind() for r in ranges]}"
+            )
+        ref = ranges[0].up
+        d = ref.in_features
+        self.d, self.gated, self.act_module = d, gated, activation
+        self.act_name = activation_name(activation)
+        found, device = _float_dtype(ranges)
+        dtype = dtype or found
+        self.dtype = dtype
+        self.light = light[0].kind() if light else "none"
+        self.backend = "auto"  # "auto" | "torch" | "triton": which first/last runs on CUDA
+        self.decode_tokens = DECODE_TOKENS
+        # looked up once here: forward must stay traceable by torch.compile (no cached-function
+        # calls or imports of new modules inside it)
+        self._triton = _kernels_importable()
+        if self._triton and device.type == "cuda":
+            import ffsplit.kernels.ffn  # noqa: F401 - registers the custom ops before any tracing
+
+        def cat(ts: list[Tensor], dim: int = 0) -> Tensor:
+            return torch.cat([t.detach().to(dtype) for t in ts], dim)
+
+        empty_rows = torch.zeros(0, d, dtype=dtype, device=device)
+
+        # heavy (dense) neurons, padded to ALIGN
+        m_heavy = sum(r.size for r in heavy)
+        self.m_heavy = _pad_to(m_heavy, ALIGN)
+        h_up = _pad_rows(
+            cat([r.up.dense_weight() for r in heavy]) if heavy else empty_rows, self.m_heavy
+        )
+        rows = [h_up]
+        biases: list[Tensor | None] = [_bias_cat([r.up for r in heavy], self.m_heavy, dtype)]
+        if gated:
+            h_gate = _pad_rows(
+                cat([r.gate.dense_weight() for r in heavy]) if heavy else empty_rows, self.m_heavy
+            )
+            rows.insert(0, h_gate)
+            biases.insert(0, _bias_cat([r.gate for r in heavy], self.m_heavy, dtype))
+        w3_cols = [
+            _pad_cols(
+                cat([r.down.dense_weight() for r in heavy], 1) if heavy else h_up.new_zeros(d, 0),
+                self.m_heavy,
+            )
+        ]
+
+        self.r_gate = self.r_up = self.r_down = 0
+        self.m_light = 0
+        self.bits = self.group = 0
+        light_bias: list[Tensor | None] = []
+        if self.light == "lowrank":
+            lr = light[0]
+            # light neurons padded too: [T, m_L] intermediates of the prefill path then have
+            # 32-byte aligned rows (cuBLAS falls back to slow kernels otherwise)
+            self.m_light = ml = _pad_to(lr.size, ALIGN)
+            self.r_up = _pad_to(lr.up.rank, ALIGN)
+            self.r_down = _pad_to(lr.down.rank, ALIGN)
+
+            def factor_a(part: LowRankLinear, rank: int) -> nn.Parameter:
+                return nn.Parameter(
+                    _pad_rows(_pad_cols(part.a.detach().to(dtype), rank), ml), requires_grad=False
+                )
+
+            def light_bias_of(part: LowRankLinear) -> nn.Parameter | None:
+                bias = part.bias_or_none()
+                return None if bias is None else _param(_pad_rows(bias.detach(), ml), dtype)
+
+            b_up = _pad_rows(lr.up.b.detach().to(dtype), self.r_up)
+            self.a_up = factor_a(lr.up, self.r_up)
+            self.bias_up = light_bias_of(lr.up)
+            light_rows = [b_up]
+            if gated:
+                self.r_gate = _pad_to(lr.gate.rank, ALIGN)
+                light_rows.insert(0, _pad_rows(lr.gate.b.detach().to(dtype), self.r_gate))
+                self.a_gate = factor_a(lr.gate, self.r_gate)
+                self.bias_gate = light_bias_of(lr.gate)
+                # the chain adds both light biases or none
+                if self.bias_up is not None and self.bias_gate is None:
+                    self.bias_gate = _param(torch.zeros(ml, device=device), dtype)
+                if self.bias_gate is not None and self.bias_up is None:
+                    self.bias_up = _param(torch.zeros(ml, device=device), dtype)
+            else:
+                self.a_gate, self.bias_gate = None, None
+            rows += light_rows
+            light_bias = [None] * len(light_rows)
+            self.b_down_t = nn.Parameter(
+                _pad_rows(
+                    _pad_cols(lr.down.b.detach().to(dtype).t().contiguous(), self.r_down), ml
+                ),
+                requires_grad=False,
+            )
+            w3_cols.append(_pad_cols(lr.down.a.detach().to(dtype), self.r_down))
+        elif self.light == "quant":
+            self._init_quant(light[0], gated, dtype, device)
+
+        self.w1 = nn.Parameter(torch.cat(rows).contiguous(), requires_grad=False)
+        bias_list = biases + light_bias
+        if any(b is not None for b in biases):
+            full = [
+                b if b is not None else torch.zeros(n, dtype=dtype, device=device)
+                for b, n in zip(bias_list, [t.shape[0] for t in rows], strict=True)
+            ]
+            self.b1 = nn.Parameter(torch.cat(full), requires_grad=False)
+        else:
+            self.b1 = None
+        self.w3 = nn.Parameter(torch.cat(w3_cols, 1).contiguous(), requires_grad=False)
+        self.b3 = _param(down_bias, dtype)
+        self.plan = FusePlan(
+            d=d,
+            gated=gated,
+            activation=self.act_name,
+            heavy=self.m_heavy,
+            light=self.light,
+            light_neurons=self.m_light,
+            ranks=(self.r_gate, self.r_up, self.r_down),
+            bits=self.bits,
+            group=self.group,
+        )
+
+    def _init_quant(
+        self, rng: _Range, gated: bool, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        from ffsplit.compress.quant import codes
+
+        parts = [rng.gate, rng.up] if gated else [rng.up]
+        qs = [p.quantized() for p in parts]
+        qd = rng.down.quantized()
+        bits = {q.bits for q in [*qs, qd]}
+        groups = {q.group_size for q in [*qs, qd]}
+        if bits != {4} or len(groups) != 1 or next(iter(groups)) % 64:
+            raise FFSplitError(
+                f"fuse supports int4 light parts with one group size that is a multiple of 64, "
+                f"got bits {sorted(bits)}, groups {sorted(groups)}"
+            )
+        if rng.down.bias_or_none() is not None:
+            raise FFSplitError("fuse: a quantized down part with its own bias is not supported")
+        self.bits, self.group = 4, next(iter(groups))
+        self.m_light = rng.size
+        self.register_buffer("q1", torch.cat([pack_halves(codes(q), self.group) for q in qs]))
+        self.register_buffer("q1_scales", torch.cat([q.scales for q in qs]))
+        self.register_buffer("q1_zeros", torch.cat([q.zeros for q in qs]))
+        qb = [p.bias_or_none() for p in parts]
+        self.q1_bias = None
+        if any(b is not None for b in qb):
+            self.q1_bias = nn.Parameter(
+                torch.cat(
+                    [
+                        b.detach().to(dtype)
+                        if b is not None
+                        else torch.zeros(self.m_light, dtype=dtype, device=device)
+                        for b in qb
+                    ]
+                ),
+                requires_grad=False,
+            )
+        padded = _pad_to(self.m_light, QUANT_BLOCK)
+        down_codes = _pad_cols(codes(qd).t().contiguous(), padded)  # [d, m_L padded]
+        self.register_buffer("q3", pack_halves(down_codes, QUANT_BLOCK))
+        # group-major [d / group, m_L padded]: a kernel program's rows share one group
+        self.register_buffer("q3_scales", _pad_rows(qd.scales, padded).t().contiguous())
+        self.register_buffer("q3_zeros", _pad_rows(qd.zeros, padded).t().contiguous())
+
+    # ---------------------------------------------------------------------------- forward
+    @property
+    def hidden_features(self) -> int:
+        """Width of the vector between ``first`` and ``last``."""
+        extra = self.r_down if self.light == "lowrank" else self.m_light
+        return self.m_heavy + extra
+
+    def use_kernels(self, tokens: int, device: torch.device) -> bool:
+        """Whether the Triton decode kernels run for this many tokens (static per shape)."""
+        if self.backend == "torch" or device.type != "cuda" or self.act_name is None:
+            return False
+        if self.w1.dtype not in (torch.bfloat16, torch.float16) or not self._triton:
+            return False
+        limit = (
+            DECODE_TOKENS if self.backend == "triton" else min(self.decode_tokens, DECODE_TOKENS)
+        )
+        return tokens <= limit
+
+    def first(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.d)
+        if x2.dtype == self.w1.dtype and self.use_kernels(x2.shape[0], x2.device):
+            hidden = self._first_kernels(x2.contiguous())
+        else:
+            hidden = self._first_torch(x2)
+        return hidden.view(*x.shape[:-1], hidden.shape[-1])
+
+    def last(self, hidden: Tensor) -> Tensor:
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        # the kernel path's hidden is fp32 (the chain accumulates in it); the torch path's is not
+        kernel_hidden = h2.dtype == torch.float32 and self.w1.dtype != torch.float32
+        if kernel_hidden and self.use_kernels(h2.shape[0], h2.device):
+            y = self._last_kernels(h2.contiguous())
+        else:
+            y = self._last_torch(h2)
+        return y.view(*hidden.shape[:-1], self.d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(self.first(x))
+
+    def _act(self, x: Tensor) -> Tensor:
+        return self.act_module(x)
+
+    def _first_torch(self, x: Tensor) -> Tensor:
+        x = x.to(self.w1.dtype)
+        y1 = nn.functional.linear(x, self.w1, self.b1)
+        mh = self.m_heavy
+        if self.gated:
+            heavy = self._act(y1[:, :mh]) * y1[:, mh : 2 * mh]
+            base = 2 * mh
+        else:
+            heavy = self._act(y1[:, :mh])
+            base = mh
+        if self.light == "none":
+            return heavy
+        if self.light == "lowrank":
+            zu = y1[:, base + self.r_gate : base + self.r_gate + self.r_up]
+            up = nn.functional.linear(zu, self.a_up, self.bias_up)
+            if self.gated:
+                gate = nn.functional.linear(
+                    y1[:, base : base + self.r_gate], self.a_gate, self.bias_gate
+                )
+                h_light = self._act(gate) * up
+            else:
+                h_light = self._act(up)
+            z_down = h_light @ self.b_down_t
+            return torch.cat([heavy, z_down], dim=-1)
+        w = self._light_first_weights()
+        y_light = nn.functional.linear(x, w, self.q1_bias)
+        ml = self.m_light
+        if self.gated:
+            h_light = self._act(y_light[:, :ml]) * y_light[:, ml:]
+        else:
+            h_light = self._act(y_light)
+        return torch.cat([heavy, h_light], dim=-1)
+
+    def _light_first_weights(self) -> Tensor:
+        if self.q1.is_cuda and self._triton:
+            from ffsplit.kernels import ffn
+
+            return ffn.dequantize_rows(
+                self.q1, self.q1_scales, self.q1_zeros, self.group, self.w1.dtype
+            )
+        return _dequant_rows(
+            self.q1, self.q1_scales, self.q1_zeros, self.group, self.group, self.w1.dtype
+        )
+
+    def light_down_weight(self) -> Tensor:
+        """The int4 light down columns dequantized, [d, m_L] (reference/prefill path)."""
+        codes = unpack_halves(self.q3, QUANT_BLOCK)[:, : self.m_light].to(torch.float32)
+        scales = self.q3_scales[:, : self.m_light].float().repeat_interleave(self.group, 0)
+        zeros = self.q3_zeros[:, : self.m_light].float().repeat_interleave(self.group, 0)
+        return (codes * scales + zeros).to(self.w1.dtype)  # [d, m_L]
+
+    def _last_torch(self, hidden: Tensor) -> Tensor:
+        hidden = hidden.to(self.w3.dtype)
+        k = self.w3.shape[1]
+        y = nn.functional.linear(hidden[:, :k], self.w3, self.b3)
+        if self.light == "quant":
+            y = y + nn.functional.linear(hidden[:, k : k + self.m_light], self.light_down_weight())
+        return y
+
+    def _first_kernels(self, x: Tensor) -> Tensor:
+        from ffsplit.kernels import ffn
+
+        n_heavy_rows = (2 if self.gated else 1) * self.m_heavy
+        lowrank, quant = self.light == "lowrank", self.light == "quant"
+        return ffn.fused_first(
+            x,
+            self.w1,
+            self.b1[:n_heavy_rows] if self.b1 is not None else None,
+            self.a_gate if lowrank else None,
+            self.a_up if lowrank else None,
+            self.bias_gate if lowrank else None,
+            self.bias_up if lowrank else None,
+            self.b_down_t if lowrank else None,
+            self.q1 if quant else None,
+            self.q1_scales if quant else None,
+            self.q1_zeros if quant else None,
+            self.q1_bias if quant else None,
+            self.gated,
+            self.act_name,
+            self.light,
+            self.m_heavy,
+            self.r_gate,
+            self.r_up,
+            self.r_down,
+            self.m_light,
+            self.group or 64,
+            self.hidden_features,
+        )
+
+    def _last_kernels(self, hidden: Tensor) -> Tensor:
+        from ffsplit.kernels import ffn
+
+        quant = self.light == "quant"
+        return ffn.fused_last(
+            hidden,
+            self.w3,
+            self.b3,
+            self.q3 if quant else None,
+            self.q3_scales if quant else None,
+            self.q3_zeros if quant else None,
+            self.m_light if quant else 0,
+            self.group or 64,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of everything this core stores (weights, codes, scales, biases; padding counted)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _float_dtype(ranges: list[_Range]) -> tuple[torch.dtype, torch.device]:
+    """Compute dtype and device of an FFN: those of its first float weight (int4-only FFNs have
+    none: float32 unless the caller names the model's dtype)."""
+    device = None
+    for r in ranges:
+        for p in (r.up, r.gate, r.down):
+            if p is None:
+                continue
+            for t in p.parameters():
+                if t.is_floating_point():
+                    return t.dtype, t.device
+            for t in p.buffers():
+                device = device or t.device
+    return torch.float32, device or torch.device("cpu")
+
+
+def _param(t: Tensor | None, dtype: torch.dtype) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t.detach().to(dtype).clone(), requires_grad=False)
+
+
+def _bias_cat(parts: list[LinearPart], rows: int, dtype: torch.dtype) -> Tensor | None:
+    biases = [p.bias_or_none() for p in parts]
+    if all(b is None for b in biases):
+        return None
+    device = next(b for b in biases if b is not None).device
+    out = torch.cat(
+        [
+            b.detach().to(dtype)
+            if b is not None
+            else torch.zeros(p.out_features, dtype=dtype, device=device)
+            for b, p in zip(biases, parts, strict=True)
+        ]
+    )
+    return torch.cat([out, out.new_zeros(rows - out.shape[0])])
+
+
+def _kernels_importable() -> bool:
+    from ffsplit.kernels import triton_available
+
+    return triton_available()
+
+
+# --------------------------------------------------------------------------------------------
+# Modules that go into the model
+# --------------------------------------------------------------------------------------------
+
+
+class FusedFFN(nn.Module):
+    """Replaces a gated FFN container whose forward is down(act(gate(x)) * up(x))."""
+
+    def __init__(self, core: FusedFFNCore) -> None:
+        super().__init__()
+        self.core = core
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.core(x)
+
+
+class FusedFirst(nn.Module):
+    """Replaces up of a non-gated FFN: outputs the compact hidden vector (activation included)."""
+
+    def __init__(self, core: FusedFFNCore) -> None:
+        super().__init__()
+        self.core = core
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.core.first(x)
+
+
+class FusedLast(nn.Module):
+    """Replaces down of a non-gated FFN; shares the core registered in ``FusedFirst``."""
+
+    def __init__(self, core: FusedFFNCore) -> None:
+        super().__init__()
+        object.__setattr__(self, "_core", core)  # not registered: its weights live in FusedFirst
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self._core.last(hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# fuse_model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FuseReport:
+    """Per FFN: the plan it got, or why it was left on the reference path."""
+
+    fused: dict[int, FusePlan] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)
+    dataflow: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataflow": self.dataflow,
+            "fused": {k: vars(v) for k, v in self.fused.items()},
+            "skipped": dict(self.skipped),
+        }
+
+
+def dataflow_of(adapter: Adapter, handle: FFNHandle) -> str:
+    """The adapter's declared FFN dataflow (``Adapter.ffn_dataflow``), else the usual one for its
+    layout: gated with its own container -> "gated_mlp"; non-gated -> "up_act_down". Every swap is
+    verified on a probe, so a wrong guess fails loudly instead of computing something else."""
+    declared = getattr(adapter, "ffn_dataflow", None)
+    if declared is not None:
+        if declared not in DATAFLOWS:
+            raise FFSplitError(
+                f"adapter '{adapter.name}': ffn_dataflow {declared!r} not in {DATAFLOWS}"
+            )
+        return declared
+    if handle.gated:
+        return "gated_mlp"
+    return "up_act_down"
+
+
+def _activation_path(adapter: Adapter, handle: FFNHandle) -> str:
+    if not handle.up_path.endswith(adapter.up):
+        raise FFSplitError(f"layer {handle.layer}: cannot locate the activation module")
+    return handle.up_path[: len(handle.up_path) - len(adapter.up)] + adapter.activation
+
+
+@torch.no_grad()
+def _check(reference: Callable[[Tensor], Tensor], core: FusedFFNCore, layer: int) -> None:
+    """The fused core must compute what the modules it replaces compute, on a random probe,
+    through the torch path and (on a GPU) the decode-kernel path."""
+    generator = torch.Generator(device="cpu").manual_seed(1234 + layer)
+    x = torch.randn(3, core.d, generator=generator).to(device=core.w1.device, dtype=core.dtype)
+    want = reference(x).float()
+    tol = 1e-4 if core.dtype == torch.float32 else 3e-2
+    backend = core.backend
+    paths = ["torch"] + (["auto"] if core.use_kernels(x.shape[0], x.device) else [])
+    try:
+        for path in paths:
+            core.backend = path
+            got = core(x).float()
+            err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+            if not math.isfinite(err) or err > tol:
+                raise FFSplitError(
+                    f"layer {layer}: fused FFN ({path} path) differs from the model's FFN on a "
+                    f"probe (relative error {err:.3g} > {tol}); the adapter's ffn_dataflow does "
+                    f"not describe this FFN"
+                )
+    finally:
+        core.backend = backend
+
+
+@torch.no_grad()
+def fuse_model(
+    model: nn.Module,
+    adapter: Adapter | None = None,
+    *,
+    backend: str = "auto",
+    verify: bool = True,
+    strict: bool = False,
+) -> FuseReport:
+    """Convert a (split or dense) model's FFNs to the fused execution form, in place.
+
+    backend: "auto" (Triton at <= 16 tokens on CUDA, torch ops otherwise), "torch", "triton".
+    FFNs the fused form cannot express are left as they are (reported), or raise if ``strict``.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise FFSplitError(f"fuse_model: backend {backend!r} must be auto, torch or triton")
+    if adapter is None:
+        from ffsplit.adapters.registry import get_adapter
+
+        adapter = get_adapter(model)
+    report = FuseReport()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    for handle in adapter.ffns(model):
+        flow = dataflow_of(adapter, handle)
+        report.dataflow = flow
+        try:
+            ranges, down_bias = _ranges(adapter, model, handle)
+            core = FusedFFNCore(ranges, down_bias, handle.activation, handle.gated, dtype)
+        except FFSplitError as exc:
+            if strict:
+                raise
+            report.skipped[handle.layer] = str(exc)
+            continue
+        core.backend = backend
+        if flow == "gated_mlp":
+            if not handle.gated:
+                raise FFSplitError(f"layer {handle.layer}: gated_mlp dataflow on a non-gated FFN")
+            container = model.get_submodule(handle.path)
+            if verify:
+                _check(container, core, handle.layer)
+            fused = FusedFFN(core)
+            # keep the activation where the adapter looks for it, so adapter.ffns() still works
+            act_path = _activation_path(adapter, handle)
+            if act_path.startswith(handle.path + ".") and _is_module(model, act_path):
+                fused.add_module(act_path[len(handle.path) + 1 :], model.get_submodule(act_path))
+            _set_module(model, handle.path, fused)
+        else:
+            if handle.gated:
+                raise FFSplitError(f"layer {handle.layer}: up_act_down dataflow on a gated FFN")
+            up = model.get_submodule(handle.up_path)
+            down = model.get_submodule(handle.down_path)
+            act_path = _activation_path(adapter, handle)
+            act = (
+                model.get_submodule(act_path) if _is_module(model, act_path) else handle.activation
+            )
+            if verify:
+                _check(lambda x, u=up, a=act, dn=down: dn(a(u(x))), core, handle.layer)
+            first = FusedFirst(core)
+            _set_module(model, handle.up_path, first)
+            _set_module(model, act_path, nn.Identity())
+            _set_module(model, handle.down_path, FusedLast(core))
+        report.fused[handle.layer] = core.plan
+    if report.skipped:
+        warnings.warn(
+            f"fuse_model: {len(report.skipped)} FFN(s) left on the reference path: "
+            f"{next(iter(report.skipped.values()))}",
+            stacklevel=2,
+        )
+    return report
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _is_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

@@ -1,0 +1,276 @@
+"""The fused execution form computes what the split model computes (CPU: torch path; GPU: kernels)."""
+
+import os
+
+import pytest
+import torch
+
+from ffsplit.adapters import get_adapter
+from ffsplit.compress.quant import dequantize, quantize_groups
+from ffsplit.models.tiny import TINY_ARCHITECTURES, tiny_model
+from ffsplit.split import BlockParts, build_split, dense_block, swap_ffn
+from ffsplit.split.fused import (
+    FusedFFN,
+    FusedFirst,
+    FusedLast,
+    activation_name,
+    fuse_model,
+    pack_halves,
+    unpack_halves,
+)
+from ffsplit.split.parts import LowRankLinear, QuantizedLinear
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _lowrank(rank):
+    def factor(w, bias=None):
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        r = min(rank, s.numel())
+        return LowRankLinear((u[:, :r] * s[:r]).to(w.dtype), vh[:r].to(w.dtype), bias)
+
+    def compress(block, neurons):
+        gate = None if block.gate is None else factor(block.gate, block.gate_bias)
+        return BlockParts(factor(block.up, block.up_bias), gate, factor(block.down))
+
+    return compress
+
+
+def _quant(bits, group):
+    def rows(w, bias=None):
+        return QuantizedLinear(quantize_groups(w.float(), bits, group), False, bias)
+
+    def compress(block, neurons):
+        gate = None if block.gate is None else rows(block.gate, block.gate_bias)
+        down = QuantizedLinear(quantize_groups(block.down.t().float(), bits, group), True)
+        return BlockParts(rows(block.up, block.up_bias), gate, down)
+
+    return compress
+
+
+def split_model(model, light, heavy_ratio=0.25, seed=0):
+    """Split every FFN: a random heavy block kept dense, the rest through `light` (None = pruned)."""
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(seed)
+    for handle in adapter.ffns(model):
+        w = adapter.weights(model, handle)
+        perm = torch.randperm(w.neurons, generator=gen)
+        k = int(heavy_ratio * w.neurons)
+        blocks = [(perm[:k], dense_block)]
+        if light is not None:
+            blocks.append((perm[k:], light))
+        swap_ffn(model, adapter, handle, build_split(w, blocks))
+    return adapter
+
+
+def _outputs(model, ids):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _ids(shape=(2, 9)):
+    return torch.randint(0, 150, shape, generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("light", ["lowrank", "dense", "pruned", "uniform"])
+def test_fused_equals_split_model(architecture, light):
+    model, _ = tiny_model(architecture)
+    if light == "uniform":
+        adapter = split_model(model, _lowrank(7), heavy_ratio=0.0)
+    else:
+        compress = {"lowrank": _lowrank(5), "dense": dense_block, "pruned": None}[light]
+        adapter = split_model(model, compress)
+    ids = _ids()
+    reference = _outputs(model, ids)
+    report = fuse_model(model, adapter, strict=True)
+    assert len(report.fused) == len(adapter.ffns(model)) and not report.skipped
+    fused = _outputs(model, ids)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    kinds = {type(m) for m in model.modules()}
+    assert FusedFFN in kinds or {FusedFirst, FusedLast} <= kinds
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "OPTForCausalLM", "GPT2LMHeadModel"])
+def test_fused_dense_model_and_generate(architecture):
+    """An unsplit model fuses too (gate and up in one GEMM): the 'dense fused' baseline."""
+    model, _ = tiny_model(architecture)
+    ids = _ids((1, 5))
+    reference = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    logits = _outputs(model, ids)
+    fuse_model(model, strict=True)
+    torch.testing.assert_close(_outputs(model, ids), logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), reference
+    )
+
+
+def _llama_128():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=160,
+        hidden_size=128,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def test_fused_int4_light_equals_split_model():
+    model = _llama_128()
+    adapter = split_model(model, _quant(4, 64), heavy_ratio=0.2)
+    ids = _ids()
+    reference = _outputs(model, ids)
+    report = fuse_model(model, adapter, strict=True)
+    assert report.fused[0].light == "quant" and report.fused[0].bits == 4
+    torch.testing.assert_close(_outputs(model, ids), reference, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_unsupported_split_is_left_on_reference_path():
+    model = _llama_128()
+    adapter = split_model(model, _quant(3, 64), heavy_ratio=0.2)
+    ids = _ids()
+    reference = _outputs(model, ids)
+    with pytest.warns(UserWarning, match="reference path"):
+        report = fuse_model(model, adapter)
+    assert set(report.skipped) == {0, 1} and "int4" in report.skipped[0]
+    torch.testing.assert_close(_outputs(model, ids), reference)
+
+
+def test_pack_halves_round_trip_and_layout():
+    codes = torch.randint(
+        0, 16, (3, 256), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    packed = pack_halves(codes, 128)
+    assert packed.shape == (3, 128)
+    assert torch.equal(unpack_halves(packed, 128), codes)
+    assert int(packed[1, 5]) == int(codes[1, 5]) | (int(codes[1, 64 + 5]) << 4)
+
+
+def test_repacked_int4_dequantizes_exactly():
+    """The kernels' layouts hold exactly the quantized values of compress/quant.py."""
+    model = _llama_128()
+    adapter = split_model(model, _quant(4, 64), heavy_ratio=0.2)
+    handle = adapter.ffns(model)[0]
+    down_part = model.get_submodule(handle.down_path).parts[1]
+    up_part = model.get_submodule(handle.up_path).parts[1]
+    fuse_model(model, adapter)
+    core = model.get_submodule(handle.path).core
+    torch.testing.assert_close(
+        core.light_down_weight(), dequantize(down_part.quantized()).t(), rtol=0, atol=0
+    )
+    w = core._light_first_weights()  # gate rows then up rows
+    torch.testing.assert_close(w[core.m_light :], dequantize(up_part.quantized()), rtol=0, atol=0)
+
+
+def test_activation_names():
+    from transformers.activations import ACT2FN
+
+    assert activation_name(torch.nn.SiLU()) == "silu"
+    assert activation_name(ACT2FN["gelu_pytorch_tanh"]) == "gelu_tanh"
+    assert activation_name(ACT2FN["gelu_new"]) == "gelu_tanh"
+    assert activation_name(ACT2FN["gelu"]) == "gelu"
+    assert activation_name(torch.nn.ReLU()) == "relu"
+    assert activation_name(torch.nn.Tanh()) is None
+
+
+@torch.no_grad()
+def test_wrong_dataflow_fails_loudly():
+    model, _ = tiny_model("LlamaForCausalLM")
+    adapter = split_model(model, _lowrank(5))
+    adapter.ffn_dataflow = "up_act_down"  # wrong: Llama's FFN is gated
+    with pytest.raises(Exception, match="gated"):
+        fuse_model(model, adapter)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+
+def _gpu_model(light):
+    """bf16 on the GPU first, then split (a model cast after splitting would cast the int4
+    parts' float16 scales too)."""
+    os.environ.setdefault("FFSPLIT_KERNEL_AUTOTUNE", "0")  # one fixed tile: fast tests
+    model = _llama_128().to(device="cuda", dtype=torch.bfloat16)
+    adapter = split_model(model, light, heavy_ratio=0.2)
+    return model, adapter
+
+
+@pytest.mark.gpu
+@gpu
+@torch.no_grad()
+@pytest.mark.parametrize("light", ["lowrank", "quant", "dense"])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 40])
+def test_gpu_fused_matches_reference(light, tokens):
+    """bf16 on GPU: fused (Triton at <= 16 tokens, torch ops above) vs the split reference modules,
+    relative error <= 2e-2 (bf16 rounding of intermediates differs between the two paths)."""
+    compress = {"lowrank": _lowrank(24), "quant": _quant(4, 64), "dense": dense_block}[light]
+    model, adapter = _gpu_model(compress)
+    ids = torch.randint(0, 150, (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
+    reference = _outputs(model, ids).float()
+    fuse_model(model, adapter, strict=True)
+    fused = _outputs(model, ids).float()
+    err = ((fused - reference).norm() / reference.norm()).item()
+    assert err < 2e-2
+
+
+@pytest.mark.gpu
+@gpu
+@torch.no_grad()
+@pytest.mark.parametrize("architecture", ["OPTForCausalLM", "Gemma3ForCausalLM", "BertModel"])
+def test_gpu_fused_other_architectures(architecture):
+    os.environ.setdefault("FFSPLIT_KERNEL_AUTOTUNE", "0")
+    model, _ = tiny_model(architecture)
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    adapter = split_model(model, _lowrank(5))
+    ids = _ids((1, 4)).cuda()
+    reference = _outputs(model, ids).float()
+    fuse_model(model, adapter, strict=True)
+    err = ((_outputs(model, ids).float() - reference).norm() / reference.norm()).item()
+    assert err < 2e-2
+
+
+@pytest.mark.gpu
+@gpu
+@torch.no_grad()
+def test_gpu_fused_ffn_captures_in_cuda_graph():
+    model, adapter = _gpu_model(_lowrank(24))
+    fuse_model(model, adapter, strict=True)
+    ffn = model.get_submodule(adapter.ffns(model)[0].path)
+    x = torch.randn(1, 128, device="cuda", dtype=torch.bfloat16)
+    eager = ffn(x).clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ffn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ffn(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, ffn(x), rtol=0, atol=0)
+    assert not torch.equal(out, eager)
+
+
+def test_import_loads_no_triton():
+    """ffsplit.kernels is imported lazily: importing and using the torch path needs no Triton."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, ffsplit, ffsplit.split.fused as f, ffsplit.kernels;"
+        "assert 'triton' not in sys.modules and 'ffsplit.kernels.ffn' not in sys.modules;"
+        "assert not torch.cuda.is_initialized()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -175,3 +175,69 @@ def test_factorisations_are_deterministic() -> None:
         first = whitened_svd_factors(weight, 5, gram, 200)
         second = whitened_svd_factors(weight, 5, gram, 200)
     assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+
+
+def test_reused_decompositions_give_identical_factors():
+    from ffsplit.compress.lowrank import reuse_decompositions, svd_factors, whitened_svd
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 16, generator=gen)
+    x = torch.randn(200, 16, generator=gen) * torch.linspace(0.1, 3, 16)
+    gram = (x.T @ x).double()
+    fresh = [whitened_svd(weight, r, gram, 200) for r in (2, 5)] + [svd_factors(weight, 4)]
+    with reuse_decompositions():
+        again = [whitened_svd(weight, r, gram, 200) for r in (2, 5, 2)] + [svd_factors(weight, 4)]
+    for a, b in zip(fresh[:2], again[:2], strict=True):
+        assert torch.equal(a.a, b.a) and torch.equal(a.b, b.b)
+    assert torch.equal(again[0].a, again[2].a)
+    assert torch.equal(fresh[2][0], again[3][0])
+
+
+@pytest.mark.parametrize("shape", [(60, 24), (24, 60), (32, 32)])
+def test_svd_via_gram_matches_lapack_svd(shape: tuple[int, int]) -> None:
+    """The CUDA path (eigh of the smaller Gram side), run on CPU: same spectrum, same truncations."""
+    from ffsplit.compress.lowrank import svd_via_gram
+
+    gen = torch.Generator().manual_seed(5)
+    rows, cols = shape
+    k = min(shape)
+    # A known, well separated spectrum over three decades, like a whitened FFN matrix.
+    left = torch.linalg.qr(torch.randn(rows, k, generator=gen, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(cols, k, generator=gen, dtype=torch.float64))[0]
+    spectrum = torch.logspace(1, -2, k, dtype=torch.float64)
+    matrix = (left * spectrum) @ right.T
+    u, s, vh = svd_via_gram(matrix)
+    ref_u, ref_s, ref_vh = torch.linalg.svd(matrix, full_matrices=False)
+    assert u.shape == ref_u.shape and s.shape == ref_s.shape and vh.shape == ref_vh.shape
+    assert torch.allclose(s, ref_s, rtol=1e-9, atol=1e-12)
+    for rank in (1, k // 3, k // 2):
+        ours = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        ref = (ref_u[:, :rank] * ref_s[:rank]) @ ref_vh[:rank]
+        assert (ours - ref).abs().max() <= 1e-9 * ref.abs().max()
+    # Orthonormal singular vectors where the spectrum is reliable.
+    eye = torch.eye(k, dtype=torch.float64)
+    assert torch.allclose(u.T @ u, eye, atol=1e-8) and torch.allclose(vh @ vh.T, eye, atol=1e-8)
+
+
+def test_svd_via_gram_zeroes_directions_below_its_precision() -> None:
+    from ffsplit.compress.lowrank import svd_via_gram
+
+    gen = torch.Generator().manual_seed(6)
+    basis = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    matrix = basis @ torch.randn(3, 20, generator=gen, dtype=torch.float64)  # rank 3 of 20
+    u, s, vh = svd_via_gram(matrix)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    assert (u[:, 3:] == 0).all()  # no noise amplified from zero singular values
+    approx = (u[:, :3] * s[:3]) @ vh[:3]
+    assert torch.allclose(approx, matrix, atol=1e-9 * matrix.abs().max())
+
+
+def test_cpu_factors_still_come_from_lapack_svd() -> None:
+    """The Gram-side path is for CUDA only: CPU factors equal the LAPACK SVD's bit for bit."""
+    weight = random_weight(20, 12)
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:4].sqrt()
+    a, b = svd_factors(weight, 4)
+    assert torch.equal(a, (u[:, :4] * root).float()) and torch.equal(
+        b, (root[:, None] * vh[:4]).float()
+    )

@@ -18,31 +18,26 @@ from pathlib import Path
 
 import torch
 
+from ffsplit.compress.lowrank import reuse_decompositions
 from ffsplit.compress.recipe import compress_model
 from ffsplit.config import ProfileConfig, Recipe
 from ffsplit.data.windows import calibration_windows, evaluation_windows
 from ffsplit.eval import perplexity
 from ffsplit.models.loading import load_model
-from ffsplit.profiling import profile_model
+from ffsplit.profiling import load_stats, profile_model, save_stats
 from ffsplit.variant.atomic import write_text_atomic
 
 
-def recipes(budget: float, heavy_ratios: list[float]) -> list[Recipe]:
-    out = []
+def recipe_families(heavy_ratios: list[float]) -> list[dict]:
+    """Recipes without a budget; each family is swept over the budgets in turn, so the light
+    matrices' decompositions (the same at every rank) are computed once per family."""
+    out: list[dict] = []
     for method in ("lowrank", "quant"):
-        for rho in heavy_ratios:
-            out.append(Recipe(method=method, heavy_ratio=rho, ffn_reduction=budget))
+        out += [{"method": method, "heavy_ratio": rho} for rho in heavy_ratios]
         # the random split at the largest heavy ratio, where the choice of neurons matters most
-        out.append(
-            Recipe(
-                method=method,
-                heavy_ratio=max(heavy_ratios),
-                ffn_reduction=budget,
-                selection="random",
-            )
-        )
-        out.append(Recipe(method=method, heavy_ratio=0.0, ffn_reduction=budget))
-    out.append(Recipe(method="prune", heavy_ratio=0.0, ffn_reduction=budget))
+        out.append({"method": method, "heavy_ratio": max(heavy_ratios), "selection": "random"})
+        out.append({"method": method, "heavy_ratio": 0.0})
+    out.append({"method": "prune", "heavy_ratio": 0.0})
     return out
 
 
@@ -55,6 +50,11 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.2,0.3,0.431,0.5")
     parser.add_argument("--heavy-ratios", default="0.05,0.1")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--stats", type=Path, help="statistics file: reused if present, else written"
+    )
+    parser.add_argument("--methods", default="lowrank,quant,prune", help="method families to run")
+    parser.add_argument("--resume", action="store_true", help="keep rows already in --out")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer, ref = load_model(args.model)
@@ -63,7 +63,14 @@ def main() -> None:
         tokenizer, tokens=args.eval_tokens, window=args.window
     )
     started = time.perf_counter()
-    stats = profile_model(model, calib, ProfileConfig(tokens=args.calib_tokens, window=args.window))
+    if args.stats is not None and args.stats.is_file():
+        stats = load_stats(args.stats)
+    else:
+        stats = profile_model(
+            model, calib, ProfileConfig(tokens=args.calib_tokens, window=args.window)
+        )
+        if args.stats is not None:
+            save_stats(stats, args.stats)
     profile_s = time.perf_counter() - started
     dense = perplexity(model, evaluation).perplexity
     rows = []
@@ -80,11 +87,19 @@ def main() -> None:
     }
     print(json.dumps({"dense_perplexity": dense}), flush=True)
     heavy_ratios = [float(x) for x in args.heavy_ratios.split(",")]
-    for budget in (float(b) for b in args.budgets.split(",")):
-        for recipe in recipes(budget, heavy_ratios):
+    if args.resume and args.out.is_file():
+        rows.extend(json.loads(args.out.read_text())["rows"])
+    budgets = [float(b) for b in args.budgets.split(",")]
+    methods = set(args.methods.split(","))
+    for family in [f for f in recipe_families(heavy_ratios) if f["method"] in methods]:
+        for budget in budgets:
+            recipe = Recipe(ffn_reduction=budget, **family)
+            if any(r["label"] == recipe.label for r in rows):
+                continue
             net, _, _ = load_model(args.model)
             t0 = time.perf_counter()
-            report, _ = compress_model(net, stats, recipe)
+            with reuse_decompositions(max_entries=96):
+                report, _ = compress_model(net, stats, recipe)
             seconds = time.perf_counter() - t0
             ppl = perplexity(net, evaluation).perplexity
             row = {

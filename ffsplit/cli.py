@@ -17,12 +17,36 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ffsplit.errors import FFSplitError
 
-app = typer.Typer(
+
+class _OneLineErrors(typer.Typer):
+    """A typer app whose usage errors (a value that is not a number, an unknown option or command)
+    print as one line and exit 2, like every other bad input, instead of a multi-line panel."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "standalone_mode" in kwargs:  # a caller that handles click's exceptions itself
+            return super().__call__(*args, **kwargs)
+        try:
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one printed the help already
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                message = escape(f"{exc.format_message()}{hint}")
+                err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("[bold red]error:[/] aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = _OneLineErrors(
     add_completion=False,
     no_args_is_help=True,
     help="Split transformer FFNs into heavy hitters and a compressed light part (arXiv 2401.04044).",
@@ -43,7 +67,7 @@ class Baseline(StrEnum):
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -64,9 +88,18 @@ def _user_errors() -> Iterator[None]:
         _fail("interrupted; nothing half-written was kept")
 
 
+def _quiet_libraries() -> None:
+    """stderr carries our progress bars and one-line errors only: no transformers bars or notes."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 @contextlib.contextmanager
 def _progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
     """A progress callback (stage, done, total) drawing one bar per stage on stderr."""
+    _quiet_libraries()
     if not enabled or not err.is_terminal and os.environ.get("FFSPLIT_PROGRESS") != "1":
         yield lambda stage, done, total: None
         return
@@ -254,7 +287,10 @@ def load_recipe(path: Path) -> Any:
 
     if not path.is_file():
         raise FFSplitError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FFSplitError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -262,9 +298,10 @@ def load_recipe(path: Path) -> Any:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as exc:  # yaml and json raise different types
+    except Exception as exc:  # yaml and json raise different types; yaml's span several lines
+        reason = " ".join(str(exc).split())[:300]
         raise FFSplitError(
-            f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({exc})"
+            f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({reason})"
         ) from None
     return Recipe.from_dict(data, where=str(path))
 
@@ -292,6 +329,8 @@ def evaluate(
     from ffsplit.jobs import evaluate_job
 
     with _user_errors():
+        if window < 2:
+            raise FFSplitError(f"--window must be at least 2 tokens, got {window}")
         if max_tokens < window:
             raise FFSplitError(
                 f"--max-tokens ({max_tokens}) must be at least one --window ({window})"

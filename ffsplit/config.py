@@ -24,7 +24,8 @@ def _check_fraction(
     name: str, value: Any, *, low_open: bool = True, allow_zero: bool = False
 ) -> None:
     """Require a real number in (0, 1) (or [0, 1) with allow_zero)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    finite = not isinstance(value, float) or math.isfinite(value)  # ints: finite, maybe huge
+    if isinstance(value, bool) or not isinstance(value, int | float) or not finite:
         raise FFSplitError(f"{name} must be a number in (0, 1), got {value!r}")
     ok = (0 <= value < 1) if allow_zero else (0 < value < 1)
     if not ok:
@@ -59,11 +60,12 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Any, where: str | None = None) -> Self:
+        located = where is not None  # a file or key path to put in front of value errors
         where = where or cls.kind
         if not isinstance(data, dict):
             raise FFSplitError(f"{where}: expected a mapping, got {type(data).__name__}")
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted((k for k in data if k not in known), key=repr)  # YAML keys may be ints
         if unknown:
             raise FFSplitError(
                 f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
@@ -87,6 +89,10 @@ class Config:
         try:
             return cls(**kwargs)
         except TypeError as exc:  # wrong types surfacing from dataclass construction
+            raise FFSplitError(f"{where}: {exc}") from None
+        except FFSplitError as exc:  # a bad value: say which file (or key path) holds it
+            if not located:
+                raise
             raise FFSplitError(f"{where}: {exc}") from None
 
     def replace(self, **changes: Any) -> Self:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffsplit.adapters import get_adapter
+from ffsplit.adapters import Adapter, get_adapter
 from ffsplit.compress.recipe import compress_model, needs_statistics
 from ffsplit.config import ProfileConfig, Recipe
 from ffsplit.errors import FFSplitError
@@ -54,6 +54,36 @@ def load_any(
     return model, tokenizer, {"kind": "base", "base_model": ref.to_dict()}
 
 
+def _adapter_of(net: nn.Module, model: str | Path) -> Adapter:
+    """The model's adapter; an unsupported architecture names the model it came from."""
+    try:
+        return get_adapter(net)
+    except FFSplitError as exc:
+        raise FFSplitError(f"{model}: {exc}") from None
+
+
+def _require_tokenizer(tokenizer: Any, model: str | Path, why: str) -> None:
+    if tokenizer is None:
+        raise FFSplitError(f"{model}: no tokenizer files; {why}")
+
+
+def _check_stats_fit(stats: ModelStats, net: nn.Module, adapter: Adapter, path: str | Path) -> None:
+    """Statistics must cover every FFN of this model, neuron for neuron."""
+    for handle in adapter.ffns(net):
+        layer = stats.layers.get(handle.layer)
+        if layer is None:
+            raise FFSplitError(
+                f"{path}: no statistics for layer {handle.layer} (the file covers layers "
+                f"{sorted(stats.layers)}); profile every layer of the model"
+            )
+        neurons = adapter.weights(net, handle).neurons
+        if layer.neurons != neurons:
+            raise FFSplitError(
+                f"{path}: layer {handle.layer} has statistics for {layer.neurons} neurons, the "
+                f"model's FFN has {neurons}; they were collected on another model"
+            )
+
+
 def calibration_data(
     tokenizer: Any, config: ProfileConfig, shard: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -86,6 +116,8 @@ def profile_job(
     net, tokenizer, info = load_any(model, device=device)
     if info["kind"] != "base":
         raise FFSplitError(f"{model}: profile a base model, not a compressed variant")
+    _adapter_of(net, model)
+    _require_tokenizer(tokenizer, model, "profiling needs it to tokenize calibration text")
     windows, calibration = calibration_data(tokenizer, config, shard)
     if windows.shape[0] == 0:
         raise FFSplitError(f"shard {shard} holds no calibration windows; use fewer shards")
@@ -126,23 +158,28 @@ def compress_job(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FFSplitError(f"output folder {out} already exists; choose another --out or remove it")
+    # A damaged statistics file fails before the (slow) model load.
+    stats: ModelStats | None = None if stats_path is None else load_stats(stats_path)
     net, tokenizer, info = load_any(model, device=device)
     if info["kind"] != "base":
         raise FFSplitError(f"{model}: compress a base model, not an already compressed variant")
     base = info["base_model"]
-    stats: ModelStats | None = None
+    adapter = _adapter_of(net, model)
     calibration = None
     profile_seconds = 0.0
-    if stats_path is not None:
-        stats = load_stats(stats_path)
+    if stats is not None:
         if stats.meta.get("model_sha256") not in (None, base["weights_sha256"]):
             raise FFSplitError(
                 f"{stats_path}: statistics were collected on another model "
                 f"(sha256 {str(stats.meta.get('model_sha256'))[:12]}..., this model "
                 f"{base['weights_sha256'][:12]}...)"
             )
+        _check_stats_fit(stats, net, adapter, str(stats_path))
         calibration = stats.meta.get("calibration")
     elif needs_statistics(recipe):
+        _require_tokenizer(
+            tokenizer, model, "this recipe profiles calibration text: add them or pass statistics"
+        )
         windows, calibration = calibration_data(tokenizer, recipe.profile)
         stats = profile_model(
             net,
@@ -152,7 +189,6 @@ def compress_job(
             meta={"model_sha256": base["weights_sha256"]},
         )
         profile_seconds = stats.meta["seconds"]
-    adapter = get_adapter(net)
     report, layers = compress_model(
         net, stats, recipe, adapter=adapter, progress=_stage(progress, "compress")
     )
@@ -264,7 +300,13 @@ def latency_against_base(
 
     models = {"dense": net} if kind == "base" else {}
     if kind != "base":
-        base, _, _ = load_model(base_model.get("path") or base_model["name"], device=device)
+        base, _, ref = load_model(base_model.get("path") or base_model["name"], device=device)
+        expected = base_model.get("weights_sha256")
+        if expected and ref.weights_sha256 != expected:
+            raise FFSplitError(
+                f"{ref.path}: base model weights (sha256 {ref.weights_sha256[:12]}...) are not "
+                f"the ones this variant was made from ({str(expected)[:12]}...)"
+            )
         models = {"dense": base, "variant": net}
     decode = decode_tokens if is_causal_lm(net.config) else 0
     results = measure_latency(models, prompt_tokens, decode, repeats=repeats)

@@ -38,6 +38,14 @@ class CorpusRef:
     sha256: str
 
     def __post_init__(self) -> None:
+        for name, kind in (("corpus", str), ("split", str), ("sha256", str)):
+            require(isinstance(getattr(self, name), kind), f"CorpusRef.{name} must be a string")
+        for name in ("tokens", "window", "seed"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool),
+                f"CorpusRef.{name} must be an integer, got {value!r}",
+            )
         check_split(self.split)
         require(self.window > 0, f"CorpusRef.window must be positive, got {self.window}")
         require(
@@ -57,10 +65,11 @@ class CorpusRef:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CorpusRef:
         """Inverse of to_dict; unknown or missing keys are errors."""
+        require(isinstance(data, dict), f"CorpusRef: expected a mapping, got {type(data).__name__}")
         fields = set(cls.__dataclass_fields__)
         unknown = set(data) - fields
         missing = fields - set(data)
-        require(not unknown, f"CorpusRef: unknown keys {sorted(unknown)}")
+        require(not unknown, f"CorpusRef: unknown keys {', '.join(sorted(map(repr, unknown)))}")
         require(not missing, f"CorpusRef: missing keys {sorted(missing)}")
         return cls(**data)
 

@@ -43,6 +43,7 @@ def load_model(
 
     The tokenizer is None when the folder has no tokenizer files (e.g. a saved tiny test model).
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     ref = resolve_model(name_or_path, cache_dir)
@@ -58,12 +59,25 @@ def load_model(
         model = model_class.from_pretrained(
             str(ref.path), config=config, dtype=dtype, use_safetensors=True, **options
         )
-        tokenizer = None
-        if any((ref.path / name).is_file() for name in TOKENIZER_FILES):
-            tokenizer = AutoTokenizer.from_pretrained(str(ref.path), **options)
+    except SafetensorError as error:
+        raise FFSplitError(
+            f"model folder {ref.path}: a *.safetensors file is corrupt or truncated ({error})"
+        ) from None
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise FFSplitError(f"could not load model folder {ref.path}: {first_line}") from error
+    for name, tensor in model.named_parameters():  # buffers may hold -inf masks on purpose
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FFSplitError(f"model folder {ref.path}: weight {name} holds NaN or inf")
+    tokenizer = None
+    if any((ref.path / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(ref.path), **options)
+        except Exception as error:  # tokenizers raises plain Exception for a damaged file
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise FFSplitError(
+                f"model folder {ref.path}: tokenizer files are unreadable ({first_line})"
+            ) from None
     model.to(device)
     model.eval()
     return model, tokenizer, ref

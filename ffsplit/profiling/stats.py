@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,11 +198,17 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
         raise FFSplitError(
             f"{path}: not an ffsplit statistics file (format={header.get('format')!r})"
         )
-    if int(header.get("format_version", "0")) > STATS_FORMAT_VERSION:
+    version = str(header.get("format_version", "0"))
+    if not version.isdigit():
+        raise FFSplitError(f"{path}: statistics format_version {version!r} is not an integer")
+    if int(version) > STATS_FORMAT_VERSION:
         raise FFSplitError(
-            f"{path}: statistics format {header.get('format_version')} is newer than this ffsplit "
+            f"{path}: statistics format {version} is newer than this ffsplit "
             f"reads ({STATS_FORMAT_VERSION}); upgrade ffsplit"
         )
+    odd = [k for k in tensors if not re.fullmatch(r"layer\.\d{1,6}\.\w+", k)]
+    if odd:
+        raise FFSplitError(f"{path}: unexpected tensor name(s) {odd[:3]}: not a statistics file")
     layer_ids = sorted({int(k.split(".")[1]) for k in tensors})
     layers: dict[int, LayerStats] = {}
     for i in layer_ids:
@@ -210,7 +217,7 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
             return tensors.get(f"layer.{i}.{name}")
 
         sum_sq, max_abs, hits = get("sum_sq"), get("max_abs"), get("hits")
-        if sum_sq is None or max_abs is None or hits is None or get("tokens") is None:
+        if any(t is None for t in (sum_sq, max_abs, hits, get("tokens"), get("hit_top_k"))):
             raise FFSplitError(f"{path}: layer {i} is missing statistics")
         for name, t in (
             ("sum_sq", sum_sq),
@@ -220,6 +227,7 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
         ):
             if t is not None and not torch.isfinite(t).all():
                 raise FFSplitError(f"{path}: layer {i} {name} holds NaN or inf; re-run profiling")
+        _check_layer_shapes(path, i, tensors)
         layers[i] = LayerStats(
             tokens=int(get("tokens")[0]),  # type: ignore[index]
             sum_sq=sum_sq.to(device),
@@ -234,6 +242,37 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
     except json.JSONDecodeError:
         raise FFSplitError(f"{path}: statistics metadata is not valid JSON") from None
     return ModelStats(layers, meta)
+
+
+def _check_layer_shapes(path: Path, i: int, tensors: Mapping[str, Tensor]) -> None:
+    """One layer's tensors agree: [m] vectors, [1] counts, [d, d] and [m, m] Grams, 1 <= k <= m."""
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        t = tensors.get(f"layer.{i}.{name}")
+        return None if t is None else tuple(t.shape)
+
+    m = (shape("sum_sq") or (0,))[0]
+    gram_in = shape("gram_in")
+    expected = {
+        "sum_sq": (m,),
+        "max_abs": (m,),
+        "hits": (m,),
+        "tokens": (1,),
+        "hit_top_k": (1,),
+        "gram_hidden": (m, m),
+        "gram_in": (gram_in[0], gram_in[0]) if gram_in else None,
+    }
+    for name, want in expected.items():
+        got = shape(name)
+        if got is not None and (got != want or m < 1):
+            raise FFSplitError(
+                f"{path}: layer {i} {name} has shape {list(got)}, expected {list(want or ())}; "
+                "the file is damaged"
+            )
+    tokens = int(tensors[f"layer.{i}.tokens"][0])
+    top_k = int(tensors[f"layer.{i}.hit_top_k"][0])
+    if tokens < 0 or not 1 <= top_k <= m:
+        raise FFSplitError(f"{path}: layer {i} has tokens={tokens}, hit_top_k={top_k}: damaged")
 
 
 def hit_top_k(neurons: int, fraction: float) -> int:

@@ -246,10 +246,10 @@ def build_part(spec: dict[str, Any], where: str = "part") -> LinearPart:
     from ffsplit.split.modules import SPLIT_TYPES
 
     kind = spec.get("type") if isinstance(spec, dict) else None
-    cls = PART_TYPES.get(kind) or SPLIT_TYPES.get(kind)  # type: ignore[arg-type]
+    cls = (PART_TYPES.get(kind) or SPLIT_TYPES.get(kind)) if isinstance(kind, str) else None
     if cls is None:
         raise FFSplitError(f"{where}: unknown part type {kind!r}")
     try:
         return cls.empty(spec)  # type: ignore[attr-defined]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, FFSplitError) as exc:
         raise FFSplitError(f"{where}: malformed part spec {spec!r} ({exc})") from None

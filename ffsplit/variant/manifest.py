@@ -8,11 +8,13 @@ The same dict becomes MLflow params and tags (style.md, 6).
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ffsplit.config import Recipe
 from ffsplit.errors import FFSplitError
 
 FORMAT = "ffsplit-variant"
@@ -70,6 +72,9 @@ REQUIRED = (
 )
 
 
+SIZES = ("dense_ffn_bytes", "ffn_bytes", "ffn_reduction")
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Read and validate a manifest; every problem is one line naming the file."""
     path = Path(folder) / MANIFEST
@@ -83,6 +88,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise FFSplitError(
             f"{path}: invalid or truncated JSON ({exc.msg} at line {exc.lineno})"
         ) from None
+    except RecursionError:
+        raise FFSplitError(f"{path}: JSON nested too deeply to be a manifest") from None
     if not isinstance(manifest, dict):
         raise FFSplitError(f"{path}: expected a JSON object")
     if manifest.get("format") != FORMAT:
@@ -103,8 +110,29 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest["layers"], dict) or not isinstance(manifest["files"], dict):
         raise FFSplitError(f"{path}: 'layers' and 'files' must be objects")
     for name in manifest["files"]:
-        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+        if not isinstance(name, str) or not name or Path(name).name != name or name[0] == ".":
             raise FFSplitError(f"{path}: file name {name!r} escapes the variant folder")
+    for key in ("base_model", "sizes"):
+        if not isinstance(manifest[key], dict):
+            raise FFSplitError(f"{path}: '{key}' must be an object")
+    for key in ("adapter", "architecture"):
+        if not isinstance(manifest[key], str):
+            raise FFSplitError(f"{path}: '{key}' must be a string, got {manifest[key]!r}")
+    tied = manifest.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
+        raise FFSplitError(f"{path}: 'tied' must map parameter names to parameter names")
+    for key in SIZES:
+        value = manifest["sizes"].get(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
+            raise FFSplitError(f"{path}: sizes.{key} must be a finite number, got {value!r}")
+    for layer, entry in manifest["layers"].items():
+        if not layer.isdigit() or not isinstance(entry, dict):
+            raise FFSplitError(f"{path}: layers.{layer} must be an object keyed by a layer index")
+    Recipe.from_dict(manifest["recipe"], where=f"{path}: recipe")
     return manifest
 
 

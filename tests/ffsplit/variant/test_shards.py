@@ -26,8 +26,9 @@ from ffsplit.variant.shards import (
 
 RECIPES = {
     "lowrank": Recipe(method="lowrank", heavy_ratio=0.25, ffn_reduction=0.4),
-    "quant": Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.5,
-                    quant=QuantConfig(group_size=8)),
+    "quant": Recipe(
+        method="quant", heavy_ratio=0.1, ffn_reduction=0.5, quant=QuantConfig(group_size=8)
+    ),
     "prune": Recipe(method="prune", heavy_ratio=0.0, ffn_reduction=0.3),
     "uniform": Recipe(method="lowrank", heavy_ratio=0.0, ffn_reduction=0.3),
 }
@@ -45,7 +46,9 @@ def _compressed(architecture: str, recipe: Recipe) -> tuple[torch.nn.Module, dic
     layers = {}
     for handle in adapter.ffns(model):
         weights = adapter.weights(model, handle)
-        layers[handle.layer] = compress_layer(weights, stats.layers[handle.layer], recipe, handle.layer)
+        layers[handle.layer] = compress_layer(
+            weights, stats.layers[handle.layer], recipe, handle.layer
+        )
     return model, layers
 
 
@@ -80,17 +83,27 @@ def test_assembling_shards_equals_compressing_in_place(tmp_path: Path, architect
     model, _ = tiny_model(architecture)
     stats = _stats(model) if architecture != "BertModel" else None
     if stats is None:
-        recipe = Recipe(method="lowrank", heavy_ratio=0.0, ffn_reduction=0.4,
-                        lowrank=recipe.lowrank.replace(whiten=False))
+        recipe = Recipe(
+            method="lowrank",
+            heavy_ratio=0.0,
+            ffn_reduction=0.4,
+            lowrank=recipe.lowrank.replace(whiten=False),
+        )
     reference, _ = tiny_model(architecture)
     compress_model(reference, stats, recipe)
     adapter = get_adapter(model)
     handles = adapter.ffns(model)
     paths = []
     for i, group in enumerate([handles[:1], handles[1:]]):
-        layers = {h.layer: compress_layer(adapter.weights(model, h),
-                                          None if stats is None else stats.layers[h.layer],
-                                          recipe, h.layer) for h in group}
+        layers = {
+            h.layer: compress_layer(
+                adapter.weights(model, h),
+                None if stats is None else stats.layers[h.layer],
+                recipe,
+                h.layer,
+            )
+            for h in group
+        }
         paths.append(save_shard(layers, tmp_path / f"shard-{i}", recipe=recipe.to_dict()))
     for path in paths:
         for index, result in load_shard(path).layers.items():

@@ -1,0 +1,550 @@
+"""The `sweep` flow: a grid of methods x heavy ratios x budgets plus the baselines at equal budgets.
+
+Statistics are profiled once and shared by every variant; each variant is compressed, assembled,
+evaluated (quality on the evaluation split, size, latency raced against the dense model) and
+registered in MLflow. The dense reference is registered too. Alias policy: `dense` names the
+reference; `champion` the fastest (objective "speed": highest decode speedup) or smallest
+(objective "size": fewest bytes) variant of this sweep whose perplexity is at most
+quality_budget_pct % above the dense model's (tasks.registry.choose_champion); with none within the
+budget the champion alias is left where it was. The run folder gets results.json, results.md, the
+Pareto chart and the score distribution chart; the chart files are logged with every version.
+
+CLI: ``python -m flows.sweep run --model smollm2-135m --methods lowrank,quant ...`` runs the flow;
+``python -m flows.sweep report RUN_DIR`` prints a finished run's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ffsplit.config import BASELINES, ProfileConfig, Recipe
+from ffsplit.errors import FFSplitError
+from flows.compress import (
+    DEFAULT_MODEL,
+    TASK_RUNNER_THREADS,
+    PipelineSettings,
+    Stages,
+    check_calibration,
+    check_memory_cap,
+    check_recipe,
+    check_services,
+    register_version,
+    registered_name,
+    resolve_base,
+    run_folder,
+    score_plot,
+    series_of,
+    write_json,
+)
+from tasks import cache
+from tasks.evaluate import eval_params
+from tasks.evaluate import metrics as quality_metrics
+from tasks.runtime import check_prefect_api, ray_session
+
+SWEEP_METHODS = ("lowrank", "quant")
+SWEEP_BASELINES = (*BASELINES, "prune")
+OBJECTIVES = ("speed", "size")
+DEFAULT_METHODS = ["lowrank", "quant"]
+DEFAULT_HEAVY_RATIOS = [0.1]
+DEFAULT_BUDGETS = [0.3, 0.5]
+DEFAULT_BASELINES = ["uniform", "random", "prune"]
+STAGES = (
+    "validate",
+    "profile",
+    "aggregate",
+    "compress",
+    "assemble",
+    "evaluate",
+    "report",
+    "register",
+)
+DENSE_RECIPE = {"method": "none", "heavy_ratio": 0.0, "ffn_reduction": 0.0}
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _names(kind: str, values: Any, allowed: tuple[str, ...], empty_ok: bool = False) -> list[str]:
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v]
+    if not isinstance(values, list | tuple) or (not values and not empty_ok):
+        raise FFSplitError(
+            f"{kind} must be a non-empty list of {', '.join(allowed)}, got {values!r}"
+        )
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise FFSplitError(f"unknown {kind} {bad}: choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(values))
+
+
+def _fractions(kind: str, values: Any) -> list[float]:
+    if not isinstance(values, list | tuple) or not values:
+        raise FFSplitError(f"{kind} must be a non-empty list of numbers in (0, 1), got {values!r}")
+    out = []
+    for v in values:
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or not math.isfinite(v)
+            or not 0 < v < 1
+        ):
+            raise FFSplitError(f"{kind}: {v!r} is not a number in (0, 1)")
+        out.append(float(v))
+    return list(dict.fromkeys(out))
+
+
+def build_grid(
+    methods: list[str],
+    heavy_ratios: list[float],
+    budgets: list[float],
+    baselines: list[str],
+    profile: dict[str, Any],
+    recipe_defaults: dict[str, Any] | None = None,
+) -> list[Recipe]:
+    """FFSplit recipes for every method x heavy ratio x budget, then the baselines at the same
+    budgets: uniform (no split) per method, random split per method and heavy ratio, score-based
+    pruning. Every recipe is validated (unknown keys and bad values are errors)."""
+    methods = _names("methods", methods, SWEEP_METHODS)
+    baselines = _names("baselines", baselines, SWEEP_BASELINES, empty_ok=True)
+    heavy_ratios = _fractions("heavy_ratios", heavy_ratios)
+    budgets = _fractions("budgets", budgets)
+    defaults = dict(recipe_defaults or {})
+    for key in ("method", "heavy_ratio", "ffn_reduction", "selection", "profile"):
+        if key in defaults:
+            raise FFSplitError(
+                f"recipe_defaults may not set {key!r}: the sweep sets it (use methods, heavy_ratios, "
+                "budgets, baselines, calib_tokens)"
+            )
+    specs: list[dict[str, Any]] = []
+    for method in methods:
+        for rho in heavy_ratios:
+            for budget in budgets:
+                specs.append({"method": method, "heavy_ratio": rho, "ffn_reduction": budget})
+    for budget in budgets:
+        for method in methods:
+            if "uniform" in baselines:
+                specs.append({"method": method, "heavy_ratio": 0.0, "ffn_reduction": budget})
+            if "random" in baselines:
+                for rho in heavy_ratios:
+                    specs.append(
+                        {
+                            "method": method,
+                            "heavy_ratio": rho,
+                            "ffn_reduction": budget,
+                            "selection": "random",
+                        }
+                    )
+        if "prune" in baselines:
+            specs.append({"method": "prune", "heavy_ratio": 0.0, "ffn_reduction": budget})
+    recipes: dict[str, Recipe] = {}
+    for spec in specs:
+        recipe = check_recipe(
+            Recipe.from_dict({**defaults, **spec, "profile": profile}, where="sweep recipe")
+        )
+        recipes.setdefault(json.dumps(recipe.to_dict(), sort_keys=True), recipe)
+    return list(recipes.values())
+
+
+def _check_budget(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise FFSplitError(f"quality_budget_pct must be a finite percentage >= 0, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+COLUMNS = (
+    ("series", "series", "{}"),
+    ("label", "variant", "{}"),
+    ("ffn_reduction", "FFN cut", "{:.3f}"),
+    ("perplexity", "ppl", "{:.2f}"),
+    ("perplexity_change_pct", "ppl Δ%", "{:+.1f}"),
+    ("bytes", "MB", "{:.1f}"),
+    ("prefill_speedup", "prefill x", "{:.2f}"),
+    ("decode_speedup", "decode x", "{:.2f}"),
+    ("version", "version", "{}"),
+    ("aliases", "alias", "{}"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or value == "":
+        return "-"
+    if key == "bytes":
+        value = value / 1e6
+    if isinstance(value, list):
+        value = ",".join(value)
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def print_results(results: dict[str, Any], file: Any = None) -> None:
+    """The results table and where to look, with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout, width=160)
+    table = Table(
+        title=f"sweep of {results['model']['name']}: champion policy = {results['policy']['text']}"
+    )
+    for _, title, _ in COLUMNS:
+        table.add_column(
+            title, justify="left" if title in ("series", "variant", "alias") else "right"
+        )
+    for row in results["rows"]:
+        table.add_row(*(_cell(row, k, f) for k, _, f in COLUMNS))
+    console.print(table)
+    seconds = results.get("stage_seconds") or {}
+    ordered = sorted(seconds.items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else 99)
+    console.print(
+        "stage wall times (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in ordered)
+        + f"; total {results.get('seconds', 0):.1f}"
+    )
+    console.print(f"run folder: {results['run_dir']}")
+
+
+def _rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for item in variants:
+        recipe: Recipe = item["recipe"]
+        rows.append(
+            {
+                "series": item["series"],
+                "label": "dense" if item["series"] == "dense" else recipe.label,
+                "method": recipe.method,
+                "heavy_ratio": recipe.heavy_ratio,
+                "budget": recipe.ffn_reduction,
+                **item["metrics"],
+                "variant": item["variant"]["path"],
+                "variant_key": item["key"],
+                "eval_record": item["record"]["record_path"],
+                "cached": item["cached"],
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- flow
+
+
+@flow(
+    name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=TASK_RUNNER_THREADS), log_prints=True
+)
+def sweep(
+    model: str = DEFAULT_MODEL,
+    methods: list[str] | None = None,
+    heavy_ratios: list[float] | None = None,
+    budgets: list[float] | None = None,
+    baselines: list[str] | None = None,
+    quality_budget_pct: float = 10.0,
+    champion_objective: str = "speed",
+    calib_tokens: int = 16384,
+    calib_window: int = 512,
+    eval_tokens: int = 16384,
+    eval_window: int = 512,
+    latency: bool = True,
+    latency_prompt_tokens: int = 128,
+    latency_decode_tokens: int = 32,
+    latency_repeats: int = 5,
+    recipe_defaults: dict[str, Any] | None = None,
+    profile_units: int = 4,
+    compress_shards: int = 4,
+    profile_mode: str = "units",
+    layer_group_size: int | None = None,
+    memory_cap_mb: float | None = None,
+    register_as: str | None = None,
+    run_dir: str | None = None,
+    cache_dir: str | None = None,
+    ray_cpus: int | None = None,
+) -> dict[str, Any]:
+    """Compress one model by a grid of recipes and the baselines, evaluate, register, set aliases.
+
+    methods (lowrank, quant) x heavy_ratios x budgets (FFN byte reductions), plus baselines
+    (uniform, random, prune) at the same budgets; recipe_defaults adds Recipe fields to every
+    variant (e.g. {"quant": {"gptq": true}}). quality_budget_pct and champion_objective ("speed"
+    or "size") state the champion policy; latency_* set the latency race's workload. Defaults:
+    methods lowrank,quant; heavy_ratios 0.1; budgets 0.3,0.5; baselines uniform,random,prune.
+    """
+    started = time.perf_counter()
+    # ---- validation: everything before any work
+    profile = (
+        ProfileConfig(tokens=calib_tokens, window=calib_window).to_dict()
+        if isinstance(calib_tokens, int) and isinstance(calib_window, int)
+        else None
+    )
+    if profile is None:
+        raise FFSplitError(
+            f"calib_tokens and calib_window must be integers, got "
+            f"{calib_tokens!r}, {calib_window!r}"
+        )
+    grid = build_grid(
+        DEFAULT_METHODS if methods is None else methods,
+        DEFAULT_HEAVY_RATIOS if heavy_ratios is None else heavy_ratios,
+        DEFAULT_BUDGETS if budgets is None else budgets,
+        DEFAULT_BASELINES if baselines is None else baselines,
+        profile,
+        recipe_defaults,
+    )
+    budget_pct = _check_budget(quality_budget_pct)
+    if champion_objective not in OBJECTIVES:
+        raise FFSplitError(
+            f"champion_objective must be one of {', '.join(OBJECTIVES)}, got {champion_objective!r}"
+        )
+    settings = PipelineSettings(
+        cache_dir=str(cache.cache_root(cache_dir)),
+        eval=eval_params(
+            eval_tokens,
+            eval_window,
+            latency=latency,
+            prompt_tokens=latency_prompt_tokens,
+            decode_tokens=latency_decode_tokens,
+            repeats=latency_repeats,
+        ),
+        profile_units=profile_units,
+        compress_shards=compress_shards,
+        profile_mode=profile_mode,
+        layer_group_size=layer_group_size,
+        memory_cap_mb=memory_cap_mb,
+        ray_cpus=ray_cpus,
+    )
+    dense_recipe = Recipe.from_dict({**DENSE_RECIPE, "profile": profile})
+    check_calibration(dense_recipe.profile, profile_units)
+    base = resolve_base(model)
+    check_memory_cap(base, settings)
+    model_name = registered_name(base, register_as)
+    services = check_services(True)
+    folder = run_folder(run_dir, "sweep")
+    policy = {
+        "quality_budget_pct": budget_pct,
+        "objective": champion_objective,
+        "text": f"{'fastest (decode speedup)' if champion_objective == 'speed' else 'smallest'}"
+        f" variant within +{budget_pct:g}% perplexity of dense",
+    }
+    validated = time.perf_counter() - started
+    print(
+        f"sweep {base.name}: {len(grid)} variants + dense; cache {settings.cache_dir}; "
+        f"run folder {folder}"
+    )
+
+    from ffsplit.compress.recipe import needs_statistics
+    from tasks.plots import pareto_plot
+    from tasks.registry import CHAMPION_ALIAS, DENSE_ALIAS, ROLE_TAG, choose_champion, set_alias
+
+    with ray_session(num_cpus=ray_cpus) as cluster:
+        stages = Stages(base, settings)
+        stages.seconds["validate"] = validated
+        stats = None
+        scores = None
+        if any(needs_statistics(r) for r in grid):
+            stats = stages.profile(dense_recipe.profile)
+            scores = score_plot.submit(
+                stats["stats_path"],
+                base.name,
+                str(Path(settings.cache_dir) / "plots" / f"{stats['key']}-scores.png"),
+            )
+        variants = stages.assemble(stages.compress([dense_recipe, *grid], stats))
+        with stages.timed("evaluate"):
+            dense_future = stages.dense_evaluation()
+            futures = [
+                stages.submit_evaluation(v["variant"]["path"], v["key"], v["recipe"].label)
+                for v in variants[1:]
+            ]
+            dense = dense_future.result()
+            records = [dense, *[f.result() for f in futures]]
+        for item, record in zip(variants, records, strict=True):
+            item["series"] = series_of(item["recipe"])
+            item["record"] = record
+            item["metrics"] = quality_metrics(record, dense)
+            item["metrics"]["compress_seconds"] = item["compress_seconds"]
+            if stats is not None and needs_statistics(item["recipe"]):
+                item["metrics"]["profile_seconds"] = stats["profile_seconds"]
+            item["cached"] = item["cached"] and record["cached"]
+        dense_item = variants[0]
+        dense_item["metrics"].update(
+            {"perplexity_change_pct": 0.0, "prefill_speedup": 1.0, "decode_speedup": 1.0}
+        )
+        rows = _rows(variants)
+        folder.mkdir(parents=True, exist_ok=True)
+        with stages.timed("report"):
+            pareto = pareto_plot(
+                [r for r in rows],
+                folder / "pareto.png",
+                title=f"{base.name}: perplexity change vs FFN reduction",
+            )
+            artifacts = {"plots/pareto.png": str(pareto)}
+            if scores is not None:
+                artifacts["plots/scores.png"] = scores.result()
+        with stages.timed("register"):
+            for item, row in zip(variants, rows, strict=True):
+                role = "dense" if item["series"] == "dense" else "variant"
+                registered = (
+                    register_version.with_options(task_run_name=f"register-{row['label']}")
+                    .submit(
+                        item["variant"]["path"],
+                        model_name,
+                        item["metrics"],
+                        {**artifacts, "eval/record.json": item["record"]["record_path"]},
+                        {
+                            ROLE_TAG: role,
+                            "ffsplit.flow": "sweep",
+                            "ffsplit.series": item["series"],
+                            "ffsplit.variant_key": item["key"],
+                        },
+                    )
+                    .result()
+                )
+                row["version"] = registered["version"]
+                row["reused"] = registered["reused"]
+            set_alias(model_name, DENSE_ALIAS, rows[0]["version"])
+            rows[0]["aliases"] = [DENSE_ALIAS]
+            candidates = [{**r, "name": model_name} for r in rows[1:]]
+            champion = choose_champion(candidates, budget_pct, champion_objective)  # type: ignore[arg-type]
+            if champion is not None:
+                set_alias(model_name, CHAMPION_ALIAS, champion["version"])
+                for r in rows:
+                    if r.get("version") == champion["version"] and r is not rows[0]:
+                        r.setdefault("aliases", []).append(CHAMPION_ALIAS)
+    results = {
+        "flow": "sweep",
+        "model": base.to_dict(),
+        "registered_name": model_name,
+        "policy": policy,
+        "champion": None
+        if champion is None
+        else {"version": champion["version"], "label": champion["label"]},
+        "dense_version": rows[0]["version"],
+        "rows": rows,
+        "stats": None
+        if stats is None
+        else {"key": stats["key"], "cached": stats["cached"], "units": stats["units"]},
+        "stage_seconds": stages.seconds,
+        "seconds": time.perf_counter() - started,
+        "cluster": cluster,
+        "services": services,
+        "settings": {
+            "profile_units": profile_units,
+            "compress_shards": compress_shards,
+            "calib_tokens": calib_tokens,
+            "eval": settings.eval,
+            "cache_dir": settings.cache_dir,
+        },
+        "run_dir": str(folder),
+        "pareto": str(pareto),
+    }
+    write_json(folder / "results.json", results)
+    (folder / "results.md").write_text(
+        f"# sweep of {base.name}\n\nChampion policy: {policy['text']}.\n\n" + markdown_table(rows)
+    )
+    print_results(results)
+    return results
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.sweep run ...` or `report RUN_DIR`; errors in one line, exit code 2."""
+    parser = argparse.ArgumentParser(prog="python -m flows.sweep")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the sweep flow here (Ray embedded unless RAY_ADDRESS)")
+    run.add_argument("--model", default=DEFAULT_MODEL)
+    run.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    run.add_argument("--heavy-ratios", type=_floats, default=DEFAULT_HEAVY_RATIOS)
+    run.add_argument("--budgets", type=_floats, default=DEFAULT_BUDGETS)
+    run.add_argument("--baselines", default=",".join(DEFAULT_BASELINES))
+    run.add_argument("--quality-budget-pct", type=float, default=10.0)
+    run.add_argument("--objective", default="speed", choices=OBJECTIVES)
+    run.add_argument("--calib-tokens", type=int, default=16384)
+    run.add_argument("--calib-window", type=int, default=512)
+    run.add_argument("--eval-tokens", type=int, default=16384)
+    run.add_argument("--eval-window", type=int, default=512)
+    run.add_argument(
+        "--recipe-defaults",
+        type=json.loads,
+        default=None,
+        help='JSON of Recipe fields for every variant, e.g. {"quant": {"gptq": true}}',
+    )
+    run.add_argument("--profile-units", type=int, default=4)
+    run.add_argument("--compress-shards", type=int, default=4)
+    run.add_argument("--no-latency", action="store_true", help="skip the latency race")
+    run.add_argument("--latency-decode-tokens", type=int, default=32)
+    run.add_argument("--latency-repeats", type=int, default=5)
+    run.add_argument(
+        "--register-as", default=None, help="MLflow model name (default ffsplit-MODEL)"
+    )
+    run.add_argument("--run-dir", default=None)
+    report = sub.add_parser("report", help="print the results table of a finished run folder")
+    report.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "report":
+            path = args.run_dir / "results.json"
+            if not path.is_file():
+                raise FFSplitError(f"{path}: no results (did the sweep finish?)")
+            print_results(json.loads(path.read_text()))
+            return 0
+        check_prefect_api()
+        sweep(
+            model=args.model,
+            methods=args.methods.split(","),
+            heavy_ratios=args.heavy_ratios,
+            budgets=args.budgets,
+            baselines=[b for b in args.baselines.split(",") if b],
+            quality_budget_pct=args.quality_budget_pct,
+            champion_objective=args.objective,
+            calib_tokens=args.calib_tokens,
+            calib_window=args.calib_window,
+            eval_tokens=args.eval_tokens,
+            eval_window=args.eval_window,
+            recipe_defaults=args.recipe_defaults,
+            latency=not args.no_latency,
+            latency_decode_tokens=args.latency_decode_tokens,
+            latency_repeats=args.latency_repeats,
+            register_as=args.register_as,
+            profile_units=args.profile_units,
+            compress_shards=args.compress_shards,
+            run_dir=args.run_dir,
+        )
+    except FFSplitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

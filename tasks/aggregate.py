@@ -1,0 +1,137 @@
+"""Aggregate stage: merge the units' statistics (a fixed left fold in unit order) and rank neurons.
+
+The fold order is fixed by the unit numbers, never by which worker finished first, so the merged
+statistics (and every heavy set chosen from them) are bitwise the same for any number of workers.
+The output folder holds the merged statistics, each layer's scores and neuron order (heavy set for
+ratio rho = the first ceil(rho m) of the order), and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from ffsplit.errors import FFSplitError
+from tasks import cache
+from tasks.runtime import base_model, run_remote, set_task_threads, task_resources
+
+STATS_FILE = "stats.safetensors"
+SCORES_FILE = "scores.safetensors"
+SUMMARY_FILE = "summary.json"
+
+
+def merge_unit_stats(unit_paths: list[str]) -> Any:
+    """ModelStats of all units: ((u0 + u1) + u2) + ..., loading one unit at a time."""
+    from ffsplit.profiling import load_stats
+
+    if not unit_paths:
+        raise FFSplitError("aggregate: no unit statistics to merge")
+    merged = load_stats(unit_paths[0])
+    for path in unit_paths[1:]:
+        merged = merged.merged(load_stats(path))
+    return merged
+
+
+def aggregate_job(model: str, model_sha256: str, unit_paths: list[str], out: str) -> dict[str, Any]:
+    """Ray task body: merged statistics, per-layer scores and order, summary (one atomic folder)."""
+    from safetensors.torch import save_file
+
+    from ffsplit.adapters import get_adapter
+    from ffsplit.profiling import save_stats
+    from ffsplit.profiling.stats import summary
+    from ffsplit.selection import neuron_scores, order_by_score
+    from ffsplit.variant.atomic import atomic_dir
+
+    target = Path(out)
+    cached = cache.read_json(target / SUMMARY_FILE)
+    if cached is not None:
+        return {**cached, "path": out, "cached": True, "seconds": 0.0}
+    started = time.perf_counter()
+    set_task_threads()
+    merged = merge_unit_stats(unit_paths)
+    found = merged.meta.get("model_sha256")
+    if found != model_sha256:
+        raise FFSplitError(
+            f"aggregate: unit statistics were collected on model sha256 {str(found)[:12]}..., "
+            f"expected {model_sha256[:12]}...; clear the stale cache entries"
+        )
+    calibration = dict(merged.meta.get("calibration") or {})
+    calibration.pop("shard", None)
+    calibration.pop("unit", None)
+    calibration["units"] = len(unit_paths)
+    merged.meta["calibration"] = calibration
+    merged.meta.pop("unit", None)
+    net, _, _ = base_model(model, model_sha256)
+    adapter = get_adapter(net)
+    tensors = {}
+    layers: dict[str, Any] = {}
+    for handle in adapter.ffns(net):
+        stats = merged.layers.get(handle.layer)
+        if stats is None:
+            raise FFSplitError(f"aggregate: statistics lack layer {handle.layer}")
+        down = adapter.weights(net, handle).down
+        scores = neuron_scores(stats, down)
+        tensors[f"layer.{handle.layer}.score"] = scores.contiguous()
+        tensors[f"layer.{handle.layer}.order"] = order_by_score(scores).contiguous()
+        norms = down.detach().double().norm(dim=0)
+        layers[str(handle.layer)] = {"neurons": stats.neurons, **summary(stats, norms)}
+    record = {
+        "model_sha256": model_sha256,
+        "tokens": merged.tokens,
+        "units": len(unit_paths),
+        "calibration": calibration,
+        "layers": layers,
+        "profile": merged.meta.get("profile"),
+    }
+    with atomic_dir(target) as tmp:
+        save_stats(merged, tmp / STATS_FILE)
+        save_file(tensors, str(tmp / SCORES_FILE))
+        (tmp / SUMMARY_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+    return {**record, "path": out, "cached": False, "seconds": time.perf_counter() - started}
+
+
+def stats_file(aggregate_dir: str | Path) -> Path:
+    """The merged statistics file inside an aggregate folder."""
+    return Path(aggregate_dir) / STATS_FILE
+
+
+def heavy_sets(aggregate_dir: str | Path, ratio: float) -> dict[int, list[int]]:
+    """Heavy neuron indices per layer (sorted) for heavy ratio `ratio`, from the stored order."""
+    from safetensors.torch import load_file
+
+    from ffsplit.selection import heavy_count
+
+    orders = load_file(str(Path(aggregate_dir) / SCORES_FILE))
+    out: dict[int, list[int]] = {}
+    for name, order in orders.items():
+        if name.endswith(".order"):
+            layer = int(name.split(".")[1])
+            out[layer] = sorted(order[: heavy_count(order.numel(), ratio)].tolist())
+    return dict(sorted(out.items()))
+
+
+def aggregate_path(cache_dir: str, unit_keys: list[str]) -> tuple[str, str]:
+    """(key, folder) of the merged statistics of these units."""
+    key = cache.merged_stats_key(unit_keys)
+    return key, str(cache.merged_stats_dir(Path(cache_dir), key))
+
+
+@task(name="aggregate", cache_policy=NONE)
+def aggregate(model: str, model_sha256: str, unit_paths: list[str], out: str) -> dict[str, Any]:
+    """Prefect task: merge unit statistics and rank neurons, on Ray (cached by content)."""
+    cached = cache.read_json(Path(out) / SUMMARY_FILE)
+    if cached is not None:
+        return {**cached, "path": out, "cached": True, "seconds": 0.0}
+    return run_remote(
+        aggregate_job,
+        model,
+        model_sha256,
+        unit_paths,
+        out,
+        resources=task_resources(cpus=1, gpu=False),
+    )

@@ -1,0 +1,108 @@
+"""Shared by the flow tests: a tiny Llama with SmolLM2's tokenizer, one Prefect test server, one
+embedded Ray and one sqlite MLflow store per session (real services, no mocks).
+
+Fixtures that start services are requested by name only, so tests/flows/test_stack.py (which
+starts and stops its own) is unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+for _key, _value in {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+
+def make_tiny_lm(folder: Path, layers: int = 4, seed: int = 0) -> Path:
+    """A random tiny Llama (d=64, FFN 192) with SmolLM2's real tokenizer, saved as a HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ffsplit.models.registry import materialize
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(materialize("smollm2-135m")), local_files_only=True
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_lm(tmp_path_factory.mktemp("flows-tiny") / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A temporary Prefect server (prefect_test_harness) for the session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def flow_ray() -> Iterator[dict]:
+    """One embedded Ray that every in-process flow run joins (flows start it only if absent)."""
+    from tasks.runtime import ray_session
+
+    with ray_session(num_cpus=2) as info:
+        yield info
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """sqlite:///<tmp>/mlflow.db: a real MLflow tracking and registry store without a server."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('flows-mlflow') / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+    return uri
+
+
+@pytest.fixture
+def pipeline_env(
+    prefect_api: str,
+    flow_ray: dict,
+    mlflow_store: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict:
+    """Services up; MLflow and FFSPLIT_HOME (cache, runs) for this test in the environment."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    monkeypatch.setenv("FFSPLIT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return {
+        "prefect": prefect_api,
+        "mlflow": mlflow_store,
+        "home": tmp_path / "home",
+        "cache": tmp_path / "home" / "cache",
+    }

@@ -1,0 +1,64 @@
+"""tasks/runtime.py: resources by what the cluster has, errors unwrapped, services checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from ffsplit.errors import FFSplitError
+from tasks import runtime
+
+
+def _fails(message: str) -> None:
+    raise FFSplitError(message)
+
+
+def _threads_and_device() -> tuple[int, str]:
+    return runtime.set_task_threads(), runtime.task_device()
+
+
+def test_cpu_cluster_gets_cpu_tasks_with_fixed_threads(ray_cluster: dict) -> None:
+    assert ray_cluster["gpus"] == 0 and ray_cluster["cpus"] == 3
+    assert not runtime.has_gpus()
+    assert runtime.task_resources(cpus=1) == {"num_cpus": 1, "num_gpus": 0}
+    assert runtime.task_resources(cpus=99) == {"num_cpus": 3, "num_gpus": 0}  # capped to a node
+    one = runtime.run_remote(_threads_and_device, resources=runtime.task_resources(cpus=1))
+    two = runtime.run_remote(_threads_and_device, resources=runtime.task_resources(cpus=2))
+    assert one == (1, "cpu") and two == (2, "cpu")
+
+
+def test_task_errors_arrive_as_one_line_ffsplit_errors(ray_cluster: dict) -> None:
+    with pytest.raises(FFSplitError) as caught:
+        runtime.run_remote(_fails, "layer 3: bad input", resources={"num_cpus": 1})
+    assert str(caught.value) == "layer 3: bad input"
+    assert "Traceback" not in str(caught.value)
+    results = runtime.run_many(_threads_and_device, [{}, {}, {}], resources={"num_cpus": 1})
+    assert results == [(1, "cpu")] * 3
+
+
+def test_a_session_inside_a_running_ray_leaves_it_running(ray_cluster: dict) -> None:
+    import ray
+
+    with runtime.ray_session() as info:
+        assert info["cpus"] == 3
+    assert ray.is_initialized()
+
+
+def test_joining_a_cluster_refuses_local_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(FFSplitError, match="drop num_cpus"):
+        runtime.ensure_ray(num_cpus=2)
+
+
+def test_runtime_env_carries_offline_settings_and_our_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FFSPLIT_HOME", "/tmp/somewhere")
+    env = runtime.runtime_env()["env_vars"]
+    assert env["HF_HUB_OFFLINE"] == "1" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert env["FFSPLIT_HOME"] == "/tmp/somewhere"
+
+
+def test_prefect_api_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with pytest.raises(
+        FFSplitError, match="PREFECT_API_URL=http://127.0.0.1:9/api is not reachable"
+    ):
+        runtime.check_prefect_api(timeout_s=2)

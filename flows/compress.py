@@ -91,7 +91,7 @@ class PipelineSettings:
 
     cache_dir: str
     eval: dict[str, Any]
-    profile_units: int = 4
+    profile_units: int = 2
     compress_shards: int = 4
     profile_mode: str = "units"
     layer_group_size: int | None = None
@@ -454,7 +454,7 @@ def compress(
     latency_prompt_tokens: int = 128,
     latency_decode_tokens: int = 32,
     latency_repeats: int = 5,
-    profile_units: int = 4,
+    profile_units: int = 2,
     compress_shards: int = 4,
     profile_mode: str = "units",
     layer_group_size: int | None = None,
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", type=Path, default=None, help="recipe JSON or YAML file")
     parser.add_argument("--calib-tokens", type=int, default=None)
     parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--profile-units", type=int, default=4)
+    parser.add_argument("--profile-units", type=int, default=2)
     parser.add_argument("--compress-shards", type=int, default=4)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--run-dir", default=None)

@@ -52,7 +52,7 @@ DEPLOYMENTS = ("compress/default", "sweep/nightly")
 def build_deployments(pool: str = POOL, paused: bool = False) -> list[Any]:
     """RunnerDeployments of both flows on `pool` (nothing is sent to the server yet).
 
-    paused: create the nightly schedule inactive (tests: no sweep may start at 02:00 by itself).
+    paused: create the nightly deployment paused (tests: no sweep may start at 02:00 by itself).
     """
     from prefect import Flow
     from prefect.schedules import Cron
@@ -72,7 +72,8 @@ def build_deployments(pool: str = POOL, paused: bool = False) -> list[Any]:
             name="nightly",
             work_pool_name=pool,
             job_variables=job,
-            schedules=[Cron(NIGHTLY_CRON, timezone=TIMEZONE, active=not paused)],
+            schedules=[Cron(NIGHTLY_CRON, timezone=TIMEZONE)],
+            paused=paused,
             parameters=NIGHTLY_PARAMETERS,
             description="Nightly sweep: methods x heavy ratios x budgets plus baselines; aliases "
             "dense and champion.",
@@ -116,7 +117,7 @@ def deploy(pool: str = POOL, paused: bool = False) -> list[str]:
         )
     ensure_pool(pool)
     ids = prefect.deploy(
-        *build_deployments(pool),
+        *build_deployments(pool, paused),
         work_pool_name=pool,
         build=False,
         push=False,
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pool", default=POOL, help=f"process work pool (default {POOL})")
     parser.add_argument(
-        "--paused", action="store_true", help="create the nightly schedule inactive"
+        "--paused",
+        action="store_true",
+        help="create sweep/nightly paused (its schedule starts nothing)",
     )
     args = parser.parse_args(argv)
     try:

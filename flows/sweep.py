@@ -273,7 +273,7 @@ def sweep(
     latency_decode_tokens: int = 32,
     latency_repeats: int = 5,
     recipe_defaults: dict[str, Any] | None = None,
-    profile_units: int = 4,
+    profile_units: int = 2,
     compress_shards: int = 4,
     profile_mode: str = "units",
     layer_group_size: int | None = None,
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help='JSON of Recipe fields for every variant, e.g. {"quant": {"gptq": true}}',
     )
-    run.add_argument("--profile-units", type=int, default=4)
+    run.add_argument("--profile-units", type=int, default=2)
     run.add_argument("--compress-shards", type=int, default=4)
     run.add_argument("--no-latency", action="store_true", help="skip the latency race")
     run.add_argument("--latency-decode-tokens", type=int, default=32)

@@ -46,7 +46,7 @@ stamp "sweep: lowrank and quant at 40% FFN reduction (heavy ratio 0.1) + uniform
     --param eval_tokens="$EVAL" \
     --param latency_decode_tokens=16 \
     --param latency_repeats=3 \
-    --param profile_units=4 \
+    --param profile_units=2 \
     --param compress_shards=4 \
     --param run_dir="\"$RUN_DIR\"" >"$HOME_DIR/logs/demo-flow-run.log" 2>&1 || {
     tail -40 "$HOME_DIR/logs/demo-flow-run.log" >&2

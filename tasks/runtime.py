@@ -81,6 +81,7 @@ def ensure_ray(
             "drop num_cpus/num_gpus or unset RAY_ADDRESS"
         )
     if ray.is_initialized():
+        _check_running_has(ray, resources)
         return False
     env = runtime_env()
     if address:
@@ -104,6 +105,21 @@ def ensure_ray(
             configure_logging=False,
         )
     return True
+
+
+def _check_running_has(ray: Any, resources: dict[str, float] | None) -> None:
+    """A Ray already up in this process is reused; refuse it when it lacks asked-for resources.
+
+    Tasks that ask for a resource no node has wait forever: fail now, saying what is missing.
+    """
+    have = ray.cluster_resources()
+    missing = {k: v for k, v in (resources or {}).items() if have.get(k, 0) < v}
+    if missing:
+        raise FFSplitError(
+            f"Ray is already running in this process without resources {missing} (it has "
+            f"{sorted(k for k in have if not k.startswith('node:'))}); call ray.shutdown() first "
+            "or start it with those resources"
+        )
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
-"""Suite-wide: slow-tier tests get a longer per-test timeout than the default tier's 600 s."""
+"""Suite-wide: the slow tier's longer per-test timeout, and the one embedded Ray of a session."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,3 +13,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
+# One embedded Ray per test session, shared by every package's tests. Ray lives once per process: a
+# second fixture's ray_session would silently reuse the first one's instance, without its custom
+# resources (tasks asking for them then wait forever). So the one instance carries all of them:
+# "one_worker" / "three_workers" cap concurrency for the worker-count tests (tests/tasks).
+RAY_CPUS = 3
+RAY_RESOURCES = {"one_worker": 1, "three_workers": 3}
+
+
+@pytest.fixture(scope="session")
+def ray_embedded() -> Iterator[dict]:
+    from tasks.runtime import ray_session
+
+    with ray_session(num_cpus=RAY_CPUS, resources=RAY_RESOURCES) as info:
+        yield info

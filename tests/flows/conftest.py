@@ -70,12 +70,10 @@ def prefect_api() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def flow_ray() -> Iterator[dict]:
-    """One embedded Ray that every in-process flow run joins (flows start it only if absent)."""
-    from tasks.runtime import ray_session
-
-    with ray_session(num_cpus=2) as info:
-        yield info
+def flow_ray(ray_embedded: dict) -> dict:
+    """The session's embedded Ray (tests/conftest.py), which in-process flow runs join (flows start
+    one only if absent)."""
+    return ray_embedded
 
 
 @pytest.fixture(scope="session")

@@ -54,16 +54,13 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> dict:
-    """One embedded Ray (3 logical CPUs) for the task tests; shut down at the end.
+def ray_cluster(ray_embedded: dict) -> dict:
+    """The session's embedded Ray (tests/conftest.py: 3 logical CPUs).
 
     Custom resources cap concurrency for the worker-count tests: tasks asking for one unit of
     "one_worker" run one at a time, of "three_workers" up to three at once.
     """
-    from tasks.runtime import ray_session
-
-    with ray_session(num_cpus=3, resources={"one_worker": 1, "three_workers": 3}) as info:
-        yield info
+    return ray_embedded
 
 
 # ------------------------------------------------------------------------------------- MLflow stores

@@ -112,7 +112,9 @@ def test_existing_output_is_not_overwritten(tmp_path):
 
 
 def test_quantized_parts_keep_float16_scales_under_dtype_casts(tmp_path):
-    recipe = Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.6, quant=QuantConfig(group_size=32))
+    recipe = Recipe(
+        method="quant", heavy_ratio=0.1, ffn_reduction=0.6, quant=QuantConfig(group_size=32)
+    )
     model, out, _ = _variant(tmp_path, "LlamaForCausalLM", recipe)
     model.to(torch.bfloat16)
     from ffsplit.split.parts import QuantizedLinear

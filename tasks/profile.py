@@ -26,6 +26,7 @@ from tasks import cache
 from tasks.runtime import (
     base_model,
     check_model_sha,
+    node_cpus,
     run_remote,
     set_task_threads,
     submit,
@@ -292,6 +293,12 @@ def unit_plan(
     return plan
 
 
+def unit_resources(units: int) -> dict[str, Any]:
+    """Ray options of one profile unit: a GPU each where there are GPUs, else a fair share of a
+    node's CPUs (one unit on a 2-core machine runs 2 threads: no second model load, no merge)."""
+    return task_resources(cpus=max(1, node_cpus() // max(1, units)))
+
+
 def run_unit(
     model: str,
     model_sha256: str,
@@ -321,7 +328,7 @@ def run_unit(
         units,
         out,
         memory_cap_mb,
-        resources=task_resources(cpus=1),
+        resources=unit_resources(units),
     )
 
 
@@ -346,7 +353,7 @@ def run_units(
             units,
             p["path"],
             memory_cap_mb,
-            resources=task_resources(cpus=1),
+            resources=unit_resources(units),
         )
         for p in plan
     ]

@@ -1,0 +1,433 @@
+"""tasks/results.py and flows/results.py: the results page from MLflow runs (issue 6).
+
+Pure rows exercise the section builders (trade-off verdicts, the "does not beat" list, dedup,
+heavy-ratio transfer, goals, healing); one test registers tiny variants in a real sqlite MLflow
+store through tasks.registry.register_variant and reads them back into a written page.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ffsplit.config import ProfileConfig, Recipe
+from ffsplit.errors import FFSplitError
+from ffsplit.variant.manifest import flat_params
+from flows import results as results_flow
+from tasks import results
+from tasks.results import Column, Row
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def row(
+    series: str,
+    budget: float,
+    loss: float,
+    *,
+    rho: float = 0.1,
+    achieved: float | None = None,
+    model: str = "lm",
+    setting: str = "",
+    key: str | None = None,
+    start: int = 0,
+    heal: int = 0,
+    param_cut: float | None = None,
+) -> Row:
+    method = "prune" if series == "prune" else series.split("-", 1)[1]
+    if series.startswith("uniform") or series == "prune":
+        rho = 0.0
+    achieved = budget if achieved is None else achieved
+    return Row(
+        model=model,
+        run_id=key or f"{series}-{rho}-{budget}-{loss}",
+        label=f"{series}-h{rho}-r{budget}",
+        series=series,
+        method=method,
+        heavy_ratio=rho,
+        budget=budget,
+        metrics={"perplexity": 10 * (1 + loss / 100), "ffn_reduction": achieved},
+        setting=setting,
+        heal_steps=heal,
+        start_time=start,
+        variant_key=key or "",
+        loss=loss,
+        ffn_param_reduction=param_cut,
+    )
+
+
+def flat(recipe: Recipe) -> dict[str, str]:
+    return flat_params({"recipe": recipe.to_dict(), "git_commit": "abc"})
+
+
+# ------------------------------------------------------------------------------------ rows
+
+
+def test_row_from_run_reads_recipe_setting_and_heal() -> None:
+    params = flat(Recipe(method="lowrank", heavy_ratio=0.05, ffn_reduction=0.431))
+    r = results.row_from_run(
+        model="lm", run_id="r1", run_name="x", params=params, metrics={}, tags={}
+    )
+    assert (r.series, r.method, r.heavy_ratio, r.budget) == (
+        "ffsplit-lowrank",
+        "lowrank",
+        0.05,
+        0.431,
+    )
+    assert r.setting == "" and not r.healed and r.git_commit == "abc"
+    for recipe, series in (
+        (Recipe(method="quant", heavy_ratio=0.0), "uniform-quant"),
+        (Recipe(method="quant", selection="random"), "random-quant"),
+        (Recipe(method="prune", heavy_ratio=0.0), "prune"),
+        (Recipe(method="none", heavy_ratio=0.0, ffn_reduction=0.0), "dense"),
+    ):
+        got = results.row_from_run(
+            model="lm", run_id="r", run_name="", params=flat(recipe), metrics={}, tags={}
+        )
+        assert got.series == series
+    # Options other than the grid make the setting; healing is read from params defensively.
+    params["recipe.quant.gptq"] = "True"
+    params["recipe.profile.tokens"] = "16384"
+    params["recipe.heal.steps"] = "200"
+    r = results.row_from_run(
+        model="lm", run_id="r", run_name="", params=params, metrics={}, tags={}
+    )
+    assert r.heal_steps == 200 and r.healed
+    assert r.setting == "heal.steps=200, profile.tokens=16384, quant.gptq=True"
+    assert results.heal_steps_of({"heal.steps": "7"}) == 7
+    assert results.heal_steps_of({"recipe.heal.steps": "oops"}) == 0
+    params["recipe.heal.steps"] = "0"
+    params["recipe.heal.lr"] = "0.5"  # healing off: its other options do not split the setting
+    r = results.row_from_run(
+        model="lm", run_id="r", run_name="", params=params, metrics={}, tags={}
+    )
+    assert not r.healed and r.setting == "profile.tokens=16384, quant.gptq=True"
+
+
+def test_dedupe_keeps_the_latest_run_of_a_variant() -> None:
+    old = row("ffsplit-lowrank", 0.3, 5.0, key="k1", start=1)
+    new = row("ffsplit-lowrank", 0.3, 4.0, key="k1", start=2)
+    other_model = row("ffsplit-lowrank", 0.3, 9.0, key="k1", start=0, model="lm2")
+    kept, dropped = results.dedupe([new, old, other_model])
+    assert dropped == 1
+    assert sorted((r.model, r.loss) for r in kept) == [("lm", 4.0), ("lm2", 9.0)]
+
+
+def test_reference_fills_loss_and_size_reductions() -> None:
+    dense = Row(
+        "lm", "d", "dense", "dense", "none", 0.0, 0.0,
+        metrics={"perplexity": 10.0, "parameters": 1000.0, "bytes": 2000.0, "ffn_bytes": 1200.0, "ffn_params": 600.0},
+    )  # fmt: skip
+    cut = Row(
+        "lm", "v", "v", "ffsplit-lowrank", "lowrank", 0.1, 0.5,
+        metrics={"perplexity": 10.5, "parameters": 700.0, "bytes": 1400.0, "ffn_reduction": 0.5},
+    )  # fmt: skip
+    logged = dataclass_replace(
+        cut, run_id="w", metrics={**cut.metrics, "perplexity_change_pct": 4.0, "ffn_params": 420.0}
+    )
+    enc_dense = Row("enc", "ed", "dense", "dense", "none", 0.0, 0.0, metrics={"accuracy": 0.8})
+    enc = Row("enc", "e", "e", "ffsplit-quant", "quant", 0.1, 0.3, metrics={"accuracy": 0.78})
+    got = {r.run_id: r for r in results.with_reference([dense, cut, logged, enc_dense, enc])}
+    assert got["v"].loss == pytest.approx(5.0)  # from the dense perplexity
+    assert got["w"].loss == 4.0  # the logged change wins
+    assert got["w"].ffn_param_reduction == pytest.approx(0.3)  # so do logged FFN parameters
+    assert got["v"].model_reduction == pytest.approx(0.3)
+    # 300 fewer parameters out of 1200 / 2 = 600 dense FFN parameters
+    assert got["v"].ffn_param_reduction == pytest.approx(0.5)
+    assert got["e"].loss == pytest.approx(2.5) and got["e"].quality_kind == "accuracy"
+    assert got["d"].loss == 0.0
+
+
+def dataclass_replace(r: Row, **changes: Any) -> Row:
+    import dataclasses
+
+    return dataclasses.replace(r, **changes)
+
+
+# ------------------------------------------------------------------------------- trade-off
+
+
+def grid() -> list[Row]:
+    return [
+        # 30%: FFSplit low-rank beats everything
+        row("ffsplit-lowrank", 0.3, 2.0, rho=0.05),
+        row("ffsplit-lowrank", 0.3, 3.0, rho=0.1),
+        row("ffsplit-quant", 0.3, 1.0, rho=0.1),
+        row("uniform-lowrank", 0.3, 6.0),
+        row("uniform-quant", 0.3, 1.5),
+        row("random-lowrank", 0.3, 7.0),
+        row("random-quant", 0.3, 1.2),
+        row("prune", 0.3, 20.0),
+        # 50%: uniform quant beats FFSplit quant; FFSplit low-rank wins its loss but saves fewer bytes
+        row("ffsplit-lowrank", 0.5, 5.0, rho=0.1, achieved=0.48),
+        row("ffsplit-quant", 0.5, 3.0, rho=0.1),
+        row("uniform-lowrank", 0.5, 9.0),
+        row("uniform-quant", 0.5, 2.5),
+        row("prune", 0.5, 40.0),
+    ]
+
+
+def test_tradeoff_verdicts_and_where_ffsplit_does_not_beat() -> None:
+    lines = results.tradeoff(grid(), "lm")
+    assert [x.budget for x in lines] == [0.3, 0.5]
+    first, second = lines
+    assert first.cells[Column("ffsplit-lowrank")].heavy_ratio == 0.05  # best ρ
+    assert first.cells[Column("ffsplit-lowrank", 0.1)].loss == 3.0  # the default ρ
+    assert first.beats_all is True and first.ffsplit.loss == 1.0 and not first.missing
+    assert second.beats_all is False
+    assert second.beaten_by == ("uniform-quant",)
+    assert second.missing == ("random-lowrank", "random-quant")
+    falls = results.shortfalls(lines)
+    found = {(f.budget, f.column.series, f.baseline.series) for f in falls}
+    assert found == {
+        (0.5, "ffsplit-quant", "uniform-quant"),
+        (0.5, "ffsplit-lowrank", "uniform-lowrank"),  # better loss, but fewer bytes saved
+        (0.5, "ffsplit-lowrank", "prune"),
+    }
+    why = {f.baseline.series: f.reason for f in falls}
+    assert "fewer FFN bytes" in why["uniform-lowrank"] and "worse" in why["uniform-quant"]
+    # A baseline within the bytes tolerance and an exact tie are not beaten either.
+    ok, _ = results.beats(row("ffsplit-quant", 0.5, 1.0, achieved=0.497), row("prune", 0.5, 2.0))
+    tie, reason = results.beats(row("ffsplit-quant", 0.5, 2.0), row("prune", 0.5, 2.0))
+    assert ok and not tie and "ties" in reason
+
+
+def test_settings_are_compared_apart() -> None:
+    rows = [
+        row("ffsplit-quant", 0.3, 1.0, setting="quant.gptq=True"),
+        row("uniform-quant", 0.3, 0.5),
+    ]
+    lines = results.tradeoff(rows, "lm")
+    assert len(lines) == 2 and all(x.beats_all is None for x in lines)
+    assert results.shortfalls(lines) == []
+
+
+# ----------------------------------------------------------------------- heavy ratio, transfer
+
+
+def test_best_heavy_ratio_and_transfer_between_models() -> None:
+    rows = []
+    for model, losses in (
+        ("a", {0.05: 3.0, 0.1: 2.0, 0.2: 4.0}),
+        ("b", {0.05: 5.0, 0.1: 4.5, 0.2: 4.0}),
+    ):
+        for budget in (0.3, 0.5):
+            for rho, loss in losses.items():
+                rows.append(row("ffsplit-lowrank", budget, loss + budget, rho=rho, model=model))
+    rows.append(row("ffsplit-quant", 0.3, 1.0, rho=0.1, model="a"))  # one point: no curve to rank
+    curves = results.heavy_ratio_curves(rows)
+    assert results.best_ratio(curves[("a", "", "ffsplit-lowrank", 0.3)]) == 0.1
+    assert results.best_ratio_overall(curves, "a", "ffsplit-lowrank", "") == (0.1, 2)
+    assert results.best_ratio_overall(curves, "b", "ffsplit-lowrank", "") == (0.2, 2)
+    assert results.best_ratio_overall(curves, "a", "ffsplit-quant", "") == (None, 0)
+    moves = {(t.source, t.target, t.budget): t for t in results.transfer(curves)}
+    assert len(moves) == 4
+    a_to_b = moves[("a", "b", 0.3)]
+    assert (a_to_b.source_best, a_to_b.target_best, a_to_b.rank_on_target) == (0.1, 0.2, 2)
+    assert a_to_b.extra_loss == pytest.approx(0.5) and not a_to_b.transfers
+    assert moves[("b", "a", 0.5)].rank_on_target == 3  # b's best 0.2 is a's worst
+    same = [
+        row("ffsplit-quant", 0.3, v, rho=r, model=m) for m in "xy" for r, v in ((0.1, 1), (0.2, 2))
+    ]
+    assert all(
+        t.transfers and t.extra_loss == 0
+        for t in results.transfer(results.heavy_ratio_curves(same))
+    )
+
+
+# --------------------------------------------------------------------------- goals and healing
+
+
+def test_goals_pick_the_best_variant_past_the_size_and_check_one_percent() -> None:
+    rows = [
+        row("ffsplit-quant", 0.431, 0.8, achieved=0.4306),  # 43.06% reads as 43.1%: counts
+        row("uniform-quant", 0.5, 0.5, achieved=0.5),
+        row("ffsplit-quant", 0.43, 0.1, achieved=0.43),  # too small
+        row("ffsplit-lowrank", 0.45, 3.0, param_cut=0.45, heal=100),
+        row("prune", 0.45, 9.0, param_cut=0.45),
+        row("ffsplit-quant", 0.6, 0.2, achieved=0.6, model="enc"),
+    ]
+    rows[-1] = dataclass_replace(rows[-1], metrics={"accuracy": 0.8, "ffn_reduction": 0.6})
+    got = {(g.model, g.goal): g for g in results.goals(rows)}
+    assert set(got) == {("lm", "ffn_bytes"), ("lm", "ffn_params")}  # encoders have no ppl goal
+    by_bytes = got[("lm", "ffn_bytes")]
+    assert by_bytes.best.series == "uniform-quant" and by_bytes.met
+    assert by_bytes.best_ffsplit.loss == 0.8
+    by_params = got[("lm", "ffn_params")]
+    assert by_params.best.healed and by_params.best.loss == 3.0 and not by_params.met
+    empty = results.goals([row("ffsplit-lowrank", 0.3, 1.0, param_cut=0.3)])
+    assert all(g.best is None and not g.met for g in empty)
+
+
+def test_healing_pairs_match_the_same_recipe() -> None:
+    plain = row("ffsplit-lowrank", 0.5, 8.0, setting="profile.tokens=16384")
+    healed = dataclass_replace(
+        row("ffsplit-lowrank", 0.5, 3.0, heal=200, key="h"),
+        setting="heal.steps=200, profile.tokens=16384",
+    )
+    lonely = row("uniform-lowrank", 0.5, 9.0, heal=200, key="u")
+    assert results.healing_pairs([plain, healed, lonely]) == [(plain, healed)]
+
+
+# ------------------------------------------------------------------------------------- page
+
+
+def source() -> results.Source:
+    return results.Source("http://***@host:5000", (("ffsplit/lm", "1"),), 14, 1, 0)
+
+
+def test_page_states_the_verdicts_honestly(tmp_path: Path) -> None:
+    dense = Row(
+        "lm", "d", "dense", "dense", "none", 0.0, 0.0,
+        metrics={"perplexity": 10.0, "parameters": 1e6, "bytes": 2e6, "ffn_bytes": 1.2e6},
+        loss=0.0,
+    )  # fmt: skip
+    out = tmp_path / "docs" / "results.md"
+    page, plots = results.write_page(
+        [dense, *grid()], source(), out, generated_at=NOW, command="python -m flows.results"
+    )
+    text = page.read_text()
+    for heading in ("## Summary", "## Dense references", "## Trade-off at equal FFN budget",
+                    "## Where FFSplit does not beat a baseline", "## Heavy-ratio sweep",
+                    "## Goals", "## Healing", "## All variants", "## Provenance"):  # fmt: skip
+        assert heading in text
+    assert "python -m flows.results" in text.split("##")[0]  # the command is at the top
+    assert "**no**: uniform quant" in text
+    assert "beats every baseline run at 1 of 2 budgets" in text
+    assert "http://***@host:5000" in text and "2026-11-30" in text
+    assert {p.name for p in plots} == {"lm-tradeoff.png", "lm-heavy-ratio.png"}
+    assert all(p.parent == tmp_path / "docs" / "results" and p.stat().st_size > 1000 for p in plots)
+    assert "](results/lm-tradeoff.png)" in text
+    # Regenerating without the heavy-ratio curve removes its stale plot, keeps other files.
+    (out.parent / "results" / "notes.png").write_bytes(b"x")
+    results.write_page(
+        [dense, *(r for r in grid() if r.budget == 0.5)], source(), out,
+        generated_at=NOW, command="x",
+    )  # fmt: skip
+    assert sorted(p.name for p in (out.parent / "results").iterdir()) == [
+        "lm-tradeoff.png",
+        "notes.png",
+    ]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+# ------------------------------------------------------------------------ real MLflow store
+
+
+def make_variant(out: Path, base: str, recipe: Recipe, seed: int = 0) -> Path:
+    from ffsplit.adapters import get_adapter
+    from ffsplit.compress.recipe import compress_model
+    from ffsplit.models.tiny import tiny_model
+    from ffsplit.profiling import profile_model
+    from ffsplit.variant import save_variant
+
+    model, _ = tiny_model("LlamaForCausalLM", seed=seed)
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(seed))
+    stats = profile_model(model, ids, ProfileConfig(tokens=64, window=16, hit_top_fraction=0.05))
+    report, layers = compress_model(model, stats, recipe)
+    return save_variant(
+        model,
+        None,
+        out,
+        adapter=get_adapter(model),
+        base_model={"name": base, "weights_sha256": f"{seed:064d}"},
+        report=report,
+        layers=layers,
+        calibration={"corpus": "random", "seed": seed},
+    )
+
+
+def test_registered_variants_come_back_as_rows_and_a_page(
+    mlflow_uri: str, unique_name: str, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.registry import experiment_for, register_variant
+
+    base = unique_name  # its own experiment ffsplit/<base> in the shared session store
+    specs = [
+        ("dense", Recipe(method="none", heavy_ratio=0.0, ffn_reduction=0.0), 0, {}, "dense"),
+        ("ffs", Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.5), 0, {"perplexity_change_pct": 4.0}, "k-ffs"),
+        ("uni", Recipe(method="lowrank", heavy_ratio=0.0, ffn_reduction=0.5), 0, {"perplexity_change_pct": 9.0}, "k-uni"),
+        # the same variant key registered twice (two sweeps): the later run counts, once
+        ("q0", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.5), 0, {"perplexity_change_pct": 2.0}, "k-q"),
+        ("q1", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.5), 1, {"perplexity_change_pct": 1.5}, "k-q"),
+    ]  # fmt: skip
+    registered = {}
+    for name, recipe, seed, extra, key in specs:
+        folder = make_variant(tmp_path / "variants" / name, base, recipe, seed)
+        metrics = {
+            "perplexity": 10.0 * (1 + extra.get("perplexity_change_pct", 0.0) / 100),
+            "parameters": 1e5 if name == "dense" else 8e4,
+            "bytes": 2e5 if name == "dense" else 1.6e5,
+            "ffn_bytes": 8e4 if name == "dense" else 4e4,
+            "ffn_reduction": 0.0 if name == "dense" else 0.5,
+            **extra,
+        }
+        tags = {
+            "ffsplit.role": "dense" if name == "dense" else "variant",
+            "ffsplit.flow": "sweep",
+            "ffsplit.variant_key": key,
+        }
+        registered[name] = register_variant(
+            folder, model_name=base, metrics=metrics, tags=tags, uri=mlflow_uri
+        )
+        time.sleep(0.01)  # distinct start times
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    client.create_run(experiment_for(base, uri=mlflow_uri), run_name="killed")  # never completed
+
+    rows, src = results.read_rows(mlflow_uri, [base])
+    assert (src.runs_read, src.incomplete, src.duplicates) == (6, 1, 1)
+    by_key = {r.variant_key: r for r in rows}
+    assert set(by_key) == {"dense", "k-ffs", "k-uni", "k-q"}
+    assert by_key["k-q"].run_id == registered["q1"].run_id and by_key["k-q"].loss == 1.5
+    assert by_key["k-ffs"].version == f"{base} v{registered['ffs'].version}"
+    assert (
+        by_key["k-ffs"].series == "ffsplit-lowrank" and by_key["k-uni"].series == "uniform-lowrank"
+    )
+    assert by_key["k-ffs"].model_reduction == pytest.approx(0.2)
+    assert by_key["k-ffs"].ffn_param_reduction == pytest.approx(0.5)  # 2e4 of 4e4 FFN params
+
+    out = tmp_path / "docs" / "results.md"
+    page, plots, count = results_flow.generate(mlflow_uri, [base], out, now=NOW)
+    text = page.read_text()
+    assert count == 4 and page == out and plots
+    assert registered["q1"].run_id in text and registered["q0"].run_id not in text
+    assert f"`ffsplit/{base}`" in text and "lowrank-h0.10-r0.5" in text
+    assert f".venv/bin/python -m flows.results --models {base} --out {out}" in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_fails_in_one_line_and_writes_nothing(
+    mlflow_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results.md"
+    dead = f"http://user:secret@127.0.0.1:{_free_port()}"
+    assert results_flow.main(["--tracking-uri", dead, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreachable" in err and "secret" not in err
+    assert (
+        results_flow.main(
+            ["--tracking-uri", mlflow_uri, "--models", "no-such-model", "--out", str(out)]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no ffsplit experiment for no-such-model" in err
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert results_flow.main(["--tracking-uri", empty, "--out", str(out)]) == 2
+    assert "no ffsplit experiments" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "results").exists()
+    with pytest.raises(FFSplitError, match="no ffsplit experiments"):
+        results.read_rows(empty)

@@ -1,7 +1,8 @@
 """Render the reliability table (docs/reliability.md) from the outcomes the reliability tests record.
 
-The tests (tests/reliability/) drive the real CLI with bad inputs and check the security rules; their
-conftest writes every outcome as JSON and, after a complete run, renders this page through `render`.
+The tests (tests/reliability/) drive the real CLI with bad inputs, inject faults into the real
+pipeline and check the security rules; their conftest writes every outcome as JSON and, after a
+complete run, renders this page through `render`.
 The page is generated, never typed: to regenerate it, run the tests, or render a saved JSON file:
 
     .venv/bin/python -m pytest tests/reliability
@@ -38,12 +39,13 @@ SECTIONS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ),
     ),
     "fault": (
-        "Faults injected",
+        "Faults injected (real Ray, Prefect and MLflow)",
         (
             ("area", "area"),
             ("fault", "what"),
-            ("command", "command"),
-            ("outcome", "message"),
+            ("how injected", "injected"),
+            ("expected", "expected"),
+            ("observed", "message"),
             ("result", "result"),
         ),
     ),
@@ -61,6 +63,14 @@ EXPECTATIONS = (
     "that names the offending file, key or value, no traceback, and nothing written (the --out "
     "path absent, no temporary leftovers beside it)."
 )
+FAULT_NOTES = (
+    "Each fault is injected from outside the code under test (a signal to a real process, a cut "
+    "network link, a file-size limit), never by a hook in production code; the tiny random Llama "
+    "keeps every pipeline run to seconds. Services (tests/reliability/test_faults.py): one Prefect "
+    "server, one MLflow server and one `ray start --head` (flows/stack.py), which flows run as "
+    "subprocesses join through RAY_ADDRESS; flows run inside the test process use an embedded Ray."
+)
+INTROS = {"bad-input": EXPECTATIONS, "fault": FAULT_NOTES}
 
 
 def _cell(value: Any) -> str:
@@ -122,8 +132,8 @@ def render(outcomes: Iterable[Mapping[str, Any]]) -> str:
         if not section:
             continue
         lines += [f"## {title}", ""]
-        if kind == "bad-input":
-            lines += [EXPECTATIONS, ""]
+        if kind in INTROS:
+            lines += [INTROS[kind], ""]
         lines += [*_table(section, columns), ""]
     return "\n".join(lines)
 

@@ -88,10 +88,16 @@ def aggregate_job(model: str, model_sha256: str, unit_paths: list[str], out: str
         "layers": layers,
         "profile": merged.meta.get("profile"),
     }
-    with atomic_dir(target) as tmp:
-        save_stats(merged, tmp / STATS_FILE)
-        save_file(tensors, str(tmp / SCORES_FILE))
-        (tmp / SUMMARY_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+    try:
+        with atomic_dir(target) as tmp:
+            save_stats(merged, tmp / STATS_FILE)
+            save_file(tensors, str(tmp / SCORES_FILE))
+            (tmp / SUMMARY_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+    except FileExistsError:  # a concurrent run finished the same content-keyed entry first
+        cached = cache.read_json(target / SUMMARY_FILE)
+        if cached is None:
+            raise
+        return {**cached, "path": out, "cached": True, "seconds": 0.0}
     return {**record, "path": out, "cached": False, "seconds": time.perf_counter() - started}
 
 

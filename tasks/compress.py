@@ -91,17 +91,22 @@ def compress_shard_job(
             raise FFSplitError(f"{stats_path}: no statistics for layer {layer}")
         results[layer] = compress_layer(weights, layer_stats, config, layer)
     seconds = time.perf_counter() - started
-    save_shard(
-        results,
-        target,
-        recipe=config.to_dict(),
-        meta={
-            "model_sha256": model_sha256,
-            "seconds": seconds,
-            "device": device,
-            "threads": threads,
-        },
-    )
+    try:
+        save_shard(
+            results,
+            target,
+            recipe=config.to_dict(),
+            meta={
+                "model_sha256": model_sha256,
+                "seconds": seconds,
+                "device": device,
+                "threads": threads,
+            },
+        )
+    except (FileExistsError, FFSplitError):  # a concurrent run wrote the same shard first
+        if not target.is_dir():
+            raise
+        return {**_summary(read_shard_spec(target)), "path": out, "cached": True, "seconds": 0.0}
     return {
         **_summary(read_shard_spec(target)),
         "path": out,

@@ -36,6 +36,13 @@ WORKER_ENV = {
 }
 # Passed on to workers when set here, so they find the same caches as the driver.
 FORWARDED_ENV = ("FFSPLIT_HOME", "FFSPLIT_CACHE", "FFSPLIT_NO_INSTALL")
+# Retry policy of every pipeline task (issue 7). A task whose worker process died (killed, out of
+# memory, its node lost) runs again, up to this many times: every task body checks for its output
+# first and writes it atomically, so a retry redoes only what was unfinished. An exception raised
+# by the task itself is an answer, never retried. Pinned here rather than left to Ray's default,
+# which RAY_TASK_MAX_RETRIES may change cluster-wide.
+WORKER_DEATH_RETRIES = 3
+RETRY_POLICY: dict[str, Any] = {"max_retries": WORKER_DEATH_RETRIES, "retry_exceptions": False}
 
 
 def runtime_env() -> dict[str, Any]:
@@ -205,8 +212,8 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def submit(fn: Callable[..., Any], *args: Any, resources: dict[str, Any], **kwargs: Any) -> Any:
-    """Submit fn as a Ray task; returns its ObjectRef."""
-    return _remote(fn).options(**resources).remote(*args, **kwargs)
+    """Submit fn as a Ray task (retried only when its worker dies: RETRY_POLICY); its ObjectRef."""
+    return _remote(fn).options(**{**RETRY_POLICY, **resources}).remote(*args, **kwargs)
 
 
 def wait(refs: Sequence[Any]) -> list[Any]:

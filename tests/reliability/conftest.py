@@ -58,7 +58,13 @@ class Outcome:
     exit_code: int | None = None
     message: str = ""
     nothing_written: bool | None = None
+    injected: str = ""  # faults: how the fault was injected
+    expected: str = ""  # faults: what must happen
     result: str = "not run"
+
+    def observe(self, text: str) -> None:
+        """Set what was observed (faults record their row first, so a failure still shows it)."""
+        self.message = normalise(text)
 
 
 @dataclass
@@ -79,7 +85,8 @@ _HEX = re.compile(r"\b(?=[0-9]*[a-f])[0-9a-f]{12,64}\b")  # a digest, not a long
 
 def normalise(text: str) -> str:
     """Machine-independent text for the page: temp folders as <tmp>, digests as <sha256>."""
-    for root in _SESSION.tmp_roots:
+    roots = [*_SESSION.tmp_roots, *([_SESSION.basetemp] if _SESSION.basetemp else [])]
+    for root in sorted(roots, key=lambda r: len(str(r)), reverse=True):  # innermost first
         text = text.replace(str(root), "<tmp>")
     text = text.replace(str(REPO_ROOT), "<repo>").replace(str(Path.home()), "~")
     return _HEX.sub("<sha256>", text)
@@ -96,9 +103,11 @@ def _basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture
 def record(request: pytest.FixtureRequest) -> Callable[..., Outcome]:
-    """record(kind=, area=, what=, command=, exit_code=, message=, nothing_written=): one table row.
+    """record(kind=, area=, what=, command=, exit_code=, message=, nothing_written=, injected=,
+    expected=): one table row.
 
-    The row's result (ok / FAILED / skipped) is filled in from the test's own outcome.
+    The row's result (ok / FAILED / skipped) is filled in from the test's own outcome. Fault tests
+    record their row before injecting anything and fill in what they saw with Outcome.observe.
     """
 
     def add(**fields: Any) -> Outcome:

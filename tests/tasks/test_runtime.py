@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import pytest
 
 from ffsplit.errors import FFSplitError
@@ -14,6 +18,26 @@ def _fails(message: str) -> None:
 
 def _threads_and_device() -> tuple[int, str]:
     return runtime.set_task_threads(), runtime.task_device()
+
+
+def _attempt(counter: str) -> int:
+    """Count this run of a task in a file (attempts survive the worker)."""
+    path = Path(counter)
+    attempt = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(attempt))
+    return attempt
+
+
+def _worker_dies_on_attempts(counter: str, deadly: int) -> int:
+    attempt = _attempt(counter)
+    if attempt <= deadly:
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-task
+    return attempt
+
+
+def _fails_once_counted(counter: str) -> None:
+    _attempt(counter)
+    raise FFSplitError("bad input: not retried")
 
 
 def test_cpu_cluster_gets_cpu_tasks_with_fixed_threads(ray_cluster: dict) -> None:
@@ -35,12 +59,41 @@ def test_task_errors_arrive_as_one_line_ffsplit_errors(ray_cluster: dict) -> Non
     assert results == [(1, "cpu")] * 3
 
 
+def test_a_task_whose_worker_dies_is_retried_a_bounded_number_of_times(
+    ray_cluster: dict, tmp_path: Path
+) -> None:
+    import ray
+
+    assert runtime.RETRY_POLICY == {"max_retries": 3, "retry_exceptions": False}
+    killed_once = tmp_path / "once"
+    assert runtime.run_remote(_worker_dies_on_attempts, str(killed_once), 1, resources={}) == 2
+    # an error of the task itself is an answer: raised at once, never run again
+    errors = tmp_path / "errors"
+    with pytest.raises(FFSplitError, match="not retried"):
+        runtime.run_remote(_fails_once_counted, str(errors), resources={})
+    assert errors.read_text() == "1"
+    # a task that kills every worker it lands on gives up after 1 + WORKER_DEATH_RETRIES runs
+    always = tmp_path / "always"
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        runtime.run_remote(_worker_dies_on_attempts, str(always), 99, resources={})
+    assert always.read_text() == str(1 + runtime.WORKER_DEATH_RETRIES)
+
+
 def test_a_session_inside_a_running_ray_leaves_it_running(ray_cluster: dict) -> None:
     import ray
 
     with runtime.ray_session() as info:
         assert info["cpus"] == 3
     assert ray.is_initialized()
+
+
+def test_a_running_ray_without_the_asked_resources_is_refused(ray_cluster: dict) -> None:
+    """Reusing it would leave tasks that ask for the resource pending forever (the CI hang)."""
+    with pytest.raises(FFSplitError, match="already running in this process without resources"):
+        with runtime.ray_session(resources={"no_such_resource": 1}):
+            pass
+    with runtime.ray_session(resources={"one_worker": 1}) as info:  # present: reused
+        assert info["cpus"] == ray_cluster["cpus"]
 
 
 def test_joining_a_cluster_refuses_local_sizes(monkeypatch: pytest.MonkeyPatch) -> None:

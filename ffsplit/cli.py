@@ -66,6 +66,11 @@ class Baseline(StrEnum):
     random = "random"
 
 
+class HealLoss(StrEnum):
+    local = "local"
+    kl = "kl"
+
+
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -86,6 +91,14 @@ def _user_errors() -> Iterator[None]:
         raise
     except KeyboardInterrupt:
         _fail("interrupted; nothing half-written was kept")
+    except Exception as exc:
+        # safetensors reports a failed write (disk full, file-size limit) as SafetensorError, not
+        # OSError; atomic writes kept nothing, so it is one line like the rest.
+        if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+            _fail(
+                f"could not write the weights ({str(exc).splitlines()[0]}); disk full? nothing was kept"
+            )
+        raise
 
 
 def _quiet_libraries() -> None:
@@ -251,9 +264,28 @@ def compress(
     recipe_file: Annotated[
         Path | None, typer.Option("--recipe", help="recipe JSON/YAML (overrides the options above)")
     ] = None,
+    heal_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="heal: distillation steps against the dense model (0 = off; per layer for "
+            "--heal-loss local)"
+        ),
+    ] = None,
+    heal_loss: Annotated[
+        HealLoss | None,
+        typer.Option(help="heal: 'local' (each FFN's output) or 'kl' (the model's logits)"),
+    ] = None,
+    heal_lr: Annotated[float | None, typer.Option(help="heal: Adam learning rate")] = None,
+    heal_tokens: Annotated[
+        int | None, typer.Option(help="heal: calibration tokens to distill on")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Split every FFN, compress the light part to a byte budget, write a variant folder."""
+    """Split every FFN, compress the light part to a byte budget, write a variant folder.
+
+    --heal-* options heal the compressed FFNs (a short distillation against the dense model on
+    calibration text) before saving; given with --recipe they override its heal settings.
+    """
     from ffsplit.config import LowRankConfig, ProfileConfig, QuantConfig, Recipe
     from ffsplit.jobs import compress_job
 
@@ -275,6 +307,17 @@ def compress(
                 lowrank=LowRankConfig(whiten=not plain_svd),
                 quant=QuantConfig(heavy_bits=heavy_bits, gptq=gptq),
                 profile=ProfileConfig(tokens=calib_tokens),
+            )
+        heal = {
+            "steps": heal_steps,
+            "loss": None if heal_loss is None else heal_loss.value,
+            "lr": heal_lr,
+            "tokens": heal_tokens,
+        }
+        heal = {k: v for k, v in heal.items() if v is not None}
+        if heal:
+            recipe = Recipe.from_dict(
+                {**recipe.to_dict(), "heal": {**recipe.heal.to_dict(), **heal}}, where="--heal-*"
             )
         with _progress(not as_json) as progress:
             result = compress_job(model, recipe, out_dir, stats_path=stats, progress=progress)

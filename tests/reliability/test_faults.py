@@ -870,16 +870,16 @@ def test_a_failing_write_disk_full_leaves_nothing(
         preexec_fn=_limit_file_size,
     )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode != 0
-    assert not out.exists() and list(out.parent.iterdir()) == []
-    # The row states the message as it is: a real disk full (ENOSPC) surfaces the same way, as
-    # safetensors' SafetensorError rather than an OSError, which the CLI's one-line ENOSPC
-    # message (ffsplit/cli.py _user_errors) does not catch.
+    # A real disk full (ENOSPC) surfaces the same way: as safetensors' SafetensorError, not an
+    # OSError; the CLI turns it into one line (ffsplit/cli.py _user_errors).
     shape = "one line" if len(lines) == 1 else f"NOT one line: a {len(lines)}-line traceback"
     row.observe(
         f"exit {done.returncode}; nothing written, nothing left beside --out; stderr is {shape}, "
         f"ending '{lines[-1] if lines else ''}'"
     )
+    assert done.returncode == 2
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert len(lines) == 1 and "disk full?" in lines[0], done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------- three sweeps at once

@@ -16,6 +16,7 @@ from ffsplit.errors import FFSplitError
 CONFIG_VERSION = 1
 
 METHODS = ("lowrank", "quant", "prune", "none")
+HEAL_LOSSES = ("local", "kl")
 SELECTIONS = ("score", "random")
 BASELINES = ("uniform", "random")
 
@@ -179,6 +180,61 @@ class QuantConfig(Config):
 
 
 @dataclass(frozen=True)
+class HealConfig(Config):
+    """Healing: a short distillation of the compressed FFNs against the dense model (issue 6).
+
+    steps=0 is off (the default: a recipe without healing compresses exactly as before). loss
+    'local' trains each FFN alone to reproduce the dense FFN's output on the dense model's FFN
+    inputs (steps per layer; cheap, layers independent); 'kl' trains all FFNs at once on the
+    KL divergence of the whole model's next-token distribution to the dense one's (steps in
+    total). Only float parts train: low-rank factors, and with train_dense the dense (heavy or
+    kept) blocks; quantized codes never do. Text: calibration windows of `corpus`, disjoint
+    from evaluation text.
+    """
+
+    kind: ClassVar[str] = "heal"
+    steps: int = 0
+    loss: str = "local"
+    lr: float = 1e-4
+    tokens: int = 16384
+    window: int = 512
+    batch_size: int = 4  # windows per step (loss 'local': their tokens, as rows)
+    train_dense: bool = True
+    corpus: str = "wikipedia"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("heal.steps", self.steps, 0, 1_000_000)
+        if self.loss not in HEAL_LOSSES:
+            raise FFSplitError(
+                f"heal.loss must be one of {', '.join(HEAL_LOSSES)}, got {self.loss!r}"
+            )
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, int | float)
+            or not math.isfinite(self.lr)
+            or not 0 < self.lr < 1
+        ):
+            raise FFSplitError(f"heal.lr must be a number in (0, 1), got {self.lr!r}")
+        _check_int("heal.tokens", self.tokens, 2)
+        _check_int("heal.window", self.window, 2, 1 << 20)
+        _check_int("heal.batch_size", self.batch_size, 1, 4096)
+        if self.tokens < self.window:
+            raise FFSplitError(
+                f"heal.tokens ({self.tokens}) must be at least one window ({self.window})"
+            )
+        if not isinstance(self.train_dense, bool):
+            raise FFSplitError(f"heal.train_dense must be true or false, got {self.train_dense!r}")
+        if not isinstance(self.corpus, str) or not self.corpus:
+            raise FFSplitError(f"heal.corpus must be a corpus name, got {self.corpus!r}")
+        _check_int("heal.seed", self.seed, 0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0
+
+
+@dataclass(frozen=True)
 class Recipe(Config):
     """One compression recipe: what to do to every FFN of a model, at which budget.
 
@@ -197,6 +253,7 @@ class Recipe(Config):
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -214,6 +271,27 @@ class Recipe(Config):
         else:
             _check_fraction("recipe.ffn_reduction", self.ffn_reduction)
         _check_int("recipe.seed", self.seed, 0)
+        if self.heal.enabled:
+            self._check_healable()
+
+    def _check_healable(self) -> None:
+        """Healing needs float weights to train: refuse recipes that leave it nothing."""
+        if self.method == "none":
+            raise FFSplitError("recipe.heal: method 'none' compresses nothing; set heal.steps 0")
+        if self.heal.train_dense:
+            dense_part = self.method == "prune" or (
+                self.heavy_ratio > 0 and (self.method != "quant" or self.quant.heavy_bits == 16)
+            )
+            if self.method != "quant" or dense_part:
+                return
+        elif self.method == "lowrank":
+            return
+        raise FFSplitError(
+            f"recipe.heal: nothing to train for method {self.method!r} "
+            f"(heavy_ratio {self.heavy_ratio}, heal.train_dense {self.heal.train_dense}"
+            + (f", quant.heavy_bits {self.quant.heavy_bits}" if self.method == "quant" else "")
+            + "): quantized codes are not trained; train dense parts or set heal.steps 0"
+        )
 
     @property
     def label(self) -> str:
@@ -228,7 +306,10 @@ class Recipe(Config):
             tag = f"{self.method}-random-h{self.heavy_ratio:.2f}"
         else:
             tag = f"{self.method}-h{self.heavy_ratio:.2f}"
-        return f"{tag}-r{self.ffn_reduction:.3f}".rstrip("0").rstrip(".")
+        label = f"{tag}-r{self.ffn_reduction:.3f}".rstrip("0").rstrip(".")
+        if self.heal.enabled:
+            label += f"-heal{self.heal.steps}" + ("-kl" if self.heal.loss == "kl" else "")
+        return label
 
     @property
     def baseline(self) -> str | None:

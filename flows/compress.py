@@ -1,8 +1,9 @@
 """The `compress` flow (one model, one recipe, one registered variant) and the stages both flows share.
 
 profile (a Ray task per calibration unit) -> aggregate -> compress (a Ray task per layer shard) ->
-assemble -> evaluate (the variant, and the dense reference for the quality change) -> register in
-MLflow. Parameters, the model, the MLflow store and the Prefect API are all checked before any work.
+assemble -> heal (when recipe.heal.steps > 0: a short distillation against the dense model) ->
+evaluate (the variant, and the dense reference for the quality change) -> register in MLflow.
+Parameters, the model, the MLflow store and the Prefect API are all checked before any work.
 Every artifact is keyed by content in the cache (tasks/cache.py) and written atomically, so a
 re-run with the same inputs, or a run started again after being killed, skips what is done.
 
@@ -36,6 +37,7 @@ from tasks.assemble import assemble
 from tasks.compress import compress_shard, layer_shards, shard_plan
 from tasks.evaluate import eval_params, evaluate
 from tasks.evaluate import metrics as quality_metrics
+from tasks.heal import heal_variant, unhealed
 from tasks.profile import MODES, profile_unit, unit_plan
 from tasks.runtime import check_prefect_api, ray_session, run_remote, task_resources
 
@@ -329,8 +331,13 @@ class Stages:
             uses = stats if needs_statistics(recipe) else None
             if needs_statistics(recipe) and stats is None:
                 raise FFSplitError(f"recipe '{recipe.label}' needs statistics; profile first")
+            # shards are the recipe's compression alone: healing comes after assembly (heal)
             plan = shard_plan(
-                self.base.sha256, uses and uses["key"], recipe.to_dict(), shards, str(self.root)
+                self.base.sha256,
+                uses and uses["key"],
+                unhealed(recipe).to_dict(),
+                shards,
+                str(self.root),
             )
             jobs.append((recipe, uses, plan))
         with self.timed("compress"):
@@ -341,12 +348,12 @@ class Stages:
                     plan,
                     [
                         compress_shard.with_options(
-                            task_run_name=f"compress-{recipe.label}-layers-{p['layers'][0]}-{p['layers'][-1]}"
+                            task_run_name=f"compress-{unhealed(recipe).label}-layers-{p['layers'][0]}-{p['layers'][-1]}"
                         ).submit(
                             self.base.name,
                             self.base.sha256,
                             uses and uses["stats_path"],
-                            recipe.to_dict(),
+                            unhealed(recipe).to_dict(),
                             p["layers"],
                             p["path"],
                         )
@@ -378,10 +385,13 @@ class Stages:
                         "variant_key": key,
                     }
                 }
-                future = assemble.with_options(task_run_name=f"assemble-{recipe.label}").submit(
+                compression = unhealed(recipe)
+                future = assemble.with_options(
+                    task_run_name=f"assemble-{compression.label}"
+                ).submit(
                     self.base.name,
                     self.base.sha256,
-                    recipe.to_dict(),
+                    compression.to_dict(),
                     [p["path"] for p in plan],
                     out,
                     uses and uses["calibration"],
@@ -404,6 +414,36 @@ class Stages:
                 )
         return out_items
 
+    def heal(self, assembled: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Heal the variants whose recipe asks for it (one Ray task each, content-keyed by the
+        assembled variant and the heal config); the others pass through unchanged. A healed item's
+        key and variant become the healed folder's; the assembled one stays under 'unhealed'."""
+        todo = [item for item in assembled if item["recipe"].heal.enabled]
+        if not todo:
+            return assembled
+        with self.timed("heal"):
+            futures = []
+            for item in todo:
+                config = item["recipe"].heal.to_dict()
+                key = cache.heal_key(item["key"], config)
+                future = heal_variant.with_options(
+                    task_run_name=f"heal-{item['recipe'].label}"
+                ).submit(
+                    self.base.name,
+                    self.base.sha256,
+                    item["variant"]["path"],
+                    config,
+                    str(cache.healed_dir(self.root, key)),
+                )
+                futures.append((item, key, future))
+            for item, key, future in futures:
+                healed = future.result()
+                item["unhealed"] = {"key": item["key"], "variant": item["variant"]}
+                item["key"] = key
+                item["variant"] = healed
+                item["cached"] = item["cached"] and healed["cached"]
+        return assembled
+
     def submit_evaluation(
         self, subject: str, subject_key: str, label: str, params: dict[str, Any] | None = None
     ) -> PrefectFuture:
@@ -418,6 +458,19 @@ class Stages:
         for key in ("prompt_tokens", "decode_tokens", "repeats"):
             params.pop(key, None)
         return self.submit_evaluation(self.base.name, self.base.sha256, "dense", params)
+
+
+def heal_metrics(item: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of a healed item: healing's wall time and distillation loss before/after."""
+    heal = item["variant"].get("heal") if "unhealed" in item else None
+    if not heal:
+        return {}
+    names = {"seconds": "heal_seconds", "before": "heal_loss_before", "after": "heal_loss_after"}
+    return {
+        metric: float(heal[key])
+        for key, metric in names.items()
+        if isinstance(heal.get(key), int | float) and math.isfinite(heal[key])
+    }
 
 
 def series_of(recipe: Recipe) -> str:
@@ -517,7 +570,7 @@ def compress(
                 base.name,
                 str(cache.cache_root(settings.cache_dir) / "plots" / f"{stats['key']}-scores.png"),
             )
-        [item] = stages.assemble(stages.compress([parsed], stats))
+        [item] = stages.heal(stages.assemble(stages.compress([parsed], stats)))
         with stages.timed("evaluate"):
             dense_future = stages.dense_evaluation()
             record = stages.submit_evaluation(
@@ -526,6 +579,7 @@ def compress(
             dense = dense_future.result()
         metrics = quality_metrics(record, dense)
         metrics["compress_seconds"] = item["compress_seconds"]
+        metrics.update(heal_metrics(item))
         if stats is not None:
             metrics["profile_seconds"] = stats["profile_seconds"]
         registered = None
@@ -560,7 +614,9 @@ def compress(
             "profile": None if stats is None else stats["cached"],
             "variant": item["cached"],
             "evaluation": record["cached"],
+            **({"heal": item["variant"]["cached"]} if "unhealed" in item else {}),
         },
+        **({"unhealed_variant": item["unhealed"]["variant"]["path"]} if "unhealed" in item else {}),
         "stage_seconds": stages.seconds,
         "seconds": time.perf_counter() - started,
         "cluster": cluster,

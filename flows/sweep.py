@@ -1,13 +1,14 @@
 """The `sweep` flow: a grid of methods x heavy ratios x budgets plus the baselines at equal budgets.
 
 Statistics are profiled once and shared by every variant; each variant is compressed, assembled,
-evaluated (quality on the evaluation split, size, latency raced against the dense model) and
-registered in MLflow. The dense reference is registered too. Alias policy: `dense` names the
-reference; `champion` the fastest (objective "speed": highest decode speedup) or smallest
-(objective "size": fewest bytes) variant of this sweep whose perplexity is at most
-quality_budget_pct % above the dense model's (tasks.registry.choose_champion); with none within the
-budget the champion alias is left where it was. The run folder gets results.json, results.md, the
-Pareto chart and the score distribution chart; the chart files are logged with every version.
+healed when its recipe asks for it (recipe_defaults {"heal": {"steps": N}}), evaluated (quality on
+the evaluation split, size, latency raced against the dense model) and registered in MLflow. The
+dense reference is registered too. Alias policy: `dense` names the reference; `champion` the
+fastest (objective "speed": highest decode speedup) or smallest (objective "size": fewest bytes)
+variant of this sweep whose perplexity is at most quality_budget_pct % above the dense model's
+(tasks.registry.choose_champion); with none within the budget the champion alias is left where it
+was. The run folder gets results.json, results.md, the Pareto chart and the score distribution
+chart; the chart files are logged with every version.
 
 CLI: ``python -m flows.sweep run --model smollm2-135m --methods lowrank,quant ...`` runs the flow;
 ``python -m flows.sweep report RUN_DIR`` prints a finished run's table.
@@ -37,6 +38,7 @@ from flows.compress import (
     check_memory_cap,
     check_recipe,
     check_services,
+    heal_metrics,
     register_version,
     registered_name,
     resolve_base,
@@ -63,6 +65,7 @@ STAGES = (
     "aggregate",
     "compress",
     "assemble",
+    "heal",
     "evaluate",
     "report",
     "register",
@@ -287,9 +290,12 @@ def sweep(
 
     methods (lowrank, quant) x heavy_ratios x budgets (FFN byte reductions), plus baselines
     (uniform, random, prune) at the same budgets; recipe_defaults adds Recipe fields to every
-    variant (e.g. {"quant": {"gptq": true}}). quality_budget_pct and champion_objective ("speed"
-    or "size") state the champion policy; latency_* set the latency race's workload. Defaults:
-    methods lowrank,quant; heavy_ratios 0.1; budgets 0.3,0.5; baselines uniform,random,prune.
+    variant (e.g. {"quant": {"gptq": true}}; {"heal": {"steps": 100}} heals every variant after
+    assembly, and each is registered healed; quantized light parts are not trained, so a quant
+    recipe heals only its 16-bit heavy part, and one with none is refused). quality_budget_pct and
+    champion_objective ("speed" or "size") state the champion policy; latency_* set the latency
+    race's workload. Defaults: methods lowrank,quant; heavy_ratios 0.1; budgets 0.3,0.5;
+    baselines uniform,random,prune.
     """
     started = time.perf_counter()
     # ---- validation: everything before any work
@@ -368,7 +374,7 @@ def sweep(
                 base.name,
                 str(Path(settings.cache_dir) / "plots" / f"{stats['key']}-scores.png"),
             )
-        variants = stages.assemble(stages.compress([dense_recipe, *grid], stats))
+        variants = stages.heal(stages.assemble(stages.compress([dense_recipe, *grid], stats)))
         with stages.timed("evaluate"):
             dense_future = stages.dense_evaluation()
             futures = [
@@ -382,6 +388,7 @@ def sweep(
             item["record"] = record
             item["metrics"] = quality_metrics(record, dense)
             item["metrics"]["compress_seconds"] = item["compress_seconds"]
+            item["metrics"].update(heal_metrics(item))
             if stats is not None and needs_statistics(item["recipe"]):
                 item["metrics"]["profile_seconds"] = stats["profile_seconds"]
             item["cached"] = item["cached"] and record["cached"]

@@ -25,7 +25,7 @@ def variant_summary(folder: str | Path) -> dict[str, Any]:
 
     manifest = read_manifest(folder)
     sizes = manifest["sizes"]
-    return {
+    summary = {
         "path": str(folder),
         "label": Recipe.from_dict(manifest["recipe"]).label,
         "ffn_reduction": sizes["ffn_reduction"],
@@ -33,6 +33,10 @@ def variant_summary(folder: str | Path) -> dict[str, Any]:
         "ffn_bytes": sizes["ffn_bytes"],
         "compression_seconds": manifest.get("compression_seconds"),
     }
+    heal = manifest.get("heal")
+    if isinstance(heal, dict):  # a healed variant (tasks/heal.py): what healing did
+        summary["heal"] = {k: heal.get(k) for k in ("loss", "steps", "before", "after", "seconds")}
+    return summary
 
 
 def assemble_job(
@@ -88,17 +92,22 @@ def assemble_job(
         ffn_bytes=sum(r.bytes for r in reports),
         seconds=compress_seconds,
     )
-    save_variant(
-        net,
-        tokenizer,
-        target,
-        adapter=adapter,
-        base_model=ref.to_dict(),
-        report=report,
-        layers=layers,
-        calibration=calibration,
-        extra=extra,
-    )
+    try:
+        save_variant(
+            net,
+            tokenizer,
+            target,
+            adapter=adapter,
+            base_model=ref.to_dict(),
+            report=report,
+            layers=layers,
+            calibration=calibration,
+            extra=extra,
+        )
+    except (FileExistsError, FFSplitError):  # a concurrent run assembled the same variant first
+        if not (target / MANIFEST).is_file():
+            raise
+        return {**variant_summary(target), "cached": True, "seconds": 0.0}
     return {**variant_summary(target), "cached": False, "seconds": time.perf_counter() - started}
 
 

@@ -6,7 +6,7 @@ compute it. Artifacts are written atomically under the cache root, so an entry t
 complete: a run killed midway leaves only temp files, which are never taken as results.
 
 Layout: ROOT/stats/units/KEY.safetensors, ROOT/stats/merged/KEY/, ROOT/shards/KEY/,
-ROOT/variants/KEY/, ROOT/evals/KEY.json.
+ROOT/variants/KEY/, ROOT/healed/KEY/, ROOT/evals/KEY.json.
 """
 
 from __future__ import annotations
@@ -47,6 +47,16 @@ CODE = {
         "tasks.compress",
     ),
     "variant": ("ffsplit.variant", "ffsplit.split", "tasks.assemble"),
+    "heal": (
+        "ffsplit.heal",
+        "ffsplit.jobs",
+        "ffsplit.config",
+        "ffsplit.data",
+        "ffsplit.variant",
+        "ffsplit.split",
+        "ffsplit.adapters",
+        "tasks.heal",
+    ),
     "eval": ("ffsplit.eval", "ffsplit.jobs", "ffsplit.data", "ffsplit.variant", "tasks.evaluate"),
 }
 
@@ -152,6 +162,11 @@ def variant_key(model_sha256: str, shard_keys: list[str]) -> str:
     return content_key("variant", model=model_sha256, shards=list(shard_keys))
 
 
+def heal_key(variant_key: str, heal: dict[str, Any]) -> str:
+    """A healed variant folder: the assembled (unhealed) variant plus the heal config."""
+    return content_key("heal", variant=variant_key, heal=heal)
+
+
 def eval_key(subject: str, params: dict[str, Any]) -> str:
     """An evaluation record of a variant key (or a base model's sha256) under some settings."""
     return content_key("eval", subject=subject, params=params)
@@ -174,6 +189,10 @@ def shard_dir(root: Path, key: str) -> Path:
 
 def variant_dir(root: Path, key: str) -> Path:
     return root / "variants" / key
+
+
+def healed_dir(root: Path, key: str) -> Path:
+    return root / "healed" / key
 
 
 def eval_path(root: Path, key: str) -> Path:

@@ -97,6 +97,41 @@ def test_layer_groups_mode_gives_the_same_variant_under_a_memory_cap(
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+HEAL = {"steps": 4, "lr": 1e-3, "tokens": 512, "window": 64, "batch_size": 2}
+
+
+def test_a_healed_recipe_heals_after_assembly_and_shares_the_compression(
+    tiny_lm: str, pipeline_env: dict
+) -> None:
+    quick = {**SMALL, "latency": False}
+    healed = {**RECIPE, "heal": HEAL}
+    first = compress(model=tiny_lm, recipe=healed, register_as="t-heal-flow", **quick)
+    assert first["cached"] == {
+        "profile": False,
+        "variant": False,
+        "evaluation": False,
+        "heal": False,
+    }
+    assert first["label"] == "lowrank-h0.10-r0.3-heal4" and "heal" in first["stage_seconds"]
+    manifest = read_manifest(first["variant"])
+    assert manifest["recipe"]["heal"]["steps"] == 4 and manifest["heal"]["steps"] == 4
+    assert manifest["pipeline"]["compress_shards"] == 2  # the assembled variant's record, kept
+    metrics = first["metrics"]
+    assert metrics["heal_seconds"] > 0 and metrics["heal_loss_after"] < metrics["heal_loss_before"]
+    client = _client(pipeline_env["mlflow"])
+    version = client.get_model_version("t-heal-flow", first["registered"]["version"])
+    run = client.get_run(version.run_id)
+    assert run.data.params["recipe.heal.steps"] == "4"
+    assert run.data.metrics["heal_loss_after"] == metrics["heal_loss_after"]
+    # the same recipe without healing: the compressed, assembled variant is the one healed above
+    plain = compress(model=tiny_lm, recipe=RECIPE, register_model=False, **quick)
+    assert plain["cached"] == {"profile": True, "variant": True, "evaluation": False}
+    assert plain["variant"] == first["unhealed_variant"] and "heal_seconds" not in plain["metrics"]
+    again = compress(model=tiny_lm, recipe=healed, register_as="t-heal-flow", **quick)
+    assert again["cached"] == {"profile": True, "variant": True, "evaluation": True, "heal": True}
+    assert again["registered"]["reused"]
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -110,6 +145,7 @@ def test_layer_groups_mode_gives_the_same_variant_under_a_memory_cap(
             {"recipe": {**RECIPE, "profile": {**RECIPE["profile"], "collect_grams": False}}},
             "lowrank.whiten needs Gram matrices",
         ),
+        ({"recipe": {**RECIPE, "heal": {"steps": 4, "loss": "mse"}}}, "heal.loss must be one of"),
     ],
 )
 def test_bad_input_fails_before_any_work(

@@ -208,6 +208,28 @@ def test_a_sweep_killed_midway_finishes_on_restart_without_redoing_work(
     assert (run_dir / "results.json").is_file()
 
 
+def test_sweep_heals_every_variant_through_recipe_defaults(
+    tiny_lm: str, pipeline_env: dict
+) -> None:
+    name = f"t-heal-sweep-{uuid.uuid4().hex[:6]}"
+    heal = {"steps": 3, "lr": 1e-3, "tokens": 512, "window": 64, "batch_size": 2}
+    grid = {**GRID, "methods": ["lowrank"], "baselines": ["prune"]}
+    result = sweep(model=tiny_lm, register_as=name, **{**grid, "recipe_defaults": {"heal": heal}})
+    rows = result["rows"]
+    assert [r["label"] for r in rows] == [
+        "dense",
+        "lowrank-h0.10-r0.3-heal3",
+        "prune-r0.3-heal3",
+    ]
+    assert "heal" in result["stage_seconds"]
+    assert "heal_seconds" not in rows[0] and all(r["heal_seconds"] > 0 for r in rows[1:])
+    client = _client(pipeline_env["mlflow"])
+    for row in rows[1:]:
+        assert "/healed/" in row["variant"]
+        version = client.get_model_version(name, row["version"])
+        assert client.get_run(version.run_id).data.params["recipe.heal.steps"] == "3"
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -218,6 +240,7 @@ def test_a_sweep_killed_midway_finishes_on_restart_without_redoing_work(
         ({"champion_objective": "fast"}, "champion_objective"),
         ({"recipe_defaults": {"quant": {"bits": 3}}}, "unknown key.*'bits'"),
         ({"recipe_defaults": {"method": "quant"}}, "may not set 'method'"),
+        ({"recipe_defaults": {"heal": {"steps": 3}}}, "nothing to train for method 'quant'"),
         ({"model": "no-such-model"}, "unknown model"),
     ],
 )

@@ -1,0 +1,146 @@
+"""Healing on SmolLM2 (issue 6): perplexity with and without a short distillation, and its cost.
+
+Compresses the model once per FFN reduction (FFSplit low-rank, activation-aware, statistics from
+--stats) through the library job (ffsplit.jobs.compress_job), then heals that variant with each
+--heal config through ffsplit.jobs.heal_job (the pipeline's heal step runs the same job) and
+scores perplexity of both on the Wikipedia evaluation split, disjoint from the calibration text
+that profiling and healing see. Rows are written after each heal (--resume keeps them).
+
+    python bench/heal.py --stats /work/quality_stats.safetensors --budgets 0.431 \\
+        --heal '{"steps": 100, "loss": "local"}' --out bench/results/heal-smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ffsplit.compress.lowrank import reuse_decompositions
+from ffsplit.config import HealConfig, ProfileConfig, Recipe
+from ffsplit.data.windows import evaluation_windows
+from ffsplit.eval import perplexity
+from ffsplit.jobs import compress_job, heal_job
+from ffsplit.models.loading import load_model
+from ffsplit.variant import load_variant, read_manifest
+from ffsplit.variant.atomic import write_text_atomic
+
+
+def _perplexity(folder: Path, windows: torch.Tensor) -> float:
+    model, _, _ = load_variant(folder)
+    return perplexity(model, windows).perplexity
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--stats", type=Path, required=True, help="statistics of --calib-tokens")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--budgets", default="0.431")
+    parser.add_argument("--heavy-ratio", type=float, default=0.1)
+    parser.add_argument(
+        "--heal", action="append", type=json.loads, default=[], help="HealConfig JSON (repeat)"
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ffsplit-heal-bench"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true", help="keep rows already in --out")
+    parser.add_argument("--keep-healed", action="store_true", help="keep healed variant folders")
+    args = parser.parse_args()
+    heals = [HealConfig.from_dict({"steps": 1, **h}) for h in args.heal]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    dense_model, tokenizer, ref = load_model(args.model)
+    evaluation, eval_ref = evaluation_windows(
+        tokenizer, tokens=args.eval_tokens, window=args.window
+    )
+    previous = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else {}
+    result: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores shared with "
+        f"other jobs, {torch.get_num_threads()} torch threads, CPU, nice 5",
+        "model": ref.to_dict(),
+        "evaluation": eval_ref.to_dict(),
+        "dense_perplexity": previous.get("dense_perplexity")
+        or perplexity(dense_model, evaluation).perplexity,
+        "variants": previous.get("variants", {}),
+        "rows": previous.get("rows", []),
+    }
+    dense = result["dense_perplexity"]
+    print(json.dumps({"dense_perplexity": dense}), flush=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for budget in budgets:
+        recipe = Recipe(
+            method="lowrank",
+            heavy_ratio=args.heavy_ratio,
+            ffn_reduction=budget,
+            profile=ProfileConfig(tokens=args.calib_tokens, window=args.window),
+        )
+        folder = args.work / recipe.label  # kept between runs: compressing takes minutes
+        if not folder.is_dir():
+            with reuse_decompositions(max_entries=96):
+                compress_job(args.model, recipe, folder, stats_path=args.stats)
+        manifest = read_manifest(folder)
+        entry = result["variants"].setdefault(recipe.label, {})
+        entry["ffn_reduction"] = manifest["sizes"]["ffn_reduction"]
+        entry["compress_seconds"] = manifest["compression_seconds"]
+        if "perplexity" not in entry:
+            entry["perplexity"] = _perplexity(folder, evaluation)
+            entry["perplexity_change_pct"] = 100 * (entry["perplexity"] / dense - 1)
+        print(json.dumps({recipe.label: entry}), flush=True)
+        write_text_atomic(args.out, json.dumps(result, indent=1))
+        for config in heals:
+            done = [
+                r
+                for r in result["rows"]
+                if r["variant"] == recipe.label and r["heal"] == config.to_dict()
+            ]
+            if done:
+                continue
+            healed = args.work / f"{recipe.label}-healed"
+            shutil.rmtree(healed, ignore_errors=True)
+            load_before = os.getloadavg()[0]
+            started = time.perf_counter()
+            job = heal_job(folder, config, healed, dense=(dense_model, ref.weights_sha256))
+            wall = time.perf_counter() - started
+            manifest = json.loads((healed / "manifest.json").read_text())
+            report = manifest["heal"]
+            ppl = _perplexity(healed, evaluation)
+            row = {
+                "variant": recipe.label,
+                "label": job["label"],
+                "ffn_reduction": job["ffn_reduction"],
+                "heal": config.to_dict(),
+                "perplexity_before": entry["perplexity"],
+                "perplexity_after": ppl,
+                "perplexity_change_pct_after": 100 * (ppl / dense - 1),
+                "heal_seconds": report["seconds"],
+                "heal_cpu_seconds": report["cpu_seconds"],
+                "heal_job_seconds": wall,
+                "load_average_1m": [load_before, os.getloadavg()[0]],  # before, after
+                "loss_before": report["before"],
+                "loss_after": report["after"],
+                "parameters": report["parameters"],
+                "threads": report["threads"],
+                "curve": report["curve"],
+                "layers": report["layers"],
+                "calibration": report["calibration"],
+            }
+            result["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "layers")}))
+            write_text_atomic(args.out, json.dumps(result, indent=1))
+            if not args.keep_healed:
+                shutil.rmtree(healed, ignore_errors=True)
+    write_text_atomic(args.out, json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,17 @@ from ffsplit.variant import load_variant, read_manifest
 from ffsplit.variant.atomic import write_text_atomic
 
 
+def _progress(started: float) -> Any:
+    """Print the heal's progress to stderr every tenth of its steps."""
+
+    def show(stage: str, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            elapsed = time.perf_counter() - started
+            print(f"{stage} {done}/{total} {elapsed:.0f}s", file=sys.stderr, flush=True)
+
+    return show
+
+
 def _perplexity(folder: Path, windows: torch.Tensor) -> float:
     model, _, _ = load_variant(folder)
     return perplexity(model, windows).perplexity
@@ -109,7 +120,13 @@ def main() -> None:
             shutil.rmtree(healed, ignore_errors=True)
             load_before = os.getloadavg()[0]
             started = time.perf_counter()
-            job = heal_job(folder, config, healed, dense=(dense_model, ref.weights_sha256))
+            job = heal_job(
+                folder,
+                config,
+                healed,
+                dense=(dense_model, ref.weights_sha256),
+                progress=_progress(time.perf_counter()),
+            )
             wall = time.perf_counter() - started
             manifest = json.loads((healed / "manifest.json").read_text())
             report = manifest["heal"]

@@ -2,7 +2,7 @@
 # Create .venv and install ffsplit with the pipeline stack (idempotent; ~90 s on a fresh machine).
 # torch is pinned to 2.13.0, a CPU build on local disk here; a looser pin pulls a multi-GB CUDA build.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -5,7 +5,10 @@ handed out by `ray.util.ActorPool` to whichever worker is free:
 - profile: the calibration windows are cut into `units` fixed units (windows u, u+U, ..., as the
   pipeline cuts them) and the units into `ranges` contiguous ranges. One task per range runs its
   units in order through the model with the statistics hooks (ffsplit.profiling) and writes the
-  range's partial sums (float64 Grams included) as raw hand-off files in a scratch folder.
+  range's partial sums (float64 Grams included) as raw hand-off files in a scratch folder. Grams
+  travel as the packed lower triangle of their symmetric part (G + G^T)/2, the matrix whitening
+  uses anyway: half the bytes. The hand-off is the part of the profile stage that does not
+  shrink with more GPUs (the writers of one host share its memory bandwidth).
 - compress: one task per shard of consecutive layers (tasks.compress.layer_shards) merges each
   layer's range partials in range order (ffsplit.profiling.stats.merge), then runs
   ffsplit.compress.recipe.compress_layer (activation-aware SVD, on the GPU) and writes a shard
@@ -59,6 +62,8 @@ CALIBRATION_FILE = REPO_ROOT / ".gpucarry" / "calibration.safetensors"
 PARTIAL_INDEX = "index.json"
 _NUMPY = {torch.float64: np.float64, torch.int64: np.int64, torch.float32: np.float32}
 _FIELDS = ("sum_sq", "max_abs", "hits", "gram_in", "gram_hidden")
+_GRAMS = ("gram_in", "gram_hidden")
+TRIL = "tril"  # index tag of a field stored as its packed lower triangle (row-major)
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -192,16 +197,18 @@ class RawWriter:
 
     def _write(self, slot: int, tensor: Tensor, path: Path) -> None:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        with open(path, "wb", buffering=0) as f:
+        # In place, not truncated: a file preallocated by preallocate_partial keeps its pages.
+        with open(path, "r+b" if path.exists() else "wb", buffering=0) as f:
             if not self.staging:
                 _write_fully(f, memoryview(data.numpy()))
-                return
-            buffer = self.staging[slot]
-            for start in range(0, data.numel(), self.chunk):
-                part = data[start : start + self.chunk]
-                staged = buffer[: part.numel()]
-                staged.copy_(part)
-                _write_fully(f, memoryview(staged.numpy()))
+            else:
+                buffer = self.staging[slot]
+                for start in range(0, data.numel(), self.chunk):
+                    part = data[start : start + self.chunk]
+                    staged = buffer[: part.numel()]
+                    staged.copy_(part)
+                    _write_fully(f, memoryview(staged.numpy()))
+            f.truncate(data.numel())
 
     def write_all(self, items: Sequence[tuple[Tensor, Path]]) -> None:
         """Write every (tensor, path); each thread owns one staging buffer."""
@@ -218,6 +225,62 @@ class RawWriter:
         with ThreadPoolExecutor(self.threads) as pool:
             for future in [pool.submit(work, slot) for slot in range(self.threads)]:
                 future.result()
+
+
+def _lower_mask(n: int, device: torch.device) -> Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+
+
+def pack_lower(gram: Tensor) -> Tensor:
+    """The lower triangle of (G + G^T)/2, row by row: n(n+1)/2 values.
+
+    A Gram computed by a GEMM can differ from its transpose in the last bits; its symmetric part
+    is what whitening (ffsplit.compress.lowrank) works with, and it is exact for a symmetric G.
+    """
+    return ((gram + gram.T) / 2).masked_select(_lower_mask(gram.shape[0], gram.device))
+
+
+def unpack_lower(packed: Tensor, n: int) -> Tensor:
+    """The symmetric matrix whose lower triangle is `packed` (the upper one mirrors it)."""
+    if packed.numel() != n * (n + 1) // 2:
+        raise FFSplitError(f"packed triangle holds {packed.numel()} values, not {n * (n + 1) // 2}")
+    out = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
+    out.masked_scatter_(_lower_mask(n, packed.device), packed)
+    return out + out.tril(-1).T
+
+
+def partial_layout(stats: Mapping[int, LayerStats]) -> dict[str, int]:
+    """File name -> bytes of a range's partial, as write_partial lays it out."""
+    layout = {}
+    for layer, st in stats.items():
+        for name in _FIELDS:
+            tensor = getattr(st, name)
+            if tensor is None:
+                continue
+            n = tensor.shape[0]
+            values = n * (n + 1) // 2 if name in _GRAMS else tensor.numel()
+            layout[f"{layer}.{name}.bin"] = values * tensor.element_size()
+    return layout
+
+
+def preallocate_partial(stats: Mapping[int, LayerStats], folder: Path) -> int:
+    """Allocate a range's partial files before profiling; returns the bytes allocated.
+
+    Why: the GPU machine's RAM is backed by the host as it is first touched (about 3 s per
+    8 GiB, KINDS.md), and pages freed on the guest can go back. Written into fresh tmpfs pages,
+    the 16 GiB partial of a 7B range took 12.6 s instead of 1.5 s. Allocating the files while
+    the workers start (as a serving system keeps its hand-off arena) keeps that out of the stage.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for name, size in partial_layout(stats).items():
+        fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+        total += size
+    return total
 
 
 def write_partial(
@@ -242,8 +305,12 @@ def write_partial(
                 continue
             if tensor.dtype not in _NUMPY:
                 raise FFSplitError(f"layer {layer} {name}: cannot write dtype {tensor.dtype}")
+            field = [str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
+            if name in _GRAMS:
+                tensor = pack_lower(tensor)
+                field.append(TRIL)
             items.append((tensor, folder / f"{layer}.{name}.bin"))
-            entry["fields"][name] = [str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
+            entry["fields"][name] = field
             written += tensor.numel() * tensor.element_size()
         index["layers"][str(layer)] = entry
     # Largest first, so the threads finish together.
@@ -262,15 +329,17 @@ def read_partial_layer(folder: Path, layer: int, device: str | torch.device) -> 
     if entry is None:
         raise FFSplitError(f"{folder}: no statistics for layer {layer}")
     tensors: dict[str, Tensor | None] = dict.fromkeys(_FIELDS)
-    for name, (dtype, shape) in entry["fields"].items():
+    for name, (dtype, shape, *tags) in entry["fields"].items():
+        packed = TRIL in tags
         data = np.memmap(
             Path(folder) / f"{layer}.{name}.bin",
             dtype=_NUMPY[getattr(torch, dtype)],
             mode="c",
-            shape=tuple(shape),
+            shape=(shape[0] * (shape[0] + 1) // 2,) if packed else tuple(shape),
         )
-        tensors[name] = torch.from_numpy(data).to(device).clone()
+        tensor = torch.from_numpy(data).to(device).clone()
         del data
+        tensors[name] = unpack_lower(tensor, shape[0]) if packed else tensor
     return LayerStats(tokens=int(entry["tokens"]), hit_top_k=int(entry["hit_top_k"]), **tensors)
 
 
@@ -341,6 +410,16 @@ class StageWorker:
         _sync(self.device)
         self.build_s = time.perf_counter() - started
         self.fingerprint = model_fingerprint(self.model)
+
+    def preallocate(self, folders: list[str]) -> dict[str, Any]:
+        """Allocate the partial files of `folders` (preallocate_partial), timed."""
+        started = time.perf_counter()
+        written = sum(preallocate_partial(self.hooks.stats, Path(f)) for f in folders)
+        return {
+            "folders": folders,
+            "gib": written / 2**30,
+            "seconds": time.perf_counter() - started,
+        }
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -630,6 +709,11 @@ def run_setting(
         pool = ActorPool(actors)
         ranges = unit_ranges(config.units, config.ranges)
         partials = [str(scratch / f"partial-{i}") for i in range(len(ranges))]
+        t = time.perf_counter()
+        record["preallocate"] = ray.get(
+            [a.preallocate.remote(partials[i :: len(actors)]) for i, a in enumerate(actors)]
+        )
+        record["preallocate_s"] = time.perf_counter() - t
         ids_ref = ray.put(ids)
         t0 = time.perf_counter()
         jobs = list(zip(ranges, partials, strict=True))
@@ -890,6 +974,8 @@ def _summarise(result: dict[str, Any], gpus: bool) -> None:
         result[f"profile_tokens_per_s_{n}{unit}"] = rec["profile_tokens_per_s"]
         result[f"profile_s_{n}{unit}"] = rec["profile_s"]
         result[f"warm_s_{n}{unit}"] = rec["warm_s"]
+        if "preallocate_s" in rec:
+            result[f"preallocate_s_{n}{unit}"] = rec["preallocate_s"]
         busy: dict[int, float] = {}
         for task in rec["profile_tasks"]:
             busy[task["pid"]] = busy.get(task["pid"], 0.0) + task["forward_s"]
@@ -1024,13 +1110,14 @@ def plot(json_path: Path, out: Path) -> Path:
     keys = sorted(data["settings"], key=lambda k: int(k[0]))
     stages = (
         ("warm_s", "workers start, build the model"),
+        ("preallocate_s", "allocate hand-off files"),
         ("profile_s", "profile"),
         ("compress_s", "compress"),
     )
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     bottom = [0.0] * len(keys)
     for stage, label in stages:
-        values = [data["settings"][k][stage] for k in keys]
+        values = [data["settings"][k].get(stage, 0.0) for k in keys]
         ax.bar(keys, values, bottom=bottom, label=label, width=0.5)
         for i, (b, v) in enumerate(zip(bottom, values, strict=True)):
             ax.text(i, b + v / 2, f"{v:.0f} s", ha="center", va="center", fontsize=9)

@@ -35,8 +35,10 @@ def _stats(seed: int, layers: int = 3) -> dict[int, LayerStats]:
         s.sum_sq.copy_(torch.rand(50, generator=gen, dtype=torch.float64))
         s.max_abs.copy_(torch.rand(50, generator=gen, dtype=torch.float64))
         s.hits.copy_(torch.randint(0, 9, (50,), generator=gen))
-        s.gram_in.copy_(torch.rand(20, 20, generator=gen, dtype=torch.float64))
-        s.gram_hidden.copy_(torch.rand(50, 50, generator=gen, dtype=torch.float64))
+        x = torch.rand(9, 20, generator=gen, dtype=torch.float64)
+        h = torch.rand(9, 50, generator=gen, dtype=torch.float64)
+        s.gram_in.copy_((x.T @ x + (x.T @ x).T) / 2)
+        s.gram_hidden.copy_((h.T @ h + (h.T @ h).T) / 2)
         out[layer] = s
     return out
 
@@ -82,9 +84,50 @@ def test_partials_round_trip_exactly(tmp_path: Path, threads: int) -> None:
     stats = _stats(0)
     writer = multigpu.RawWriter("cpu", threads)
     written = multigpu.write_partial(stats, tmp_path / "p", {"units": [0]}, writer)
-    assert written == sum((50 * 3 + 400 + 2500) * 8 for _ in stats)
+    assert written == sum((50 * 3 + 20 * 21 // 2 + 50 * 51 // 2) * 8 for _ in stats)  # packed
     for layer, s in stats.items():
         assert _equal(multigpu.read_partial_layer(tmp_path / "p", layer, "cpu"), s)
+
+
+def test_grams_travel_as_the_lower_triangle_of_their_symmetric_part() -> None:
+    """Half the bytes; a symmetric Gram round-trips exactly, one that differs from its transpose
+    in the last bits (as a GEMM's may) comes back as (G + G^T)/2, which whitens the same."""
+    from ffsplit.compress.lowrank import whitened_svd
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 12, generator=gen, dtype=torch.float64)
+    gram = x.T @ x
+    gram = (gram + gram.T) / 2
+    packed = multigpu.pack_lower(gram)
+    assert packed.numel() == 12 * 13 // 2
+    assert torch.equal(multigpu.unpack_lower(packed, 12), gram)
+    skewed = gram.clone()
+    skewed[0, 5] += 1e-9
+    back = multigpu.unpack_lower(multigpu.pack_lower(skewed), 12)
+    assert torch.equal(back, back.T) and torch.equal(back, (skewed + skewed.T) / 2)
+    weight = torch.randn(7, 12, generator=gen)
+    a = whitened_svd(weight, 3, skewed, 64)
+    b = whitened_svd(weight, 3, back, 64)
+    assert torch.allclose(a.a @ a.b, b.a @ b.b, rtol=0, atol=1e-6)
+    with pytest.raises(FFSplitError, match="packed triangle holds 78 values, not 66"):
+        multigpu.unpack_lower(packed, 11)
+
+
+def test_preallocated_partials_are_written_in_place(tmp_path: Path) -> None:
+    stats = _stats(6)
+    allocated = multigpu.preallocate_partial(stats, tmp_path / "p")
+    layout = multigpu.partial_layout(stats)
+    assert allocated == sum(layout.values())
+    assert {f.name: f.stat().st_size for f in (tmp_path / "p").iterdir()} == layout
+    inode = (tmp_path / "p" / "0.gram_hidden.bin").stat().st_ino
+    written = multigpu.write_partial(stats, tmp_path / "p", {}, multigpu.RawWriter("cpu", 2))
+    assert written == allocated and (tmp_path / "p" / "0.gram_hidden.bin").stat().st_ino == inode
+    for layer, s in stats.items():
+        assert _equal(multigpu.read_partial_layer(tmp_path / "p", layer, "cpu"), s)
+    (tmp_path / "q").mkdir()  # a stale, longer file is cut to the written size
+    (tmp_path / "q" / "0.sum_sq.bin").write_bytes(b"x" * 10_000)
+    multigpu.write_partial(stats, tmp_path / "q", {})
+    assert _equal(multigpu.read_partial_layer(tmp_path / "q", 0, "cpu"), stats[0])
 
 
 def test_staged_writes_in_chunks_round_trip(tmp_path: Path) -> None:

@@ -132,6 +132,7 @@ def main() -> None:
             report = manifest["heal"]
             ppl = _perplexity(healed, evaluation)
             row = {
+                "command": result["command"],  # rows of several runs share the file (--resume)
                 "variant": recipe.label,
                 "label": job["label"],
                 "ffn_reduction": job["ffn_reduction"],

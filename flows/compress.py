@@ -222,6 +222,32 @@ def run_folder(run_dir: str | None, kind: str) -> Path:
     return (base / "runs" / f"{kind}-{stamp}-{name}").resolve()
 
 
+def provenance_tags(kind: str, folder: Path) -> dict[str, str]:
+    """MLflow tags that say how a registered variant was made: the run folder, and a command that
+    reruns the flow (the deployment run with its parameters, or the CLI line), so the results
+    page can cite both. Read inside a flow run (prefect.runtime)."""
+    import shlex
+
+    from prefect.runtime import deployment, flow_run
+
+    from tasks.registry import MAX_TAG_LENGTH
+
+    params = {k: v for k, v in (flow_run.parameters or {}).items() if v is not None}
+    if deployment.name:
+        args = [f"{kind}/{deployment.name}"]
+        for key, value in sorted(params.items()):
+            args += ["--param", f"{key}={json.dumps(value)}"]
+        command = shlex.join(["prefect", "deployment", "run", *args])
+    elif Path(sys.argv[0]).name in {"sweep.py", "compress.py"}:
+        command = shlex.join(["python", "-m", f"flows.{kind}", *sys.argv[1:]])
+    else:
+        command = f"flows.{kind}.{kind}(**{json.dumps(params, sort_keys=True)})"
+    tags = {"ffsplit.run_dir": str(folder), "ffsplit.command": command[:MAX_TAG_LENGTH]}
+    if flow_run.id:
+        tags["ffsplit.flow_run_id"] = str(flow_run.id)
+    return tags
+
+
 # ---------------------------------------------------------------------------------------- stages
 
 
@@ -597,6 +623,7 @@ def compress(
                         "ffsplit.flow": "compress",
                         "ffsplit.series": series_of(parsed),
                         "ffsplit.variant_key": item["key"],
+                        **provenance_tags("compress", folder),
                     },
                 ).result()
     summary = {

@@ -39,6 +39,7 @@ from flows.compress import (
     check_recipe,
     check_services,
     heal_metrics,
+    provenance_tags,
     register_version,
     registered_name,
     resolve_base,
@@ -408,6 +409,7 @@ def sweep(
             if scores is not None:
                 artifacts["plots/scores.png"] = scores.result()
         with stages.timed("register"):
+            provenance = provenance_tags("sweep", folder)
             for item, row in zip(variants, rows, strict=True):
                 role = "dense" if item["series"] == "dense" else "variant"
                 registered = (
@@ -422,6 +424,7 @@ def sweep(
                             "ffsplit.flow": "sweep",
                             "ffsplit.series": item["series"],
                             "ffsplit.variant_key": item["key"],
+                            **provenance,
                         },
                     )
                     .result()

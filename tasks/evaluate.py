@@ -142,6 +142,7 @@ def metrics(record: dict[str, Any], dense: dict[str, Any] | None = None) -> dict
     out[registry.PARAMETERS] = float(size.get("total_params", 0))
     out[registry.BYTES] = float(size.get("total_bytes", 0))
     out["ffn_bytes"] = float(size.get("ffn_bytes", 0))
+    out["ffn_params"] = float(size.get("ffn_params", 0))
     for metric, change in (
         (registry.PERPLEXITY, registry.PERPLEXITY_CHANGE),
         (registry.ACCURACY, registry.ACCURACY_CHANGE),
@@ -150,6 +151,13 @@ def metrics(record: dict[str, Any], dense: dict[str, Any] | None = None) -> dict
             out[metric] = float(record[metric])
             if dense is not None and metric in dense:
                 out[change] = 100.0 * (float(record[metric]) / float(dense[metric]) - 1.0)
+    tested = (record.get("eval") or {}).get("test")
+    if registry.ACCURACY in record and isinstance(tested, int) and tested > 0:
+        # The probe's test set is finite: its binomial standard error says which accuracy
+        # differences are noise (the results page uses it).
+        p = float(record[registry.ACCURACY])
+        out["accuracy_test_examples"] = float(tested)
+        out["accuracy_stderr"] = math.sqrt(max(p * (1.0 - p), 0.0) / tested)
     latency = record.get("latency") or {}
     speedup = latency.get("speedup")
     if speedup is not None:

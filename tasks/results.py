@@ -14,14 +14,23 @@ quality_loss); lower is better. Sizes that the sweep does not log are derived fr
 dense run: whole-model size reduction = 1 - bytes / dense bytes; FFN parameter reduction =
 (dense parameters - parameters) / dense FFN parameters, with dense FFN parameters = dense FFN bytes
 / 2 (every dense float weight counts 2 bytes, ffsplit/eval/size.py), since only the FFN changes.
+
+Probe noise: an encoder's accuracy is a linear probe's on n labelled test examples, so it carries a
+binomial standard error sqrt(p(1-p)/n) (about 1.3 points for MiniLM's 1500 tweets). Accuracy cells
+show p ± 1.96 se, and two accuracies whose difference is below 1.96 sqrt(se_a^2 + se_b^2) are
+"within noise": neither a win nor a loss (`compare`). n is the run's metric accuracy_test_examples,
+else record["eval"]["test"] of its eval/record.json artifact, else unknown (and then not judged).
+Perplexity is compared as logged: the evaluation text is fixed and the number is deterministic.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import statistics
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +60,10 @@ DEFAULT_HEAVY_RATIO = Recipe().heavy_ratio  # the sweep's default (flows.sweep.D
 FLOAT_BYTES = 2  # ffsplit/eval/size.py: dense float weights count 16 bits
 RUN_DIR_TAG = "ffsplit.run_dir"
 COMMAND_TAG = "ffsplit.command"
+# Probe accuracy's test-set size: logged by tasks.evaluate.metrics, else in the evaluation record.
+TEST_EXAMPLES_METRIC = "accuracy_test_examples"
+RECORD_ARTIFACT = "eval/record.json"  # flows.sweep / flows.compress log ffsplit.jobs' record here
+Z95 = 1.96  # two-sided 95% normal quantile: intervals and the noise rule
 # Recipe fields that place a variant on the grid; every other recipe field is its "setting".
 GRID_KEYS = ("method", "heavy_ratio", "ffn_reduction", "selection", "seed", "version")
 
@@ -107,6 +120,7 @@ class Row:
     git_commit: str = ""
     run_dir: str = ""
     command: str = ""
+    test_examples: int | None = None  # accuracy rows: the probe's test-set size n, None = unknown
     # Filled by with_reference from the model's dense row:
     loss: float | None = None  # quality loss in % (perplexity increase, or accuracy drop)
     model_reduction: float | None = None
@@ -133,11 +147,35 @@ class Row:
     def quality(self) -> float | None:
         return _finite(self.metrics.get(self.quality_kind))
 
+    @property
+    def accuracy_stderr(self) -> float | None:
+        """Binomial standard error sqrt(p(1-p)/n) of a probe accuracy; None for perplexity rows
+        and where n is unknown."""
+        p = self.quality
+        if self.quality_kind != "accuracy" or p is None or not self.test_examples:
+            return None
+        return math.sqrt(max(p * (1.0 - p), 0.0) / self.test_examples)
+
 
 def _finite(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _count(value: Any) -> int | None:
+    """A positive whole number (a test-set size), else None."""
+    number = _finite(value)
+    if number is None or number < 1 or number != int(number):
+        return None
+    return int(number)
+
+
+def record_test_examples(record: Any) -> int | None:
+    """record["eval"]["test"] of an evaluation record (ffsplit.jobs.evaluate_job), None if the
+    record has no positive whole test-set size."""
+    evaluation = record.get("eval") if isinstance(record, Mapping) else None
+    return _count(evaluation.get("test")) if isinstance(evaluation, Mapping) else None
 
 
 # ------------------------------------------------------------------------------- rows from runs
@@ -239,6 +277,7 @@ def row_from_run(
         git_commit=params.get("git_commit", ""),
         run_dir=tags.get(RUN_DIR_TAG, ""),
         command=tags.get(COMMAND_TAG, ""),
+        test_examples=_count(metrics.get(TEST_EXAMPLES_METRIC)),
     )
 
 
@@ -429,6 +468,10 @@ def read_rows(uri: str, models: Sequence[str] | None = None) -> tuple[list[Row],
             f"no complete ffsplit runs in {', '.join(e.name for e in chosen)} at {redact(uri)} "
             f"({read} runs, {incomplete} incomplete): run a sweep first (python -m flows.sweep run)"
         )
+    try:
+        kept = _with_record_test_examples(client, kept)
+    except Exception as exc:
+        raise _fail(f"reading {RECORD_ARTIFACT} artifacts", uri, exc) from None
     source = Source(
         redact(uri),
         tuple((e.name, str(e.experiment_id)) for e in chosen),
@@ -437,6 +480,31 @@ def read_rows(uri: str, models: Sequence[str] | None = None) -> tuple[list[Row],
         dropped,
     )
     return with_reference(kept), source
+
+
+def _with_record_test_examples(client: Any, rows: Sequence[Row]) -> list[Row]:
+    """Accuracy rows without the test-set size metric (runs older than it) get n from their
+    eval/record.json artifact; a run without that artifact, or with an unreadable one, keeps n
+    unknown. Only those runs are downloaded."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="ffsplit-results-") as tmp:
+        for index, row in enumerate(rows):
+            if row.quality_kind != "accuracy" or row.quality is None or row.test_examples:
+                out.append(row)
+                continue
+            folder = RECORD_ARTIFACT.rsplit("/", 1)[0]
+            if RECORD_ARTIFACT not in {f.path for f in client.list_artifacts(row.run_id, folder)}:
+                out.append(row)
+                continue
+            dst = Path(tmp) / str(index)
+            dst.mkdir()
+            local = Path(client.download_artifacts(row.run_id, RECORD_ARTIFACT, str(dst)))
+            try:
+                record = json.loads(local.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                record = None
+            out.append(dataclasses.replace(row, test_examples=record_test_examples(record)))
+    return out
 
 
 # ------------------------------------------------------------------------------- trade-off table
@@ -485,21 +553,75 @@ def cell(rows: Iterable[Row], column: Column) -> Row | None:
     )
 
 
-def beats(candidate: Row, baseline: Row) -> tuple[bool, str]:
-    """(does candidate beat baseline at equal bytes, why not): strictly less quality loss while
-    saving at least as many FFN bytes (within EQUAL_BYTES_TOLERANCE)."""
+def noise_between(a: Row, b: Row) -> float | None:
+    """Half-width of the 95% noise band of the difference of two probe accuracies,
+    Z95 * sqrt(se_a^2 + se_b^2) (independent samples; see the page's noise paragraph); None unless
+    both rows are accuracies with a known test-set size."""
+    se_a, se_b = a.accuracy_stderr, b.accuracy_stderr
+    if se_a is None or se_b is None:
+        return None
+    return Z95 * math.hypot(se_a, se_b)
+
+
+def within_noise(a: Row, b: Row) -> bool | None:
+    """Is the accuracy difference of a and b below their noise band? None when not measurable."""
+    band = noise_between(a, b)
+    if band is None or a.quality is None or b.quality is None:
+        return None
+    return abs(a.quality - b.quality) < band
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate against baseline at equal bytes. outcome: "win"; "no" (worse, tied, fewer bytes
+    saved, or quality unknown); "noise" (accuracies closer than the probe's noise: neither a win
+    nor a loss); "unknown" (accuracy with an unknown test-set size: noise cannot be judged)."""
+
+    outcome: str
+    reason: str  # "" for a win
+    band: float | None = None  # accuracy rows: the noise half-width (fraction, see noise_between)
+
+
+def compare(candidate: Row, baseline: Row) -> Comparison:
+    """Candidate vs baseline: it wins with strictly less quality loss while saving at least as
+    many FFN bytes (within EQUAL_BYTES_TOLERANCE); for probe accuracies the difference must also
+    exceed the noise band. Perplexity is compared exactly (fixed text, deterministic)."""
     c_red, b_red = candidate.ffn_reduction or 0.0, baseline.ffn_reduction or 0.0
     if candidate.loss is None or baseline.loss is None:
-        return False, "quality unknown"
+        return Comparison("no", "quality unknown")
     if c_red < b_red - EQUAL_BYTES_TOLERANCE:
-        return False, (
-            f"saves fewer FFN bytes ({100 * c_red:.1f}% vs {100 * b_red:.1f}%), so equal budget is not met"
+        return Comparison(
+            "no",
+            f"saves fewer FFN bytes ({100 * c_red:.1f}% vs {100 * b_red:.1f}%), so equal budget is not met",
         )
+    band = None
+    if "accuracy" in (candidate.quality_kind, baseline.quality_kind):
+        band = noise_between(candidate, baseline)
+        if band is None:
+            unknown = [r.label for r in (candidate, baseline) if r.accuracy_stderr is None]
+            return Comparison(
+                "unknown", f"noise not judged: test-set size unknown for {', '.join(unknown)}"
+            )
+        if within_noise(candidate, baseline):
+            return Comparison("noise", f"within noise (±{fmt_points(band)})", band)
+    beyond = ""
+    if band is not None:  # two decimals: a difference just past the band must read as such
+        apart = 100 * abs((candidate.quality or 0.0) - (baseline.quality or 0.0))
+        beyond = f" ({apart:.2f} pt apart, beyond noise ±{100 * band:.2f} pt)"
     if candidate.loss < baseline.loss:
-        return True, ""
+        return Comparison("win", "", band)
     if candidate.loss == baseline.loss:
-        return False, f"ties ({fmt_loss(candidate.loss)})"
-    return False, f"worse: {fmt_loss(candidate.loss)} vs {fmt_loss(baseline.loss)}"
+        return Comparison("no", f"ties ({fmt_loss(candidate.loss)})", band)
+    return Comparison(
+        "no", f"worse: {fmt_loss(candidate.loss)} vs {fmt_loss(baseline.loss)}{beyond}", band
+    )
+
+
+def beats(candidate: Row, baseline: Row) -> tuple[bool, str]:
+    """(does candidate beat baseline at equal bytes, why not): `compare` as a yes/no; a
+    difference within probe noise is not a win."""
+    got = compare(candidate, baseline)
+    return got.outcome == "win", got.reason
 
 
 @dataclass(frozen=True)
@@ -514,6 +636,20 @@ class BudgetLine:
     beats_all: bool | None  # None: no FFSplit variant or no baseline to compare with
     beaten_by: tuple[str, ...]  # baseline families the best FFSplit variant does not beat
     missing: tuple[str, ...]  # baseline families with no run at this budget
+    versus: Mapping[str, Comparison] = field(default_factory=dict)  # per present baseline
+
+    def _with(self, outcome: str) -> tuple[str, ...]:
+        return tuple(s for s, c in self.versus.items() if c.outcome == outcome)
+
+    @property
+    def within_noise(self) -> tuple[str, ...]:
+        """Baseline families whose accuracy is within probe noise of the best FFSplit variant."""
+        return self._with("noise")
+
+    @property
+    def unjudged(self) -> tuple[str, ...]:
+        """Baseline families compared on accuracy with an unknown test-set size."""
+        return self._with("unknown")
 
 
 def tradeoff(rows: Sequence[Row], model: str) -> list[BudgetLine]:
@@ -527,10 +663,10 @@ def tradeoff(rows: Sequence[Row], model: str) -> list[BudgetLine]:
         cells = {c: cell(group, c) for c in COLUMNS}
         top = best(r for r in group if r.series in FFSPLIT_SERIES)
         present = [s for s in BASELINE_SERIES if cells[Column(s)] is not None]
-        beaten_by = tuple(
-            s for s in present if top is not None and not beats(top, cells[Column(s)])[0]
-        )
-        verdict = None if top is None or not present else not beaten_by
+        versus = {} if top is None else {s: compare(top, cells[Column(s)]) for s in present}
+        beaten_by = tuple(s for s, c in versus.items() if c.outcome == "no")
+        wins = all(c.outcome == "win" for c in versus.values())
+        verdict = None if top is None or not present else wins
         out.append(
             BudgetLine(
                 model,
@@ -541,6 +677,7 @@ def tradeoff(rows: Sequence[Row], model: str) -> list[BudgetLine]:
                 verdict,
                 beaten_by,
                 tuple(s for s in BASELINE_SERIES if s not in present),
+                versus,
             )
         )
     return out
@@ -557,6 +694,7 @@ class Shortfall:
     ffsplit: Row
     baseline: Row
     reason: str
+    outcome: str = "no"  # Comparison.outcome: "no", "noise" or "unknown"
 
 
 def shortfalls(lines: Iterable[BudgetLine]) -> list[Shortfall]:
@@ -571,10 +709,19 @@ def shortfalls(lines: Iterable[BudgetLine]) -> list[Shortfall]:
                 other = line.cells[Column(series)]
                 if other is None:
                     continue
-                ok, why = beats(mine, other)
-                if not ok:
+                got = compare(mine, other)
+                if got.outcome != "win":
                     out.append(
-                        Shortfall(line.model, line.setting, line.budget, column, mine, other, why)
+                        Shortfall(
+                            line.model,
+                            line.setting,
+                            line.budget,
+                            column,
+                            mine,
+                            other,
+                            got.reason,
+                            got.outcome,
+                        )
                     )
     return out
 
@@ -646,6 +793,9 @@ class Transfer:
     rank_on_target: int  # 1 = it is the target's best too
     candidates: int  # heavy ratios compared (those both models ran)
     extra_loss: float  # target's loss at source_best minus the target's best loss (pp)
+    # Accuracy targets: is that extra loss within probe noise (None: perplexity, or n unknown)?
+    within_noise: bool | None = None
+    band: float | None = None  # its noise half-width (fraction of accuracy)
 
     @property
     def transfers(self) -> bool:
@@ -684,6 +834,8 @@ def transfer(curves: Mapping[CurveKey, Mapping[float, Row]]) -> list[Transfer]:
                         ranks(cb)[best_a],
                         len(common),
                         cb[best_a].loss - cb[best_b].loss,
+                        within_noise(cb[best_a], cb[best_b]) if best_a != best_b else None,
+                        noise_between(cb[best_a], cb[best_b]) if best_a != best_b else None,
                     )
                 )
     return out
@@ -769,10 +921,30 @@ def fmt_pct(fraction: float | None) -> str:
 
 
 def fmt_quality(row: Row) -> str:
+    """Perplexity as logged; a probe accuracy with its 95% interval (or "n unknown")."""
     q = row.quality
     if q is None:
         return "-"
-    return f"ppl {q:.2f}" if row.quality_kind == "perplexity" else f"acc {q:.4f}"
+    if row.quality_kind == "perplexity":
+        return f"ppl {q:.2f}"
+    se = row.accuracy_stderr
+    return f"acc {q:.4f} (n unknown)" if se is None else f"acc {q:.3f} ±{Z95 * se:.3f}"
+
+
+def fmt_points(fraction: float) -> str:
+    """An accuracy difference (a fraction) in percentage points."""
+    return f"{100 * fraction:.1f} pt"
+
+
+def noise_note(a: Row, b: Row) -> str:
+    """The healing table's note on an accuracy change: within noise (with its band), n unknown,
+    or nothing (perplexity, or a difference beyond the noise)."""
+    if "accuracy" not in (a.quality_kind, b.quality_kind):
+        return ""
+    band = noise_between(a, b)
+    if band is None:
+        return " (n unknown: noise not judged)"
+    return f" (within noise ±{fmt_points(band)})" if within_noise(a, b) else ""
 
 
 def fmt_budget(budget: float) -> str:
@@ -927,14 +1099,61 @@ def _cell_text(row: Row | None, show_rho: bool) -> str:
 def _verdict_text(line: BudgetLine) -> str:
     if line.beats_all is None:
         return "no comparison" if line.ffsplit is not None else "no FFSplit run"
-    text = (
-        "yes"
-        if line.beats_all
-        else "**no**: " + ", ".join(SERIES_TITLES[s] for s in line.beaten_by)
-    )
+    parts = []
+    if line.beats_all:
+        parts.append("yes")
+    if line.beaten_by:
+        parts.append("**no**: " + ", ".join(SERIES_TITLES[s] for s in line.beaten_by))
+    if line.within_noise:
+        bands = {s: fmt_points(line.versus[s].band or 0.0) for s in line.within_noise}
+        names = [SERIES_TITLES[s] for s in line.within_noise]
+        if len(set(bands.values())) == 1:
+            parts.append(f"within noise (±{next(iter(bands.values()))}) of {', '.join(names)}")
+        else:
+            parts.append(
+                "within noise of "
+                + ", ".join(f"{SERIES_TITLES[s]} (±{b})" for s, b in bands.items())
+            )
+    if line.unjudged:
+        parts.append(
+            "not judged (test-set size unknown): "
+            + ", ".join(SERIES_TITLES[s] for s in line.unjudged)
+        )
+    text = "; ".join(parts)
     if line.missing:
         text += f" (not run: {', '.join(SERIES_TITLES[s] for s in line.missing)})"
     return text
+
+
+def _noise_paragraph(accuracy_rows: Sequence[Row]) -> str:
+    """How the page treats probe accuracies: intervals, the noise rule and its approximation."""
+    sizes = sorted({r.test_examples for r in accuracy_rows if r.test_examples})
+    unknown = [r for r in accuracy_rows if not r.test_examples]
+    errors = [se for r in accuracy_rows if (se := r.accuracy_stderr) is not None]
+    text = (
+        "Probe noise: an encoder's accuracy is a linear probe's on n labelled test examples"
+        + (f" (n = {', '.join(str(n) for n in sizes)})" if sizes else "")
+        + ", a binomial estimate with standard error se = sqrt(p(1-p)/n)"
+        + (f" (here {fmt_points(min(errors))} to {fmt_points(max(errors))})" if errors else "")
+        + f". Accuracy cells show p ± {Z95:g} se, a 95% interval. A difference between two "
+        f'accuracies smaller than {Z95:g} sqrt(se_a² + se_b²) is "within noise (±x pt)" '
+        "(pt: accuracy percentage points): neither a win nor a loss in the verdicts, the list of "
+        "places where FFSplit does not beat a baseline, the heavy-ratio transfer and the healing "
+        "table. The rule treats the two accuracies as independent samples; every variant is "
+        "probed on the same test examples, so a paired test (McNemar's, on the examples where the "
+        "two disagree) would be sharper, but it needs per-example predictions, which the runs do "
+        "not log. n comes from each run's `accuracy_test_examples` metric, else from its "
+        f"`{RECORD_ARTIFACT}` artifact"
+    )
+    if unknown:
+        text += (
+            f"; {len(unknown)} accuracy run(s) have neither, so their n is unknown: their cells "
+            'say "n unknown" and their differences are not judged ('
+            + ", ".join(f"`{r.label}`" for r in unknown[:8])
+            + (", ..." if len(unknown) > 8 else "")
+            + ")"
+        )
+    return text + ".\n"
 
 
 def render(
@@ -974,10 +1193,16 @@ def render(
         "heavy ratio ρ (chosen on these same evaluation numbers, so optimistic) and the sweep's "
         f"default ρ {DEFAULT_HEAVY_RATIO:g}; for a baseline the best of its runs (random split: "
         "over its ρ and seeds). FFSplit beats a baseline when its loss is strictly lower while it "
-        f"saves at least as many FFN bytes (within {100 * EQUAL_BYTES_TOLERANCE:.1f} points). "
+        f"saves at least as many FFN bytes (within {100 * EQUAL_BYTES_TOLERANCE:.1f} points); "
+        "for probe accuracies the difference must also exceed the probe's noise (below). "
+        "Perplexity is compared as logged: the evaluation text is fixed and perplexity is "
+        "deterministic for a given model, so there is no sampling noise to allow for. "
         "Whole-model size reduction is 1 - bytes / dense bytes; FFN parameter reduction is "
         "derived from total parameters (only the FFN changes) unless a run logs `ffn_params`.\n"
     )
+    accuracy_rows = [r for r in rows if r.quality_kind == "accuracy" and r.quality is not None]
+    if accuracy_rows:
+        add(_noise_paragraph(accuracy_rows))
 
     lines_by_model = {m: tradeoff(rows, m) for m in models}
     all_lines = [line for m in models for line in lines_by_model[m]]
@@ -995,12 +1220,19 @@ def render(
             if judged
             else f"- **{model}**: no budget has both an FFSplit run and a baseline run yet"
         )
-        losses = [x for x in judged if not x.beats_all]
+        losses = [x for x in judged if x.beaten_by]
         if losses:
             text += "; not at " + "; ".join(
                 f"{fmt_budget(x.budget)}{' [' + x.setting + ']' if x.setting else ''} "
                 f"(beaten by {', '.join(SERIES_TITLES[s] for s in x.beaten_by)})"
                 for x in losses
+            )
+        unclear = [x for x in judged if not x.beats_all and (x.within_noise or x.unjudged)]
+        if unclear:
+            text += "; no clear winner (within probe noise) against " + "; ".join(
+                f"{', '.join(SERIES_TITLES[s] for s in (*x.within_noise, *x.unjudged))} at "
+                f"{fmt_budget(x.budget)}{' [' + x.setting + ']' if x.setting else ''}"
+                for x in unclear
             )
         for series in FFSPLIT_SERIES:
             mine = [x for x in lines_by_model[model] if x.cells[Column(series)] is not None]
@@ -1016,10 +1248,21 @@ def render(
                 for f in falls
                 if f.model == model and f.column == Column(series)
             }
+            lost = {
+                (f.setting, f.budget)
+                for f in falls
+                if f.model == model and f.column == Column(series) and f.outcome == "no"
+            }
             ok = [x for x in compared if (x.setting, x.budget) not in failed]
+            noisy = [x for x in compared if (x.setting, x.budget) in failed - lost]
             text += (
                 f"; {SERIES_TITLES[series]} (best ρ) beats its matched baselines at {len(ok)} of "
                 f"{len(compared)} budgets"
+                + (
+                    f" (at {len(noisy)} of them within probe noise of a baseline, not beaten)"
+                    if noisy
+                    else ""
+                )
             )
         add(text + ".")
     for goal in goal_list:
@@ -1116,7 +1359,14 @@ def render(
     else:
         add(
             "Each FFSplit method against its matched baselines (the same compressor uniform and "
-            "with a random split, and score pruning), at every budget where both were run:\n"
+            "with a random split, and score pruning), at every budget where both were run"
+            + (
+                '; "within noise" is no loss either: the two accuracies differ by less than '
+                "the probe's noise"
+                if any(f.outcome != "no" for f in falls)
+                else ""
+            )
+            + ":\n"
         )
         add(
             _table(
@@ -1184,6 +1434,19 @@ def render(
                     body,
                 )
             )
+            bands = [
+                band
+                for c in mine.values()
+                for a in c.values()
+                for b in c.values()
+                if a.run_id < b.run_id and (band := noise_between(a, b)) is not None
+            ]
+            if bands:
+                add(
+                    "Probe accuracies: the best ρ is picked on point estimates; differences "
+                    f"between two ratios below about ±{fmt_points(statistics.median(bands))} "
+                    "(median noise band of these pairs) are probe noise.\n"
+                )
             for series in (*FFSPLIT_SERIES, "random-lowrank", "random-quant"):
                 rho, used = best_ratio_overall(curves, model, series, setting)
                 if rho is not None:
@@ -1232,9 +1495,16 @@ def render(
                 )
         add("")
         exact = sum(t.transfers for t in moves)
+        noisy = sum(1 for t in moves if t.within_noise)
         add(
             f"The best ρ on one model is also the best on the other in {exact} of {len(moves)} "
-            "comparisons (same family, budget and common ratios); the cost of using it there:\n"
+            "comparisons (same family, budget and common ratios)"
+            + (
+                f"; in {noisy} more the extra loss on the other is within its probe noise"
+                if noisy
+                else ""
+            )
+            + "; the cost of using it there:\n"
         )
         add(
             _table(
@@ -1257,7 +1527,12 @@ def render(
                         f"{t.source_best:g}",
                         f"{t.target_best:g}",
                         f"{t.rank_on_target} of {t.candidates}",
-                        f"{t.extra_loss:.2f}",
+                        f"{t.extra_loss:.2f}"
+                        + (
+                            f" (within noise ±{fmt_points(t.band)})"
+                            if t.within_noise and t.band is not None
+                            else ""
+                        ),
                     )
                     for t in moves
                 ],
@@ -1325,7 +1600,7 @@ def render(
                         fmt_loss(b.loss),
                         str(b.heal_steps),
                         _num(b.metrics.get("heal_seconds"), "{:.1f}"),
-                        f"{b.loss - a.loss:+.2f}",
+                        f"{b.loss - a.loss:+.2f}{noise_note(a, b)}",
                     )
                     for a, b in pairs
                 ],

@@ -97,7 +97,7 @@ def test_layer_groups_mode_gives_the_same_variant_under_a_memory_cap(
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-HEAL = {"steps": 4, "lr": 1e-3, "tokens": 512, "window": 64, "batch_size": 2}
+HEAL = {"steps": 4, "loss": "local", "lr": 1e-3, "tokens": 512, "window": 64, "batch_size": 2}
 
 
 def test_a_healed_recipe_heals_after_assembly_and_shares_the_compression(
@@ -112,7 +112,7 @@ def test_a_healed_recipe_heals_after_assembly_and_shares_the_compression(
         "evaluation": False,
         "heal": False,
     }
-    assert first["label"] == "lowrank-h0.10-r0.3-heal4" and "heal" in first["stage_seconds"]
+    assert first["label"] == "lowrank-h0.10-r0.3-heal4-local" and "heal" in first["stage_seconds"]
     manifest = read_manifest(first["variant"])
     assert manifest["recipe"]["heal"]["steps"] == 4 and manifest["heal"]["steps"] == 4
     assert manifest["pipeline"]["compress_shards"] == 2  # the assembled variant's record, kept

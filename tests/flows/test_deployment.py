@@ -133,6 +133,10 @@ def test_nightly_sweep_deployment_runs_through_a_worker(
             r["version"] for r in results["rows"]
         )
         assert all(v.tags.get("ffsplit.complete") == "true" for v in versions)
+        tags = client.get_run(versions[0].run_id).data.tags
+        assert tags["ffsplit.command"].startswith("prefect deployment run sweep/nightly --param")
+        assert tags["ffsplit.run_dir"] == str(run_dir.resolve())
+        assert tags["ffsplit.flow_run_id"] == runs[0]["id"]
         assert (
             str(client.get_model_version_by_alias(name, "dense").version)
             == results["dense_version"]

@@ -218,8 +218,8 @@ def test_sweep_heals_every_variant_through_recipe_defaults(
     rows = result["rows"]
     assert [r["label"] for r in rows] == [
         "dense",
-        "lowrank-h0.10-r0.3-heal3",
-        "prune-r0.3-heal3",
+        "lowrank-h0.10-r0.3-heal3-kl",
+        "prune-r0.3-heal3-kl",
     ]
     assert "heal" in result["stage_seconds"]
     assert "heal_seconds" not in rows[0] and all(r["heal_seconds"] > 0 for r in rows[1:])
@@ -227,7 +227,13 @@ def test_sweep_heals_every_variant_through_recipe_defaults(
     for row in rows[1:]:
         assert "/healed/" in row["variant"]
         version = client.get_model_version(name, row["version"])
-        assert client.get_run(version.run_id).data.params["recipe.heal.steps"] == "3"
+        run = client.get_run(version.run_id)
+        assert run.data.params["recipe.heal.steps"] == "3"
+        # provenance: where the run wrote, and a call that reruns it (here: in-process)
+        assert run.data.tags["ffsplit.run_dir"] == result["run_dir"]
+        command = run.data.tags["ffsplit.command"]
+        assert command.startswith("flows.sweep.sweep(**") and '"heal": {"batch_size": 2' in command
+        assert run.data.tags["ffsplit.flow_run_id"]
 
 
 @pytest.mark.parametrize(

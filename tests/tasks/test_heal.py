@@ -24,7 +24,7 @@ from tasks.profile import run_units, unit_plan
 from tasks.runtime import run_remote, task_resources
 
 PROFILE = ProfileConfig(tokens=512, window=64, batch_size=2)
-HEAL = HealConfig(steps=6, lr=1e-3, tokens=512, window=64, batch_size=2)
+HEAL = HealConfig(steps=6, loss="local", lr=1e-3, tokens=512, window=64, batch_size=2)
 RECIPE = Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.4, profile=PROFILE, heal=HEAL)
 
 
@@ -54,7 +54,7 @@ def assembled(tiny_lm: str, ray_cluster: dict, tmp_path_factory: pytest.TempPath
 def test_unhealed_recipe_is_the_compression_alone() -> None:
     plain = unhealed(RECIPE)
     assert not plain.heal.enabled and plain.replace(heal=HEAL) == RECIPE
-    assert plain.label == "lowrank-h0.10-r0.4" and RECIPE.label == "lowrank-h0.10-r0.4-heal6"
+    assert plain.label == "lowrank-h0.10-r0.4" and RECIPE.label == "lowrank-h0.10-r0.4-heal6-local"
 
 
 def test_heal_key_follows_the_variant_and_the_config() -> None:

@@ -431,3 +431,214 @@ def test_cli_fails_in_one_line_and_writes_nothing(
     assert not out.exists() and not (tmp_path / "results").exists()
     with pytest.raises(FFSplitError, match="no ffsplit experiments"):
         results.read_rows(empty)
+
+
+# ------------------------------------------------------------------------------------ probe noise
+# MiniLM's quality is a linear probe's accuracy on 1500 test tweets: a binomial standard error of
+# about 1.3 points, so a difference between two variants under about 3.5 points is noise.
+
+
+def acc_row(
+    series: str,
+    budget: float,
+    accuracy: float,
+    *,
+    n: int | None = 1500,
+    dense: float = 0.612,
+    rho: float = 0.1,
+    achieved: float | None = None,
+    key: str | None = None,
+    heal: int = 0,
+    setting: str = "",
+) -> Row:
+    base = row(
+        series,
+        budget,
+        -100.0 * (accuracy / dense - 1.0),
+        rho=rho,
+        achieved=achieved,
+        model="enc",
+        setting=setting,
+        key=key,
+        heal=heal,
+    )
+    metrics = {"accuracy": accuracy, "ffn_reduction": base.metrics["ffn_reduction"]}
+    return dataclass_replace(base, metrics=metrics, test_examples=n)
+
+
+def band(p: float, q: float, n: int = 1500) -> float:
+    """The noise rule written out independently: 1.96 sqrt(se_p^2 + se_q^2)."""
+    return 1.96 * ((p * (1 - p) / n) + (q * (1 - q) / n)) ** 0.5
+
+
+def test_accuracy_rows_carry_n_and_show_a_95_interval() -> None:
+    params = flat(Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.3))
+    logged = results.row_from_run(
+        model="enc",
+        run_id="r",
+        run_name="q",
+        params=params,
+        metrics={"accuracy": 0.612, "accuracy_test_examples": 1500.0},
+        tags={},
+    )
+    assert logged.test_examples == 1500
+    assert logged.accuracy_stderr == pytest.approx((0.612 * 0.388 / 1500) ** 0.5)
+    assert results.fmt_quality(logged) == "acc 0.612 ±0.025"
+    bare = results.row_from_run(
+        model="enc", run_id="r", run_name="q", params=params, metrics={"accuracy": 0.612}, tags={}
+    )
+    assert bare.test_examples is None and bare.accuracy_stderr is None
+    assert results.fmt_quality(bare) == "acc 0.6120 (n unknown)"
+    # Perplexity has no interval and no n: its cells stay as they were.
+    ppl = row("ffsplit-quant", 0.3, 5.0)
+    assert results.fmt_quality(ppl) == "ppl 10.50" and ppl.accuracy_stderr is None
+    # The evaluation record's test-set size (ffsplit.jobs.evaluate_job: record["eval"]["test"]).
+    assert results.record_test_examples({"eval": {"corpus": "tweets", "test": 1500}}) == 1500
+    for broken in (None, [], {}, {"eval": {}}, {"eval": {"test": 0}}, {"eval": {"test": 1.5}},
+                   {"eval": {"test": "1500"}}, {"eval": {"test": True}}, {"eval": [1500]}):  # fmt: skip
+        assert results.record_test_examples(broken) is None, broken
+
+
+def test_an_accuracy_difference_inside_the_noise_is_neither_a_win_nor_a_loss() -> None:
+    ffsplit, uniform = acc_row("ffsplit-quant", 0.3, 0.6120), acc_row("uniform-quant", 0.3, 0.6133)
+    for a, b in ((ffsplit, uniform), (uniform, ffsplit)):
+        got = results.compare(a, b)
+        assert got.outcome == "noise" and got.reason == "within noise (±3.5 pt)"
+        assert got.band == pytest.approx(band(a.quality, b.quality))
+        assert results.beats(a, b) == (False, "within noise (±3.5 pt)")
+    # At the rule's edge: 3.4 points apart is noise, 3.6 is not (the band is about 3.53 here).
+    p = 0.600
+    inside, outside = acc_row("uniform-quant", 0.3, p - 0.034), acc_row("prune", 0.3, p - 0.036)
+    assert 0.034 < band(p, p - 0.034) and 0.036 > band(p, p - 0.036)
+    top = acc_row("ffsplit-quant", 0.3, p)
+    assert results.compare(top, inside).outcome == "noise"
+    assert results.beats(top, outside) == (True, "")
+    # The same 3.4 points on ten times the test examples is a real difference.
+    big = [dataclass_replace(r, test_examples=15000) for r in (top, inside)]
+    assert results.beats(*big) == (True, "")
+    # A real loss says so, with the band; unknown n is not judged; equal bytes still come first.
+    assert results.compare(inside, top).outcome == "noise"  # nor a loss, either way round
+    worse = results.compare(outside, top)
+    assert (
+        worse.outcome == "no"
+        and worse.reason == "worse: +7.84% vs +1.96% (3.60 pt apart, beyond noise ±3.53 pt)"
+    )
+    unknown = results.compare(top, dataclass_replace(inside, test_examples=None))
+    assert unknown.outcome == "unknown" and inside.label in unknown.reason
+    fewer = results.compare(acc_row("ffsplit-quant", 0.3, 0.613, achieved=0.28), uniform)
+    assert fewer.outcome == "no" and "fewer FFN bytes" in fewer.reason
+
+
+def minilm_grid() -> list[Row]:
+    """Numbers like the MiniLM sweep's: most differences are a fraction of the noise."""
+    return [
+        dataclass_replace(acc_row("uniform-quant", 0.0, 0.612), series="dense", loss=0.0),
+        # 30%: every baseline but pruning is within noise of the best FFSplit variant
+        acc_row("ffsplit-quant", 0.3, 0.6120),
+        acc_row("ffsplit-quant", 0.3, 0.6113, rho=0.05),
+        acc_row("ffsplit-lowrank", 0.3, 0.6067),
+        acc_row("uniform-lowrank", 0.3, 0.6040),
+        acc_row("uniform-quant", 0.3, 0.6133),
+        acc_row("random-quant", 0.3, 0.6127),
+        acc_row("prune", 0.3, 0.5600),
+        # 43.1%: pruning beats FFSplit by more than the noise
+        acc_row("ffsplit-quant", 0.431, 0.6113),
+        acc_row("prune", 0.431, 0.6600),
+        # healing that moves accuracy by less than the noise
+        acc_row("ffsplit-lowrank", 0.3, 0.6090, heal=100, key="h", setting="heal.steps=100"),
+    ]
+
+
+def test_verdicts_and_page_say_within_noise_for_probe_accuracies(tmp_path: Path) -> None:
+    rows = minilm_grid()
+    lines = [x for x in results.tradeoff(rows, "enc") if not x.setting]
+    assert [x.budget for x in lines] == [0.3, 0.431]
+    noisy, beaten = lines
+    assert noisy.beats_all is False and noisy.beaten_by == ()  # not a win, and not a loss
+    assert noisy.within_noise == ("uniform-lowrank", "uniform-quant", "random-quant")
+    assert noisy.versus["prune"].outcome == "win"
+    assert beaten.beaten_by == ("prune",) and beaten.within_noise == ()
+    falls = results.shortfalls(lines)
+    assert {f.outcome for f in falls if f.budget == 0.3} == {"noise"}
+    assert all(f.reason == "within noise (±3.5 pt)" for f in falls if f.budget == 0.3)
+    assert [(f.outcome, f.baseline.series) for f in falls if f.budget == 0.431] == [
+        ("no", "prune"),
+        ("no", "prune"),  # best ρ and default ρ columns: the same variant
+    ]
+
+    page, _ = results.write_page(
+        rows, source(), tmp_path / "results.md", generated_at=NOW, command="x"
+    )
+    text = page.read_text()
+    assert "acc 0.612 ±0.025" in text  # dense reference and cells carry their 95% interval
+    assert "| within noise (±3.5 pt) of uniform low-rank, uniform quant, random split quant" in text
+    assert "**no**: uniform" not in text and "| **no**: score pruning (not run" in text
+    assert "no clear winner (within probe noise) against uniform low-rank" in text
+    assert "| within noise (±3.5 pt) |" in text  # the shortfalls list
+    assert "| -0.38 (within noise ±3.5 pt) |" in text  # healing: 0.6067 -> 0.6090
+    assert "Probe noise:" in text and "paired test" in text and "n = 1500" in text
+    assert "perplexity is deterministic" in text
+    assert "Probe accuracies: the best ρ is picked on point estimates" in text
+    # A perplexity-only page has no noise paragraph and its verdicts read as before.
+    ppl_page, _ = results.write_page(
+        grid(), source(), tmp_path / "ppl.md", generated_at=NOW, command="x"
+    )
+    ppl_text = ppl_page.read_text()
+    assert "Probe noise:" not in ppl_text and "within noise" not in ppl_text
+    assert "**no**: uniform quant" in ppl_text
+
+
+def test_test_set_size_comes_from_the_metric_else_the_record_artifact(
+    mlflow_uri: str, unique_name: str, tmp_path: Path
+) -> None:
+    import json
+
+    from tasks.registry import register_variant
+
+    base = unique_name
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"accuracy": 0.6, "eval": {"corpus": "tweets", "test": 1200}}))
+    specs = [
+        # (name, recipe, metrics beyond accuracy, artifacts)
+        ("dense", Recipe(method="none", heavy_ratio=0.0, ffn_reduction=0.0), {"accuracy_test_examples": 1500.0}, {"eval/record.json": record}),
+        ("ffs", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.3), {}, {"eval/record.json": record}),
+        ("uni", Recipe(method="quant", heavy_ratio=0.0, ffn_reduction=0.3), {}, {}),
+    ]  # fmt: skip
+    run_of = {}
+    for seed, (name, recipe, extra, artifacts) in enumerate(specs):
+        folder = make_variant(tmp_path / "variants" / name, base, recipe, seed)
+        metrics = {"accuracy": 0.6, "ffn_reduction": 0.0 if name == "dense" else 0.3, **extra}
+        tags = {
+            "ffsplit.role": "dense" if name == "dense" else "variant",
+            "ffsplit.variant_key": name,
+        }
+        run_of[name] = register_variant(
+            folder, model_name=base, metrics=metrics, artifacts=artifacts, tags=tags, uri=mlflow_uri
+        ).run_id
+
+    rows, _ = results.read_rows(mlflow_uri, [base])
+    n = {r.run_id: r.test_examples for r in rows}
+    assert n[run_of["dense"]] == 1500  # the metric wins over the record
+    assert n[run_of["ffs"]] == 1200  # no metric: the record's eval.test
+    assert n[run_of["uni"]] is None  # neither: unknown, not guessed
+    lines = results.tradeoff(rows, base)
+    assert lines[0].unjudged == ("uniform-quant",) and lines[0].beaten_by == ()
+    text, _ = results.render(rows, source(), NOW, tmp_path / "plots", "plots", "x")
+    assert "acc 0.6000 (n unknown)" in text and "acc 0.600 ±0.028" in text
+    assert "1 accuracy run(s) have neither" in text
+    assert "not judged (test-set size unknown): uniform quant" in text
+
+
+def test_heavy_ratio_transfer_between_encoders_marks_noise() -> None:
+    rows = []
+    for model, accs in (("a", {0.05: 0.610, 0.1: 0.600}), ("b", {0.05: 0.600, 0.1: 0.612})):
+        for rho, acc in accs.items():
+            rows.append(dataclass_replace(acc_row("ffsplit-quant", 0.3, acc, rho=rho), model=model))
+    moves = {(t.source, t.target): t for t in results.transfer(results.heavy_ratio_curves(rows))}
+    a_to_b = moves[("a", "b")]
+    assert not a_to_b.transfers and a_to_b.within_noise  # 1.2 points apart on b: noise
+    assert a_to_b.band == pytest.approx(band(0.600, 0.612))
+    far = [dataclass_replace(r, test_examples=150000) for r in rows]  # a 0.2-point band
+    assert results.transfer(results.heavy_ratio_curves(far))[0].within_noise is False
+    ppl = [row("ffsplit-quant", 0.3, v, rho=r, model=m) for m in "xy" for r, v in ((0.1, 1), (0.2, 2 if m == "x" else 0))]  # fmt: skip
+    assert all(t.within_noise is None for t in results.transfer(results.heavy_ratio_curves(ppl)))

@@ -97,7 +97,7 @@ def test_healing_lowers_the_loss_and_held_out_perplexity(setup: dict, loss: str,
 
 
 def test_healing_is_deterministic_and_trains_only_the_compressed_ffns(setup: dict) -> None:
-    config = HealConfig(steps=10, lr=1e-2, tokens=2048, window=WINDOW)
+    config = HealConfig(steps=10, loss="local", lr=1e-2, tokens=2048, window=WINDOW)
     a, b = _compressed(setup), _compressed(setup)
     start = {k: v.clone() for k, v in a.state_dict().items()}
     flags = {n: p.requires_grad for n, p in a.named_parameters()}
@@ -108,7 +108,7 @@ def test_healing_is_deterministic_and_trains_only_the_compressed_ffns(setup: dic
     changed = {k for k in sa if not torch.equal(sa[k], start[k])}
     assert changed and all(".mlp." in k for k in changed)  # attention, embeddings untouched
     assert {n: p.requires_grad for n, p in a.named_parameters()} == flags
-    frozen = HealConfig(steps=10, lr=1e-2, tokens=2048, window=WINDOW, train_dense=False)
+    frozen = config.replace(train_dense=False)
     c = _compressed(setup)
     heal(setup["dense"], c, setup["calibration"], frozen)
     sc = c.state_dict()
@@ -169,7 +169,8 @@ def test_local_healing_covers_every_adapter(architecture: str) -> None:
         profile_model(dense, ids, config),
         Recipe(method="lowrank", ffn_reduction=0.5, profile=config),
     )
-    report = heal(dense, student, ids, HealConfig(steps=30, lr=1e-3, tokens=128, window=16))
+    config = HealConfig(steps=30, loss="local", lr=1e-3, tokens=128, window=16)
+    report = heal(dense, student, ids, config)
     assert report.after < report.before
 
 
@@ -225,12 +226,12 @@ def test_steps_zero_is_the_recipe_of_before(setup: dict) -> None:
     assert Recipe.from_dict(old) == RECIPE and not RECIPE.heal.enabled
     assert RECIPE.to_dict()["heal"] == HealConfig().to_dict()
     assert RECIPE.label == "lowrank-h0.10-r0.5"  # labels of unhealed recipes are unchanged
-    spelled = Recipe.from_dict({**old, "heal": {"steps": 0, "lr": 0.5, "loss": "kl"}})
+    spelled = Recipe.from_dict({**old, "heal": {"steps": 0, "lr": 0.5, "loss": "local"}})
     a, b = _compressed(setup, RECIPE), _compressed(setup, spelled)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    healed = RECIPE.replace(heal=HealConfig(steps=50, loss="kl"))
-    assert healed.label == "lowrank-h0.10-r0.5-heal50-kl"
+    healed = RECIPE.replace(heal=HealConfig(steps=50, loss="local"))
+    assert healed.label == "lowrank-h0.10-r0.5-heal50-local"
     assert Recipe.from_dict(json.loads(json.dumps(healed.to_dict()))) == healed
 
 

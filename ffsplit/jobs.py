@@ -512,3 +512,261 @@ def latency_against_base(
         "threads": torch.get_num_threads(),
     }
     return out
+
+
+# ------------------------------------------------------------------------------------ observation
+
+OBSERVATION_HEAVY_RATIO = 0.01  # issue 6: the heavy set of the observation and the ablation: top 1%
+OBSERVATION_STABILITY_RATIOS = (0.01, 0.05, 0.10)  # method.md: stability of the top 1/5/10%
+OBSERVATION_CORPORA = ("wikipedia", "news")  # heavy sets from A, stability and coverage on B
+
+
+def observation_params(
+    calib_tokens: int = 8192,
+    eval_tokens: int = 8192,
+    window: int = 512,
+    batch_size: int = 4,
+    probe_limit: int = 1500,
+    random_repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, int]:
+    """The observation's settings, checked (so a flow can refuse bad ones before any work)."""
+    checks = (
+        ("calib_tokens", calib_tokens, 2),
+        ("eval_tokens", eval_tokens, 2),
+        ("window", window, 2),
+        ("batch_size", batch_size, 1),
+        ("probe_limit", probe_limit, 3),  # the probe's tweets are balanced over 3 labels
+        ("random_repeats", random_repeats, 1),
+        ("seed", seed, 0),
+    )
+    for name, value, low in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise FFSplitError(f"observation: {name} must be an integer >= {low}, got {value!r}")
+    for name, value in (("calib_tokens", calib_tokens), ("eval_tokens", eval_tokens)):
+        if value < window:
+            raise FFSplitError(
+                f"observation: {name} ({value}) must be at least one window ({window})"
+            )
+    return {
+        "calib_tokens": calib_tokens,
+        "eval_tokens": eval_tokens,
+        "window": window,
+        "batch_size": batch_size,
+        "probe_limit": probe_limit,
+        "random_repeats": random_repeats,
+        "seed": seed,
+    }
+
+
+def run_environment(device: str = "cpu") -> dict[str, Any]:
+    """What ran a job: host, Python, torch/transformers, device and threads, git commit, date."""
+    import os
+    import platform
+    import socket
+    import subprocess
+    from datetime import UTC, datetime
+
+    import transformers
+
+    from ffsplit.variant.manifest import git_commit
+
+    info: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
+        "commit": git_commit(),
+    }
+    if info["commit"]:
+        try:
+            status = subprocess.run(
+                ["git", "status", "--porcelain"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            )
+            info["worktree_dirty"] = bool(status.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    info["date"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S%z")
+    return info
+
+
+def observation_job(
+    model: str | Path,
+    *,
+    calib_tokens: int = 8192,
+    eval_tokens: int = 8192,
+    window: int = 512,
+    batch_size: int = 4,
+    probe_limit: int = 1500,
+    random_repeats: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+    command: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The paper's premise on one base model (issue 6), as one JSON-ready record.
+
+    Profiles the Wikipedia and the news calibration splits (same token count, no Gram matrices),
+    counts per-token coverage of the Wikipedia heavy set while profiling news, then zeroes the top
+    1% of neurons by score against random and bottom 1% sets: perplexity on the Wikipedia
+    evaluation split (causal LMs) or linear-probe accuracy on tweets (encoders, plus the relative
+    error of the last hidden states on the Wikipedia evaluation split). The record's keys are those
+    tasks.observation_plots draws and tasks.observation logs; progress(stage, done, total).
+    """
+    from ffsplit.analysis import (
+        ablation,
+        count_coverage,
+        coverage_summary,
+        heavy_set_stability,
+        heavy_sets,
+        hidden_state_error,
+        model_observation,
+    )
+    from ffsplit.data.corpora import TWEET_LABELS, labelled_texts
+    from ffsplit.data.windows import calibration_windows, corpus_windows, evaluation_windows
+    from ffsplit.eval import perplexity, probe_accuracy
+    from ffsplit.models.loading import is_causal_lm, load_model
+
+    params = observation_params(
+        calib_tokens, eval_tokens, window, batch_size, probe_limit, random_repeats, seed
+    )
+    corpus_a, corpus_b = OBSERVATION_CORPORA
+    ratio = OBSERVATION_HEAVY_RATIO
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    net, tokenizer, ref = load_model(str(model), device=device)
+    adapter = _adapter_of(net, model)
+    _require_tokenizer(tokenizer, model, "the observation profiles and evaluates on text")
+    causal = is_causal_lm(net.config)
+    seconds["load"] = time.perf_counter() - started
+
+    config = ProfileConfig(
+        corpus=corpus_a,
+        tokens=calib_tokens,
+        window=window,
+        batch_size=batch_size,
+        collect_grams=False,  # the observation needs no Gram matrices (and they cost a lot on CPU)
+    )
+    calib, calib_ref = calibration_windows(tokenizer, corpus_a, calib_tokens, window)
+    other, other_ref = corpus_windows(tokenizer, corpus_b, "calibration", calib_tokens, window)
+
+    # Seeded here for reproducible random sets and probes, without touching the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        stats_a = profile_model(
+            net, calib, config, adapter=adapter, progress=_stage(progress, f"profile {corpus_a}")
+        )
+        seconds[f"profile_{corpus_a}"] = time.perf_counter() - t0
+        downs = {h.layer: adapter.weights(net, h).down for h in adapter.ffns(net)}
+        heavy = heavy_sets(stats_a, downs, ratio)
+        top_k = {i: s.hit_top_k for i, s in stats_a.layers.items()}
+        t0 = time.perf_counter()
+        with count_coverage(net, adapter, heavy, top_k) as counts:
+            stats_b = profile_model(
+                net,
+                other,
+                config.replace(corpus=corpus_b),
+                adapter=adapter,
+                progress=_stage(progress, f"profile {corpus_b}"),
+            )
+        seconds[f"profile_{corpus_b}"] = time.perf_counter() - t0
+
+        record: dict[str, Any] = {
+            "command": command or f"ffsplit.jobs.observation_job({str(model)!r}, **{params})",
+            "machine": run_environment(device),
+            "model": ref.to_dict(),
+            "adapter": adapter.name,
+            "profile": config.to_dict(),
+            "data": {"calibration": calib_ref.to_dict(), "other_corpus": other_ref.to_dict()},
+            "corpora": {"a": corpus_a, "b": corpus_b},
+            "heavy_ratio": ratio,
+            "observation": model_observation(stats_a, downs, ratio),
+            "observation_other_corpus": model_observation(stats_b, downs, ratio),
+            "stability": {
+                f"{round(100 * r)}%": heavy_set_stability(stats_a, stats_b, downs, r)
+                for r in OBSERVATION_STABILITY_RATIOS
+            },
+            "coverage": {
+                "corpus": corpus_b,
+                "heavy_from": corpus_a,
+                "heavy_ratio": ratio,
+                **coverage_summary(counts),
+            },
+        }
+
+        t0 = time.perf_counter()
+        # dense, top, bottom and one per random set: each evaluation is one progress step
+        steps = {"done": 0, "total": 3 + random_repeats}
+
+        def counted(evaluate: Callable[[nn.Module], float], stage: str) -> Any:
+            def run(candidate: nn.Module) -> float:
+                value = evaluate(candidate)
+                steps["done"] += 1
+                if progress is not None:
+                    progress(stage, steps["done"], steps["total"])
+                return value
+
+            return run
+
+        if causal:
+            windows, eval_ref = evaluation_windows(tokenizer, corpus_a, eval_tokens, window)
+            record["data"]["evaluation"] = eval_ref.to_dict()
+
+            def quality(candidate: nn.Module) -> float:
+                return perplexity(candidate, windows, batch_size=batch_size).perplexity
+
+            metric, higher = f"perplexity ({corpus_a} evaluation split)", False
+        else:
+            train = labelled_texts("tweets", "calibration", limit=probe_limit, seed=seed)
+            test = labelled_texts("tweets", "evaluation", limit=probe_limit, seed=seed)
+            record["data"]["probe"] = {
+                "corpus": "tweets",
+                "train_split": "calibration",
+                "test_split": "evaluation",
+                "per_split": probe_limit,
+                "balanced": True,
+                "labels": list(TWEET_LABELS),
+            }
+
+            def quality(candidate: nn.Module) -> float:
+                return probe_accuracy(candidate, tokenizer, *train, *test, seed=seed).accuracy
+
+            metric, higher = f"linear-probe accuracy (tweets, {len(TWEET_LABELS)} classes)", True
+        common = {"fraction": ratio, "seed": seed, "random_repeats": random_repeats}
+        record["ablation"] = ablation(
+            net,
+            adapter,
+            stats_a,
+            counted(quality, "ablation"),
+            metric=metric,
+            higher_is_better=higher,
+            **common,
+        )
+        if not causal:
+            record["ablation"]["chance"] = 1 / len(TWEET_LABELS)
+            # The probe refits on the ablated features, which hides much of the damage: the
+            # relative error of the encoder's output itself is the sensitive measure.
+            windows, eval_ref = evaluation_windows(tokenizer, corpus_a, eval_tokens, window)
+            record["data"]["evaluation"] = eval_ref.to_dict()
+            steps["done"] = 0
+            record["ablation_hidden"] = ablation(
+                net,
+                adapter,
+                stats_a,
+                counted(hidden_state_error(net, windows, batch_size), "ablation hidden"),
+                metric=f"relative error of the last hidden states vs dense ({corpus_a} evaluation)",
+                higher_is_better=False,
+                **common,
+            )
+    seconds["ablation"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - started
+    record["seconds"] = seconds
+    return record

@@ -1,4 +1,5 @@
-"""Plots of the observation (issue 6) from its JSON record (bench/observation.py's observation.json).
+"""Plots of the observation (issue 6) from its JSON record (ffsplit.jobs.observation_job's, as
+bench/observation.py and the observation flow write it to observation.json).
 
 Figures per model: the per-layer observation (output-norm shares of the top neurons, hit
 frequency of the heavy set, Jaccard stability of the heavy set across corpora, each against what a
@@ -49,7 +50,8 @@ def _require(result: Mapping[str, Any], *keys: str) -> None:
     missing = [k for k in keys if k not in result]
     if missing:
         raise FFSplitError(
-            f"observation record lacks {', '.join(missing)}: produce it with bench/observation.py"
+            f"observation record lacks {', '.join(missing)}: produce it with "
+            "python -m flows.observation run (or bench/observation.py)"
         )
 
 
@@ -274,7 +276,8 @@ def observation_plots(record: Mapping[str, Any] | str | Path, out_dir: str | Pat
         path = Path(record)
         if not path.is_file():
             raise FFSplitError(
-                f"observation record {path} does not exist: run bench/observation.py"
+                f"observation record {path} does not exist: run python -m flows.observation run "
+                "(or bench/observation.py)"
             )
         record = json.loads(path.read_text())
     out = Path(out_dir)

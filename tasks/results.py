@@ -118,8 +118,8 @@ class Row:
     flow: str = ""
     variant_key: str = ""
     git_commit: str = ""
-    run_dir: str = ""
-    command: str = ""
+    run_dir: str = ""  # the flow's run folder, else the record folder that was logged
+    command: str = ""  # the command that logged the run (params["command"] computed the record)
     test_examples: int | None = None  # accuracy rows: the probe's test-set size n, None = unknown
     # Filled by with_reference from the model's dense row:
     loss: float | None = None  # quality loss in % (perplexity increase, or accuracy drop)
@@ -370,6 +370,25 @@ class Source:
     runs_read: int
     incomplete: int
     duplicates: int
+    # The latest complete observation run of each model (tasks.observation), by model name.
+    observations: tuple[ObservationRun, ...] = ()
+
+
+@dataclass(frozen=True)
+class ObservationRun:
+    """One model's latest complete observation run (tasks.observation.log_observation): its
+    scalar metrics, per-layer series (metric steps = layer index) and plot files."""
+
+    model: str
+    run_id: str
+    experiment: str = ""
+    start_time: int = 0
+    params: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    series: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    plots: Mapping[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
+    run_dir: str = ""  # the flow's run folder, else the record folder that was logged
+    command: str = ""  # the command that logged the run (params["command"] computed the record)
 
 
 def _fail(what: str, uri: str, exc: BaseException) -> FFSplitError:
@@ -392,9 +411,13 @@ def _paged(call: Any) -> list[Any]:
 
 def read_rows(uri: str, models: Sequence[str] | None = None) -> tuple[list[Row], Source]:
     """Complete, FINISHED runs of the ffsplit experiments (all, or those of `models`) as rows,
-    deduplicated by variant key. Raises FFSplitError (one line) for unknown models or no runs."""
+    deduplicated by variant key. Observation runs (tag ffsplit.role=observation) are not variants:
+    the latest complete one of each model goes to Source.observations instead. Raises
+    FFSplitError (one line) for unknown models or no runs."""
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
+
+    from tasks.observation import OBSERVATION_ROLE
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
@@ -430,6 +453,7 @@ def read_rows(uri: str, models: Sequence[str] | None = None) -> tuple[list[Row],
             if (mv.tags or {}).get(COMPLETE_TAG) == "true":
                 versions.setdefault(mv.run_id, f"{mv.name} v{mv.version}")
         rows, read, incomplete = [], 0, 0
+        observed: dict[str, tuple[Any, str]] = {}
         for exp in chosen:
             runs = _paged(
                 lambda token, exp=exp: client.search_runs(
@@ -444,6 +468,12 @@ def read_rows(uri: str, models: Sequence[str] | None = None) -> tuple[list[Row],
                 tags = run.data.tags
                 if run.info.status != "FINISHED" or tags.get(COMPLETE_TAG) != "true":
                     incomplete += 1
+                    continue
+                if tags.get(ROLE_TAG) == OBSERVATION_ROLE:  # not a variant: its own section
+                    model = tags.get("ffsplit.base_model") or exp.name[len(EXPERIMENT_PREFIX) :]
+                    old = observed.get(model)
+                    if old is None or _run_order(run) > _run_order(old[0]):
+                        observed[model] = (run, exp.name)
                     continue
                 rows.append(
                     row_from_run(
@@ -463,7 +493,7 @@ def read_rows(uri: str, models: Sequence[str] | None = None) -> tuple[list[Row],
     except Exception as exc:
         raise _fail("reading runs", uri, exc) from None
     kept, dropped = dedupe(rows)
-    if not kept:
+    if not kept and not observed:
         raise FFSplitError(
             f"no complete ffsplit runs in {', '.join(e.name for e in chosen)} at {redact(uri)} "
             f"({read} runs, {incomplete} incomplete): run a sweep first (python -m flows.sweep run)"
@@ -472,14 +502,59 @@ def read_rows(uri: str, models: Sequence[str] | None = None) -> tuple[list[Row],
         kept = _with_record_test_examples(client, kept)
     except Exception as exc:
         raise _fail(f"reading {RECORD_ARTIFACT} artifacts", uri, exc) from None
+    try:
+        observations = tuple(
+            _observation_run(client, model, *observed[model]) for model in sorted(observed)
+        )
+    except Exception as exc:
+        raise _fail("reading observation runs", uri, exc) from None
     source = Source(
         redact(uri),
         tuple((e.name, str(e.experiment_id)) for e in chosen),
         read,
         incomplete,
         dropped,
+        observations,
     )
     return with_reference(kept), source
+
+
+def _run_order(run: Any) -> tuple[int, str]:
+    return (run.info.start_time or 0, run.info.run_id)
+
+
+def _observation_run(client: Any, model: str, run: Any, experiment: str) -> ObservationRun:
+    """An observation run with its per-layer series (metric histories) and plot files."""
+    from tasks.observation import PLOTS_ARTIFACT_DIR, SERIES
+
+    run_id = run.info.run_id
+    names = [name for name, _, _ in SERIES]
+    names += sorted(k for k in run.data.metrics if re.fullmatch(r"jaccard_\d+pct", k))
+    series: dict[str, dict[int, float]] = {}
+    for name in names:
+        points = sorted(client.get_metric_history(run_id, name), key=lambda m: m.timestamp)
+        if points:
+            series[name] = {int(m.step): float(m.value) for m in points}  # latest wins
+    plots: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="ffsplit-results-") as tmp:
+        for item in client.list_artifacts(run_id, PLOTS_ARTIFACT_DIR):
+            if item.is_dir or not item.path.endswith(".png"):
+                continue
+            local = Path(client.download_artifacts(run_id, item.path, tmp))
+            plots[Path(item.path).name] = local.read_bytes()
+    tags = run.data.tags
+    return ObservationRun(
+        model=model,
+        run_id=run_id,
+        experiment=experiment,
+        start_time=int(run.info.start_time or 0),
+        params=dict(run.data.params),
+        metrics={k: float(v) for k, v in run.data.metrics.items()},
+        series=series,
+        plots=plots,
+        run_dir=tags.get(RUN_DIR_TAG, "") or tags.get("ffsplit.record_dir", ""),
+        command=tags.get(COMMAND_TAG, ""),
+    )
 
 
 def _with_record_test_examples(client: Any, rows: Sequence[Row]) -> list[Row]:
@@ -1183,7 +1258,12 @@ def render(
         f"Generated {generated_at.strftime('%Y-%m-%d %H:%M UTC')} from {source.uri}: "
         f"{len(rows)} variants of {len(models)} model(s) ({source.runs_read} runs read, "
         f"{source.incomplete} incomplete or failed skipped, {source.duplicates} duplicates of a "
-        "variant dropped, the latest kept).\n"
+        "variant dropped, the latest kept)"
+        + (
+            f"; the observation section shows {len(source.observations)} observation run(s).\n"
+            if source.observations
+            else ".\n"
+        )
     )
     add(
         "Reading the numbers: quality loss is the perplexity increase over the dense model in % "
@@ -1290,6 +1370,11 @@ def render(
             ],
         )
     )
+
+    # ---- the observation
+    text, pngs = observation_section(source.observations, models, plots_dir, plots_link)
+    add(text)
+    written += pngs
 
     # ---- trade-off
     add("## Trade-off at equal FFN budget\n")
@@ -1675,8 +1760,269 @@ def render(
             f"- sweep run folders and commands: not logged by the runs (tags `{RUN_DIR_TAG}`, "
             f"`{COMMAND_TAG}`)"
         )
+    if source.observations:
+        add("- observation runs (the latest complete one per model):")
+        for obs in source.observations:
+            commit = obs.params.get("git_commit", "")
+            computed = obs.params.get("command", "")
+            add(
+                f"  - {obs.model}: run `{obs.run_id}` in `{obs.experiment}`, code "
+                f"`{commit[:12] or 'not logged'}`, computed by `{computed or 'not logged'}`"
+                + (
+                    f", logged by `{obs.command}`"
+                    if obs.command and obs.command != computed
+                    else ""
+                )
+                + (f" (folder `{obs.run_dir}`)" if obs.run_dir else "")
+            )
+    else:
+        add("- observation runs: none")
     add(f"- generated: {generated_at.strftime('%Y-%m-%d %H:%M:%S UTC')}")
     add("")
+    return "\n".join(md), written
+
+
+# --------------------------------------------------------------------------------- observation
+
+OBSERVATION_TITLE = "Observation (the paper's premise)"
+# Plot files of an observation run (tasks.observation: artifacts plots/<name>) -> page file suffix.
+OBSERVATION_PLOTS = {
+    "observation.png": "observation",
+    "ablation.png": "ablation",
+    "ablation_hidden.png": "ablation-hidden",
+}
+# What each ablation kind measures (tasks.observation.ablation_kind); the run's own
+# ablation_<kind>_metric param names it more exactly when logged.
+ABLATION_KINDS = {
+    "perplexity": "perplexity (lower is better)",
+    "accuracy": "linear-probe accuracy (higher is better)",
+    "hidden_error": "relative error of the last hidden states vs dense (lower is better)",
+}
+
+
+def ablation_effect(kind: str, dense: float, value: float) -> float | None:
+    """What zeroing did, on a scale where effects compare by ratio: for perplexity the increase
+    of the cross-entropy in nats per token (ln(value / dense)), for accuracy the change in
+    points, otherwise (hidden-state error) the difference."""
+    if not (math.isfinite(dense) and math.isfinite(value)):
+        return None
+    if kind == "perplexity":
+        return math.log(value / dense) if dense > 0 and value > 0 else None
+    if kind == "accuracy":
+        return 100.0 * (value - dense)
+    return value - dense
+
+
+def _effect_text(kind: str, effect: float | None) -> str:
+    if effect is None:
+        return "n/a"
+    if kind == "perplexity":
+        factor = math.exp(effect)
+        times = f"{factor:,.0f}" if factor >= 100 else f"{factor:.3g}"
+        return f"x{times} ({effect:+.3g} nats/token)"
+    if kind == "accuracy":
+        return f"{effect:+.1f} pp"
+    return f"{effect:+.3g}"
+
+
+def _value_text(kind: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return "inf"
+    if kind == "accuracy":
+        return f"{value:.3f}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _obs_layers(obs: ObservationRun) -> list[int]:
+    return sorted({step for points in obs.series.values() for step in points})
+
+
+def _jaccard_sizes(obs: ObservationRun) -> list[int]:
+    names = set(obs.series) | {k[len("mean_") :] for k in obs.metrics if k.startswith("mean_")}
+    return sorted(int(m.group(1)) for k in names if (m := re.fullmatch(r"jaccard_(\d+)pct", k)))
+
+
+def observation_layer_table(obs: ObservationRun) -> str:
+    """Per layer: top-1/5/10% shares, hit frequency and lift of the heavy set, Jaccard of the
+    heavy sets of the two corpora; then the mean over layers and what a uniform spread or random
+    sets give."""
+    sizes = _jaccard_sizes(obs)
+    head = (
+        "layer",
+        "top 1% share",
+        "top 5% share",
+        "top 10% share",
+        "hit frequency",
+        "hit lift",
+        *(f"Jaccard {p}%" for p in sizes),
+    )
+
+    def row(label: str, get: Any) -> tuple[str, ...]:
+        lift = get("hit_lift")
+        return (
+            label,
+            _share(get("top1_share")),
+            _share(get("top5_share")),
+            _share(get("top10_share")),
+            _share(get("hit_frequency")),
+            "-" if lift is None else f"{lift:.1f}x",
+            *("-" if (j := get(f"jaccard_{p}pct")) is None else f"{j:.2f}" for p in sizes),
+        )
+
+    body = [
+        row(str(layer), lambda key, layer=layer: _finite(obs.series.get(key, {}).get(layer)))
+        for layer in _obs_layers(obs)
+    ]
+    body.append(row("**mean**", lambda key: _finite(obs.metrics.get(f"mean_{key}"))))
+    reference = {
+        "top1_share": 0.01,
+        "top5_share": 0.05,
+        "top10_share": 0.10,
+        "hit_frequency": _finite(obs.metrics.get("mean_uniform_hit_frequency")),
+        "hit_lift": 1.0,
+        **{
+            f"jaccard_{p}pct": _finite(obs.metrics.get(f"mean_random_jaccard_{p}pct"))
+            for p in sizes
+        },
+    }
+    body.append(row("uniform / random", lambda key: reference.get(key)))
+    return _table(head, body)
+
+
+def observation_ablation_table(obs: ObservationRun) -> str:
+    """Dense against the top 1% by score, a random 1% (mean over seeds) and the bottom 1% zeroed
+    in every layer, per measured quantity, with the effect of the top and the random set."""
+    pct = _finite(_float_or_none(obs.params.get("ablation_fraction")))
+    size = f"{100 * pct:g}%" if pct is not None else "1%"
+    seeds = [s for s in obs.params.get("ablation_seeds", "").split(",") if s]
+    body = []
+    for kind, default_title in ABLATION_KINDS.items():
+        logged = obs.params.get(f"ablation_{kind}_metric")
+        better = "higher" if kind == "accuracy" else "lower"
+        title = f"{logged} ({better} is better)" if logged else default_title
+        values = {
+            suffix: _finite(obs.metrics.get(f"ablation_{kind}_{suffix}"))
+            for suffix in ("dense", "top", "random", "random_std", "bottom", "chance")
+        }
+        get = values.get
+        dense, top, rand = get("dense"), get("top"), get("random")
+        if dense is None or (top is None and rand is None):
+            continue
+        std = get("random_std")
+        top_effect = None if top is None else ablation_effect(kind, dense, top)
+        rand_effect = None if rand is None else ablation_effect(kind, dense, rand)
+        verdict = f"top {_effect_text(kind, top_effect)}, random {_effect_text(kind, rand_effect)}"
+        if top_effect is not None and rand_effect and top_effect / rand_effect > 0:
+            ratio = top_effect / rand_effect
+            times = f"{ratio:,.0f}" if ratio >= 100 else f"{ratio:.3g}"
+            verdict += f": {times}x the random set's effect"
+        elif top_effect and rand_effect == 0:
+            verdict += " (the random set changes nothing)"
+        tested = _count(_float_or_none(obs.params.get("probe_per_split")))
+        if kind == "accuracy" and tested and top is not None:
+            # the probe's binomial noise (module docstring): dense vs top-zeroed accuracy
+            se = [math.sqrt(max(q * (1 - q), 0.0) / tested) for q in (dense, top)]
+            band = 100 * Z95 * math.hypot(*se)
+            if top_effect is not None and abs(top_effect) < band:
+                verdict += f"; within the probe's noise (±{band:.1f} pp at n={tested})"
+        chance = get("chance")
+        body.append(
+            (
+                title + (f"; chance {chance:.3f}" if chance is not None else ""),
+                _value_text(kind, dense),
+                _value_text(kind, get("bottom")),
+                _value_text(kind, rand)
+                + (f" ± {_value_text(kind, std)}" if std is not None else "")
+                + (f" ({len(seeds)} seeds)" if seeds else ""),
+                _value_text(kind, top),
+                verdict,
+            )
+        )
+    if not body:
+        return "No ablation metrics were logged by this run.\n"
+    head = (
+        "measured",
+        "dense",
+        f"zero bottom {size}",
+        f"zero random {size}",
+        f"zero top {size}",
+        "effect vs dense",
+    )
+    return _table(head, body)
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def observation_section(
+    observations: Sequence[ObservationRun],
+    variant_models: Sequence[str],
+    plots_dir: Path,
+    plots_link: str,
+) -> tuple[str, list[Path]]:
+    """The page's observation section and the plot files it wrote into plots_dir."""
+    from ffsplit.variant.atomic import atomic_path
+
+    md = [f"## {OBSERVATION_TITLE}\n"]
+    how = (
+        "`python -m flows.observation run --models MODEL` (computes it on Ray and logs it), or "
+        "log a record folder that bench/observation.py wrote with `python -m flows.observation "
+        "log --record bench/results/observation/MODEL`"
+    )
+    if not observations:
+        md.append(f"No observation run in the experiments read yet. Make one with {how}.\n")
+        return "\n".join(md), []
+    md.append(
+        "From each model's latest complete observation run (tag `ffsplit.role=observation`). "
+        "Share: the part of the sum of squared neuron output norms s_j^2 (s_j = sqrt(S2_j)·||v_j||, "
+        "over the calibration tokens) held by the top 1/5/10% of a layer's neurons by score; a "
+        "uniform spread gives 1/5/10%. Hit frequency: how often one neuron of the heavy set "
+        "(top 1% by score) is among the k largest output norms of a token (k = 1% of the layer's "
+        "neurons); uniform: k/m, and the lift is the ratio. Jaccard: overlap of the heavy sets "
+        "chosen from Wikipedia and from news calibration text, against the expectation for two "
+        "random sets. Ablation: the top 1% of neurons by score zeroed in every FFN layer, against a "
+        "random 1% (mean ± sd over seeds) and the bottom 1%; effects are compared as cross-entropy "
+        "increase for perplexity (ln of its factor), accuracy points for the probe and the "
+        "difference for the hidden-state error.\n"
+    )
+    written: list[Path] = []
+    for obs in observations:
+        p = obs.params
+        tokens = p.get("calibration_tokens") or _num(
+            obs.metrics.get("calibration_tokens"), "{:.0f}"
+        )
+        md.append(f"### {obs.model}\n")
+        md.append(
+            f"Run `{obs.run_id}`: {tokens} calibration tokens each of {p.get('corpus_a', '?')} and "
+            f"{p.get('corpus_b', '?')}, {_num(obs.metrics.get('layers'), '{:.0f}')} FFN layers; "
+            f"heavy set: top {100 * (_float_or_none(p.get('heavy_ratio')) or 0.01):g}% by "
+            f"{p.get('corpus_a', '?')} score.\n"
+        )
+        md.append(observation_layer_table(obs))
+        md.append("Ablation:\n")
+        md.append(observation_ablation_table(obs))
+        for name, suffix in OBSERVATION_PLOTS.items():
+            data = obs.plots.get(name)
+            if data is None:
+                continue
+            file = f"{slug(obs.model)}-{suffix}.png"
+            with atomic_path(plots_dir / file) as tmp:
+                tmp.write_bytes(data)
+            written.append(plots_dir / file)
+            md.append(f"![{obs.model} {suffix}]({plots_link}/{file})\n")
+    missing = sorted(set(variant_models) - {o.model for o in observations})
+    if missing:
+        md.append(f"No observation run for {', '.join(missing)} yet: make one with {how}.\n")
     return "\n".join(md), written
 
 
@@ -1717,7 +2063,10 @@ def write_page(
     plots_dir = out.with_suffix("")
     text, plots = render(rows, source, generated_at, plots_dir, plots_dir.name, command)
     for stale in plots_dir.glob("*.png"):
-        if stale not in plots and re.search(r"-(tradeoff|heavy-ratio)(-s\d+)?\.png$", stale.name):
+        if stale not in plots and re.search(
+            r"-((tradeoff|heavy-ratio)(-s\d+)?|observation|ablation|ablation-hidden)\.png$",
+            stale.name,
+        ):
             stale.unlink()
     write_text_atomic(out, text)
     return out, plots

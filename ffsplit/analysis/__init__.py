@@ -6,6 +6,7 @@ from ffsplit.analysis.ablation import (
     ablation_sets,
     count_coverage,
     down_weights,
+    hidden_state_error,
     zero_neurons,
 )
 from ffsplit.analysis.observation import (
@@ -35,6 +36,7 @@ __all__ = [
     "gini",
     "heavy_set_stability",
     "heavy_sets",
+    "hidden_state_error",
     "layer_observation",
     "merge_coverage",
     "model_observation",

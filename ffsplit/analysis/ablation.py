@@ -204,3 +204,39 @@ def count_coverage(
     finally:
         for r in removable:
             r.remove()
+
+
+def hidden_state_error(
+    model: nn.Module, windows: Tensor, batch_size: int = 4
+) -> Callable[[nn.Module], float]:
+    """evaluate(net) -> ||H - H_dense||_F / ||H_dense||_F of the last hidden states over all windows.
+
+    The dense reference H_dense is computed now, from `model` as it is. For encoders the probe
+    refits on ablated features and hides much of the damage; the error of the encoder's output
+    itself is the sensitive measure (0 for the dense model).
+    """
+    if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.shape[0] == 0:
+        raise FFSplitError("hidden_state_error: windows must be a non-empty 2-D tensor [n, T]")
+    if batch_size < 1:
+        raise FFSplitError(f"hidden_state_error: batch_size must be >= 1, got {batch_size}")
+
+    def batches(net: nn.Module) -> Iterator[Tensor]:
+        device = next(net.parameters()).device
+        for i in range(0, windows.shape[0], batch_size):
+            out = net(input_ids=windows[i : i + batch_size].to(device))
+            yield out.last_hidden_state.float()
+
+    with torch.inference_mode():
+        reference = list(batches(model))
+
+    @torch.inference_mode()
+    def evaluate(net: nn.Module) -> float:
+        diff = total = 0.0
+        for out, ref in zip(batches(net), reference, strict=True):
+            diff += float((out - ref).double().pow(2).sum())
+            total += float(ref.double().pow(2).sum())
+        if total == 0:
+            return 0.0 if diff == 0 else math.inf
+        return (diff / total) ** 0.5
+
+    return evaluate

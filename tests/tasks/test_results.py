@@ -642,3 +642,94 @@ def test_heavy_ratio_transfer_between_encoders_marks_noise() -> None:
     assert results.transfer(results.heavy_ratio_curves(far))[0].within_noise is False
     ppl = [row("ffsplit-quant", 0.3, v, rho=r, model=m) for m in "xy" for r, v in ((0.1, 1), (0.2, 2 if m == "x" else 0))]  # fmt: skip
     assert all(t.within_noise is None for t in results.transfer(results.heavy_ratio_curves(ppl)))
+
+
+# ---------------------------------------------------------------------------- the observation
+# tasks.observation logs one run per model with ffsplit.role=observation into the experiment of the
+# model's variants; the page shows it in its own section and never as a variant.
+
+OBSERVATION_RECORD = (
+    Path(__file__).resolve().parents[2] / "bench" / "results" / "observation" / "minilm-l6"
+)  # a real record (6 layers, probe accuracy and hidden-state ablations), committed with its plots
+
+
+def _sections(text: str) -> dict[str, str]:
+    parts = text.split("\n## ")
+    return {p.split("\n", 1)[0]: p for p in parts[1:]}
+
+
+def test_observation_runs_get_their_section_and_leave_the_variant_tables_alone(
+    mlflow_uri: str, unique_name: str, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from tasks.observation import log_observation
+    from tasks.registry import register_variant
+
+    base = unique_name
+    for name, recipe, change in (
+        ("dense", Recipe(method="none", heavy_ratio=0.0, ffn_reduction=0.0), 0.0),
+        ("ffs", Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.5), 4.0),
+    ):
+        folder = make_variant(tmp_path / "variants" / name, base, recipe)
+        metrics = {"perplexity": 10.0 * (1 + change / 100), "perplexity_change_pct": change}
+        metrics |= {"parameters": 1e5, "bytes": 2e5, "ffn_bytes": 8e4, "ffn_reduction": 0.5}
+        role = "dense" if name == "dense" else "variant"
+        tags = {"ffsplit.role": role, "ffsplit.flow": "sweep", "ffsplit.variant_key": name}
+        register_variant(folder, model_name=base, metrics=metrics, tags=tags, uri=mlflow_uri)
+    before_rows, before = results.read_rows(mlflow_uri, [base])
+    out = tmp_path / "before" / "results.md"
+    page, _ = results.write_page(before_rows, before, out, generated_at=NOW, command="x")
+    before_text = page.read_text()
+    assert before.observations == ()
+    assert "No observation run in the experiments read yet" in before_text
+    assert "python -m flows.observation run --models MODEL" in before_text
+
+    record_dir = tmp_path / "record"
+    shutil.copytree(OBSERVATION_RECORD, record_dir)
+    record = json.loads((record_dir / "observation.json").read_text())
+    record["model"]["name"] = base  # the experiment of this test's variants
+    (record_dir / "observation.json").write_text(json.dumps(record))
+    logged = log_observation(record_dir, mlflow_uri, tags={"ffsplit.command": "log it"})
+
+    rows, src = results.read_rows(mlflow_uri, [base])
+    assert rows == before_rows  # the observation run is not a variant row
+    assert (src.runs_read, src.incomplete, src.duplicates) == (3, 0, 0)
+    (seen,) = src.observations
+    assert seen.run_id == logged.run_id and seen.model == base
+    assert sorted(seen.series["top1_share"]) == list(range(6))
+    assert set(seen.plots) == {"observation.png", "ablation.png", "ablation_hidden.png"}
+
+    out = tmp_path / "docs" / "results.md"
+    page, plots = results.write_page(rows, src, out, generated_at=NOW, command="x")
+    text = page.read_text()
+    after, earlier = _sections(text), _sections(before_text)
+    for heading, body in earlier.items():  # every variant section exactly as before
+        if not heading.startswith(("Observation", "Provenance")):
+            assert after[heading] == body, heading
+    section = after["Observation (the paper's premise)"]
+    mean = record["observation"]["mean"]
+    jaccard = record["stability"]["1%"]["mean"]["jaccard"]
+    assert (
+        f"| **mean** | {100 * mean['top1_share']:.1f}% | {100 * mean['top5_share']:.1f}% "
+        f"| {100 * mean['top10_share']:.1f}% | {100 * mean['heavy_hit_rate']:.1f}% "
+        f"| {mean['hit_lift']:.1f}x | {jaccard:.2f} |" in section
+    )
+    assert "| uniform / random | 1.0% | 5.0% | 10.0% |" in section
+    ablation = record["ablation"]
+    assert f"| {ablation['dense']:.3f} | {ablation['bottom']:.3f} |" in section
+    top_pp = 100 * (ablation["top"] - ablation["dense"])
+    assert f"top {top_pp:+.1f} pp" in section and "chance 0.333" in section
+    assert "relative error of the last hidden states" in section
+    names = {f"{base}-observation.png", f"{base}-ablation.png", f"{base}-ablation-hidden.png"}
+    assert names <= {p.name for p in plots}
+    for name in names:
+        assert f"](results/{name})" in section
+        assert (out.parent / "results" / name).read_bytes()[:4] == b"\x89PNG"
+    provenance = after["Provenance"]
+    assert logged.run_id in provenance and "logged by `log it`" in provenance
+    assert "computed by `python bench/observation.py --model minilm-l6" in provenance
+    # Regenerated from the variants alone, the observation plots of the earlier page are removed.
+    results.write_page(before_rows, before, out, generated_at=NOW, command="x")
+    assert not names & {p.name for p in (out.parent / "results").iterdir()}

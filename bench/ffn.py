@@ -17,6 +17,7 @@ bench/common.py). ``roofline_share`` = measured speedup / roofline speedup.
 
     python bench/ffn.py                      # all shapes, GPU, writes bench/results/ffn-h200.json
     python bench/ffn.py --shapes smollm2-135m --tokens 1 16 --out /tmp/x.json
+    python bench/ffn.py --shapes llama2-7b --tokens 1 16 --recipes lowrank-h0.10-b0.67  # quick
 """
 
 from __future__ import annotations
@@ -164,10 +165,17 @@ def stage_profile(cores: list[FusedFFNCore], tokens: int) -> dict[str, Any]:
         for name, fn, weights in stages:
             ms = graph_time_ms(fn, calls_per_replay=len(cores))
             out[name] = {"ms": ms, "weight_bytes": weights, "tb_per_s": weights / ms / 1e9}
+            print(
+                f"  stage {core.light:7s} tokens {tokens:2d} {name:5s} {1e3 * ms:7.2f} us "
+                f"{weights / 1e6:6.1f} MB {weights / ms / 1e9:5.2f} TB/s",
+                flush=True,
+            )
     return out
 
 
-def bench_shape(spec: FFNSpec, tokens: tuple[int, ...], dtype: torch.dtype) -> tuple[list, dict]:
+def bench_shape(
+    spec: FFNSpec, tokens: tuple[int, ...], dtype: torch.dtype, only: list[str] | None = None
+) -> tuple[list, dict]:
     device = torch.device("cuda")
     rows: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
@@ -220,6 +228,8 @@ def bench_shape(spec: FFNSpec, tokens: tuple[int, ...], dtype: torch.dtype) -> t
     _free()
 
     for recipe in recipes(spec):
+        if only is not None and recipe.name not in only:
+            continue
         one = split_mlp(spec, recipe, device, dtype)
         split_bytes = module_bytes(one)
         k = copies_for(split_bytes)
@@ -351,7 +361,19 @@ def _speed_up_autotuning() -> None:
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
     for name in ("first", "chain", "last"):
-        ffn._kernel(name).do_bench = quick
+        for mode in ("one", "tile"):
+            ffn._kernel(name, mode).do_bench = quick
+
+
+def tuned_tiles() -> dict[str, dict[str, str]]:
+    """The tile the autotuner kept per kernel, token mode and weight-shape key (for the notes)."""
+    from ffsplit.kernels import ffn
+
+    out: dict[str, dict[str, str]] = {}
+    for (name, mode), kernel in ffn._kernels.items():
+        cache = getattr(kernel, "cache", {})
+        out[f"{name}/{mode}"] = {str(key[:4]): str(config) for key, config in cache.items()}
+    return out
 
 
 def main() -> None:
@@ -359,6 +381,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(FFN_SHAPES))
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=RESULTS / "ffn-h200.json")
+    parser.add_argument("--recipes", nargs="*", default=None, help="only these recipe names")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/ffn.py times CUDA graphs: it needs a GPU")
@@ -366,7 +389,7 @@ def main() -> None:
     torch.manual_seed(0)
     all_rows, profiles = [], {}
     for name in args.shapes:  # results written after every shape: a cut-short run keeps them
-        rows, prof = bench_shape(FFN_SHAPES[name], tuple(args.tokens), torch.bfloat16)
+        rows, prof = bench_shape(FFN_SHAPES[name], tuple(args.tokens), torch.bfloat16, args.recipes)
         all_rows += rows
         profiles.update(prof)
         write_json(
@@ -383,8 +406,12 @@ def main() -> None:
                 "roofline": "bytes ratio at <=16 tokens, FLOPs ratio at 2048, ratio of floors at 128",
                 "rows": all_rows,
                 "decode_stage_profile": profiles,
+                "tuned_tiles": tuned_tiles(),
             },
         )
+    for kernel, tiles in tuned_tiles().items():
+        for key, config in tiles.items():
+            print(f"tuned {kernel} {key}: {config}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,17 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 for step in "$@"; do
   case "$step" in
     tests)
-      timeout ${TESTS_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider \
-        tests/ffsplit/split/test_fused.py tests/ffsplit/kernels 2>&1 | tee "$OUT/tests.log" | tail -${TESTS_TAIL:-15}
+      # several pytest processes at once: Triton compiles dominate (one process took > 220 s)
+      k=tests/ffsplit/kernels/test_ffn_kernels.py
+      t() { name=$1; shift; timeout ${TESTS_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider "$@" \
+        > "$OUT/t-$name.log" 2>&1; }
+      t fused tests/ffsplit/split/test_fused.py &
+      t gated "$k" -k test_gated_kernels &
+      t kernels "$k" -k "not test_gated_kernels and not test_every_tuned_tile" &
+      for id in lowrank-one lowrank-tile quant-one quant-tile; do t "$id" "$k::test_every_tuned_tile[$id]" & done
+      wait
+      for f in "$OUT"/t-*.log; do echo "== $f"; cat "$f"; done > "$OUT/tests.log"; rm -f "$OUT"/t-*.log
+      grep -E "^== |passed|failed|error" "$OUT/tests.log" | tail -${TESTS_TAIL:-30}
       ;;
     ffn)
       timeout ${FFN_LIMIT:-300} python3 bench/ffn.py --out "$OUT/ffn-h200.json" ${FFN_ARGS:-} \

@@ -210,7 +210,7 @@ def _gpu_model(light):
 @gpu
 @torch.no_grad()
 @pytest.mark.parametrize("light", ["lowrank", "quant", "dense"])
-@pytest.mark.parametrize("tokens", [1, 5, 16, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 40])
 def test_gpu_fused_matches_reference(light, tokens):
     """bf16 on GPU: fused (Triton at <= 16 tokens, torch ops above) vs the split reference modules,
     relative error <= 2e-2 (bf16 rounding of intermediates differs between the two paths)."""
@@ -243,11 +243,14 @@ def test_gpu_fused_other_architectures(architecture):
 @pytest.mark.gpu
 @gpu
 @torch.no_grad()
-def test_gpu_fused_ffn_captures_in_cuda_graph():
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_gpu_fused_ffn_captures_in_cuda_graph(tokens):
+    """Replays stay right: the split-K counters are reset by every launch inside the graph (the
+    chain's fp32 atomics may add in another order: bf16 rounding tolerance)."""
     model, adapter = _gpu_model(_lowrank(24))
     fuse_model(model, adapter, strict=True)
     ffn = model.get_submodule(adapter.ffns(model)[0].path)
-    x = torch.randn(1, 128, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16)
     eager = ffn(x).clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -257,9 +260,10 @@ def test_gpu_fused_ffn_captures_in_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = ffn(x)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(out, ffn(x), rtol=0, atol=0)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, ffn(x), rtol=1e-2, atol=1e-2)
     assert not torch.equal(out, eager)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ffsplit.errors import FFSplitError  # noqa: E402
-from ffsplit.jobs import observation_job  # noqa: E402
+from ffsplit.jobs import OBSERVATION_DEFAULTS, OBSERVATION_HELP, observation_job  # noqa: E402
 from ffsplit.variant.atomic import write_text_atomic  # noqa: E402
 from tasks.observation_plots import observation_plots  # noqa: E402
 
@@ -42,13 +42,9 @@ def progress(stage: str, done: int, total: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="smollm2-135m | gemma3-270m | minilm-l6")
-    parser.add_argument("--calib-tokens", type=int, default=8192)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--probe-limit", type=int, default=1500, help="tweets per probe split")
-    parser.add_argument("--random-repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    for name, default in OBSERVATION_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=default, help=OBSERVATION_HELP.get(name))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
@@ -56,13 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = observation_job(
             args.model,
-            calib_tokens=args.calib_tokens,
-            eval_tokens=args.eval_tokens,
-            window=args.window,
-            batch_size=args.batch_size,
-            probe_limit=args.probe_limit,
-            random_repeats=args.random_repeats,
-            seed=args.seed,
+            **{name: getattr(args, name) for name in OBSERVATION_DEFAULTS},
             command=command,
             progress=progress,
         )

@@ -559,6 +559,11 @@ def observation_params(
     }
 
 
+# The defaults of every observation setting, by name (for command lines built over the job).
+OBSERVATION_DEFAULTS: dict[str, int] = observation_params()
+OBSERVATION_HELP = {"probe_limit": "tweets per probe split"}
+
+
 def run_environment(device: str = "cpu") -> dict[str, Any]:
     """What ran a job: host, Python, torch/transformers, device and threads, git commit, date."""
     import os

@@ -238,7 +238,7 @@ def provenance_tags(kind: str, folder: Path) -> dict[str, str]:
         for key, value in sorted(params.items()):
             args += ["--param", f"{key}={json.dumps(value)}"]
         command = shlex.join(["prefect", "deployment", "run", *args])
-    elif Path(sys.argv[0]).name in {"sweep.py", "compress.py"}:
+    elif Path(sys.argv[0]).name == f"{kind}.py" and Path(sys.argv[0]).parent.name == "flows":
         command = shlex.join(["python", "-m", f"flows.{kind}", *sys.argv[1:]])
     else:
         command = f"flows.{kind}.{kind}(**{json.dumps(params, sort_keys=True)})"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ffsplit.errors import FFSplitError
-from ffsplit.jobs import observation_params
+from ffsplit.jobs import OBSERVATION_DEFAULTS, OBSERVATION_HELP, observation_params
 from flows.compress import (
     check_services,
     provenance_tags,
@@ -65,16 +64,10 @@ def _record_dirs(record: Any) -> list[str]:
 
 
 def _provenance(folder: Path | None) -> dict[str, str]:
-    """Run folder, rerun command and flow run id (flows.compress.provenance_tags), with the CLI
-    line when the flow ran from `python -m flows.observation`."""
+    """Run folder, rerun command and flow run id (flows.compress.provenance_tags)."""
     tags = provenance_tags("observation", folder or Path("."))
     if folder is None:
         tags.pop("ffsplit.run_dir", None)
-    if Path(sys.argv[0]).name == "observation.py" and Path(sys.argv[0]).parent.name == "flows":
-        from tasks.registry import MAX_TAG_LENGTH
-
-        command = shlex.join(["python", "-m", "flows.observation", *sys.argv[1:]])
-        tags["ffsplit.command"] = command[:MAX_TAG_LENGTH]
     return {**tags, "ffsplit.flow": "observation"}
 
 
@@ -190,13 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="compute the observation (Ray) and log it in MLflow")
     run.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
-    run.add_argument("--calib-tokens", type=int, default=8192)
-    run.add_argument("--eval-tokens", type=int, default=8192)
-    run.add_argument("--window", type=int, default=512)
-    run.add_argument("--batch-size", type=int, default=4)
-    run.add_argument("--probe-limit", type=int, default=1500, help="tweets per probe split")
-    run.add_argument("--random-repeats", type=int, default=3)
-    run.add_argument("--seed", type=int, default=0)
+    for name, default in OBSERVATION_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        run.add_argument(flag, type=int, default=default, help=OBSERVATION_HELP.get(name))
     run.add_argument("--run-dir", default=None)
     log = sub.add_parser("log", help="log existing record folders (observation.json + plots)")
     log.add_argument("--record", nargs="+", required=True, type=Path)
@@ -208,13 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = observation(
                 models=[m for v in args.models for m in v.split(",") if m],
-                calib_tokens=args.calib_tokens,
-                eval_tokens=args.eval_tokens,
-                window=args.window,
-                batch_size=args.batch_size,
-                probe_limit=args.probe_limit,
-                random_repeats=args.random_repeats,
-                seed=args.seed,
+                **{name: getattr(args, name) for name in OBSERVATION_DEFAULTS},
                 run_dir=args.run_dir,
             )
     except FFSplitError as exc:

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,20 +489,6 @@ def _find_complete(client: Any, experiment_id: str, content: str) -> Any | None:
     return None
 
 
-def _log_series(client: Any, run_id: str, series: Mapping[str, list[tuple[int, float]]]) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [
-        Metric(name, value, now, step)
-        for name, points in series.items()
-        for step, value in points
-        if math.isfinite(value)
-    ]
-    for i in range(0, len(items), 1000):  # MLflow takes up to 1000 metrics per batch
-        client.log_batch(run_id, metrics=items[i : i + 1000])
-
-
 def _verify(
     client: Any,
     run_id: str,
@@ -544,16 +529,15 @@ def _log_once(
     tags: Mapping[str, str],
     progress: Callable[[str], None],
 ) -> LoggedObservation:
-    from mlflow.entities import Metric, Param
-
     from tasks.registry import (
         COMPLETE_TAG,
         CONTENT_TAG,
-        PARAMS_PER_BATCH,
         ROLE_TAG,
         _abort,
         _experiment_id,
         _log_artifact,
+        log_metrics,
+        log_params,
     )
 
     model = str(record["model"]["name"])
@@ -579,13 +563,9 @@ def _log_once(
     run_id = run.info.run_id
     try:
         progress("params")
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
+        log_params(client, run_id, params)
         progress("metrics")
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in scalars.items()])
-        _log_series(client, run_id, series)
+        log_metrics(client, run_id, scalars, series)
         progress("artifacts")
         names = [RECORD]
         _log_artifact(client, run_id, RECORD, folder / RECORD)

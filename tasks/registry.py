@@ -81,6 +81,7 @@ MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
 
 _KEY = re.compile(r"^[\w.\- /:]+$")  # MLflow's param/metric/tag key alphabet
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # model names usable in models:/ URIs
@@ -501,6 +502,36 @@ def _ensure_registered_model(client: Any, model_name: str) -> None:
                 raise
 
 
+def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
+    """A run's params, in batches MLflow accepts."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
+
+
+def log_metrics(
+    client: Any,
+    run_id: str,
+    metrics: Mapping[str, float],
+    series: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+) -> None:
+    """Scalar metrics (step 0) and per-step series (non-finite points left out), in batches."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    items += [
+        Metric(name, value, now, step)
+        for name, points in (series or {}).items()
+        for step, value in points
+        if math.isfinite(value)
+    ]
+    for i in range(0, len(items), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[i : i + METRICS_PER_BATCH])
+
+
 def _log_artifact(client: Any, run_id: str, name: str, path: Path) -> None:
     """Upload under exactly `name` (a file is staged under its artifact name first)."""
     parent, _, leaf = name.rpartition("/")
@@ -602,7 +633,6 @@ def _register_once(
     timeout: float,
     progress: Callable[[str], None],
 ) -> RegisteredVersion:
-    from mlflow.entities import Metric, Param
 
     from tasks.serving import save_pyfunc, variant_path_in_model
 
@@ -635,12 +665,9 @@ def _register_once(
     version: str | None = None
     try:
         progress("params")
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
+        log_params(client, run_id, params)
         progress("metrics")
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        log_metrics(client, run_id, metrics)
         progress("artifacts")
         client.log_artifact(run_id, str(folder / MANIFEST))
         for name, path in artifacts.items():

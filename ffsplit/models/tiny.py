@@ -7,6 +7,7 @@ way to exercise those code paths (../shared/docs/assets.md). Built offline, fp32
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,3 +165,59 @@ def tiny_model(architecture: str, seed: int = 0) -> tuple[torch.nn.Module, None]
         model = model_class(config).to(torch.float32)
     model.eval()
     return model, None
+
+
+def _save_with_tokenizer(
+    build: Callable[[Any], Any], tokenizer_of: str, folder: Path, seed: int
+) -> Path:
+    """Save the random model `build(tokenizer)` makes, seeded, with a packaged model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ffsplit.models.registry import materialize
+
+    tokenizer = AutoTokenizer.from_pretrained(str(materialize(tokenizer_of)), local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(tokenizer).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def save_tiny_with_tokenizer(
+    architecture: str, tokenizer_of: str, folder: str | Path, seed: int = 0
+) -> Path:
+    """A tiny model of `architecture` (tiny_config) saved as a HF folder with the real tokenizer
+    of a packaged model (vocabulary widened to it), so tests can feed it real text."""
+    import transformers
+
+    def build(tokenizer: Any) -> Any:
+        config = tiny_config(architecture)
+        config.vocab_size = len(tokenizer)
+        return getattr(transformers, architecture)(config)
+
+    return _save_with_tokenizer(build, tokenizer_of, Path(folder), seed)
+
+
+def save_tiny_lm(folder: str | Path, layers: int = 4, seed: int = 0) -> Path:
+    """A random tiny Llama (d=64, FFN 192, tied embeddings) with SmolLM2's real tokenizer, saved
+    as a HF folder: the pipeline tests' base model (real text, seconds per stage on CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(tokenizer: Any) -> Any:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return LlamaForCausalLM(config)
+
+    return _save_with_tokenizer(build, "smollm2-135m", Path(folder), seed)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -38,22 +37,10 @@ RECORD_KEYS = [
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Llama (ffsplit.models.tiny) saved with SmolLM2's real tokenizer."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from ffsplit.models.registry import materialize
-    from ffsplit.models.tiny import tiny_config
+    from ffsplit.models.tiny import save_tiny_with_tokenizer
 
     folder = tmp_path_factory.mktemp("obs-llama") / "tiny-llama"
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(materialize("smollm2-135m")), local_files_only=True
-    )
-    config = tiny_config("LlamaForCausalLM")
-    config.vocab_size = len(tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).eval().save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    return str(save_tiny_with_tokenizer("LlamaForCausalLM", "smollm2-135m", folder))
 
 
 def test_the_record_keys_are_those_of_the_committed_records() -> None:

@@ -14,7 +14,6 @@ injected, expected, observed) for docs/reliability.md before injecting anything.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import resource
@@ -73,17 +72,6 @@ SWEEP = {
     "quality_budget_pct": 1e6,
 }
 PROBE_IDS = torch.tensor([[1, 17, 404, 9000, 23, 5, 77, 311]])
-
-
-def _load_tasks_conftest() -> Any:
-    """tests/tasks/conftest.py as a plain module, for make_tiny_lm (conftests are not importable)."""
-    spec = importlib.util.spec_from_file_location(
-        "_tasks_conftest_for_faults", REPO / "tests" / "tasks" / "conftest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # -------------------------------------------------------------------------------------- services
@@ -151,7 +139,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("fault-model") / "tiny-llama"
-    return str(_load_tasks_conftest().make_tiny_lm(folder))
+    from ffsplit.models.tiny import save_tiny_lm
+
+    return str(save_tiny_lm(folder))
 
 
 @pytest.fixture(scope="module")

@@ -13,39 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 TINY_LAYERS = 4
 
 
 def make_tiny_lm(folder: Path, layers: int = TINY_LAYERS, seed: int = 0) -> Path:
-    """Save a random tiny Llama with SmolLM2's tokenizer as a local HF folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A random tiny Llama with SmolLM2's real tokenizer (ffsplit.models.tiny.save_tiny_lm)."""
+    from ffsplit.models.tiny import save_tiny_lm
 
-    from ffsplit.models.registry import materialize
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(materialize("smollm2-135m")), local_files_only=True
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return save_tiny_lm(folder, layers=layers, seed=seed)
 
 
 @pytest.fixture(scope="session")

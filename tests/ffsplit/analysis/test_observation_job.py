@@ -36,21 +36,9 @@ SMALL = {"calib_tokens": 256, "eval_tokens": 128, "window": 64, "random_repeats"
 
 def _tiny_with_tokenizer(architecture: str, tokenizer_of: str, folder: Path) -> str:
     """A tiny random model (ffsplit.models.tiny) saved with a packaged model's real tokenizer."""
-    import transformers
-    from transformers import AutoTokenizer
+    from ffsplit.models.tiny import save_tiny_with_tokenizer
 
-    from ffsplit.models.registry import materialize
-    from ffsplit.models.tiny import tiny_config
-
-    tokenizer = AutoTokenizer.from_pretrained(str(materialize(tokenizer_of)), local_files_only=True)
-    config = tiny_config(architecture)
-    config.vocab_size = len(tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = getattr(transformers, architecture)(config).eval()
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    return str(save_tiny_with_tokenizer(architecture, tokenizer_of, folder))
 
 
 @pytest.fixture(scope="module")

@@ -241,30 +241,9 @@ def test_steps_zero_is_the_recipe_of_before(setup: dict) -> None:
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random tiny Llama with SmolLM2's real tokenizer, saved as a HF folder (real text)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from ffsplit.models.tiny import save_tiny_lm
 
-    from ffsplit.models.registry import materialize
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(materialize("smollm2-135m")), local_files_only=True
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("heal-tiny") / "tiny-llama"
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    return str(save_tiny_lm(tmp_path_factory.mktemp("heal-tiny") / "tiny-llama", layers=2))
 
 
 def test_jobs_heal_before_saving_and_the_manifest_says_so(tiny_lm: str, tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -29,3 +30,19 @@ def ray_embedded() -> Iterator[dict]:
 
     with ray_session(num_cpus=RAY_CPUS, resources=RAY_RESOURCES) as info:
         yield info
+
+
+# Ray's log monitor forwards raylet and worker lines ("(raylet) ...", "(pid=123) ...", maybe
+# coloured) into the driver's stderr from a background thread, whenever they happen: e.g. the raylet's
+# disk-space warning on a nearly full CI disk. A CLI's own error output is the rest.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|gcs_server|[\w.]*\s*pid=\d+[^)]*)\)")
+
+
+@pytest.fixture
+def own_lines() -> Callable[[str], list[str]]:
+    """Split captured stderr into lines, dropping those Ray forwarded from other processes."""
+
+    def split(err: str) -> list[str]:
+        return [line for line in err.splitlines() if not _RAY_FORWARDED.match(line)]
+
+    return split

@@ -5,6 +5,7 @@ experiment; an existing record folder logged by `record`; bad input refused befo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,11 @@ def test_the_flow_computes_logs_and_logs_a_record_folder_once(
 
 
 def test_bad_input_fails_in_one_line_before_any_work(
-    tiny_lm: str, pipeline_env: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_lm: str,
+    pipeline_env: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    own_lines: Callable[[str], list[str]],
 ) -> None:
     run_dir = tmp_path / "run"
     with pytest.raises(FFSplitError, match="unknown model 'no-such-model'"):
@@ -65,9 +70,9 @@ def test_bad_input_fails_in_one_line_before_any_work(
     bad.mkdir()
     (bad / "observation.json").write_text(json.dumps({"command": "x", "model": {}}))
     assert main(["log", "--record", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert f"{bad / 'observation.json'}: key 'model.name' is missing" in err
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1
+    assert f"{bad / 'observation.json'}: key 'model.name' is missing" in err[0]
     assert main(["log", "--record", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert (

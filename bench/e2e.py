@@ -29,6 +29,7 @@ import copy
 import gc
 import inspect
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,9 @@ PROMPT = 32
 NEW_TOKENS = 256
 PREFILL = 2048
 BATCHES = (1, 16)
+BATCHES_COMPILED: tuple[str, ...] = ("b1", "b16")  # --compiled-batches
+PDL_COMPARE = False  # --pdl-compare
+TRACE = False  # --trace
 
 
 def _config(name: str) -> Any:
@@ -246,7 +250,12 @@ def prefill_ms(model: nn.Module, vocab: int, device: torch.device) -> float:
 
 @torch.no_grad()
 def decode_gpu(
-    model: nn.Module, batch: int, vocab: int, needs_mask: bool, compiled: bool = False
+    model: nn.Module,
+    batch: int,
+    vocab: int,
+    needs_mask: bool,
+    compiled: bool = False,
+    trace: bool = False,
 ) -> dict[str, Any]:
     """ms per decode step: the whole step in one CUDA graph, replayed NEW_TOKENS times.
 
@@ -300,11 +309,46 @@ def decode_gpu(
     end.record()
     end.synchronize()
     ms = start.elapsed_time(end) / steps
-    del graph, cache
+    del graph
     out = {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "steps": steps}
     if compiled:
         out["compile_and_warmup_s"] = warmup_s
+    if trace:
+        pos.fill_(PROMPT)  # the cache positions the timed replays used: same attention lengths
+        out["kernels"] = kernel_breakdown(step, ms)
+    del cache
     return out
+
+
+def kernel_breakdown(step: Any, graph_ms: float, steps: int = 8) -> dict[str, Any]:
+    """Where a decode step's GPU time goes: the same step launched without the graph under
+    torch.profiler; kernel time per step by kernel name (top 25) and its sum, against the graph
+    replay's step time (the rest is launch gaps and bubbles the graph still has)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            entry = kernels.setdefault(event.name[:120], [0.0, 0])
+            entry[0] += event.device_time / 1e3 / steps  # us -> ms per step
+            entry[1] += 1
+    total = sum(ms for ms, _ in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    return {
+        "kernel_ms_per_step": total,
+        "graph_step_ms": graph_ms,
+        "gaps_ms_per_step": graph_ms - total,
+        "launches_per_step": sum(n for _, n in kernels.values()) / steps,
+        "top": [
+            {"kernel": name, "ms_per_step": ms, "launches_per_step": n / steps}
+            for name, (ms, n) in top
+        ],
+    }
 
 
 @torch.no_grad()
@@ -340,6 +384,7 @@ def measure(
     needs_mask: bool,
     what: tuple[str, ...] = ("prefill", "b1", "b16"),
     compiled: bool = False,
+    trace: bool = False,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "prefill" in what:
@@ -350,14 +395,26 @@ def measure(
             continue
         try:
             result = (
-                decode_gpu(model, batch, vocab, needs_mask, compiled)
+                decode_gpu(model, batch, vocab, needs_mask, compiled, trace and batch == 1)
                 if device.type == "cuda"
                 else decode_cpu(model, batch, vocab)
             )
         except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
             result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
         out[f"decode_b{batch}"] = result
-        print(f"  {name:14s} decode b{batch}: {result}", flush=True)
+        shown = {k: v for k, v in result.items() if k != "kernels"}
+        print(f"  {name:14s} decode b{batch}: {shown}", flush=True)
+        if "kernels" in result:
+            k = result["kernels"]
+            print(
+                f"  {name:14s} kernels {k['kernel_ms_per_step']:.3f} ms/step in "
+                f"{k['launches_per_step']:.0f} launches; graph step {k['graph_step_ms']:.3f} ms",
+                flush=True,
+            )
+            for row in k["top"][:12]:
+                print(
+                    f"      {row['ms_per_step']:.4f} ms x{row['launches_per_step']:.0f} {row['kernel'][:90]}"
+                )
     return out
 
 
@@ -431,7 +488,7 @@ def bench_gpu(
     recipe = plan(dense, adapter)
     print(f"{name}: built in {time.time() - t0:.0f}s; recipe {recipe}", flush=True)
     result: dict[str, Any] = {"recipe": recipe}
-    result["dense"] = measure(dense, "dense", vocab, device, needs_mask)
+    result["dense"] = measure(dense, "dense", vocab, device, needs_mask, trace=TRACE)
 
     comp = copy.deepcopy(dense)
     compress(comp, adapter, recipe, real=False)
@@ -444,7 +501,11 @@ def bench_gpu(
     report = fuse_model(comp, adapter, strict=True)
     result["compressed_stored_bytes"] = module_bytes(comp)
     result["fuse_dataflow"] = report.dataflow
-    result["compressed"] = measure(comp, "compressed", vocab, device, needs_mask)
+    result["compressed"] = measure(comp, "compressed", vocab, device, needs_mask, trace=TRACE)
+    if PDL_COMPARE:
+        result["compressed_no_pdl"] = _without_pdl(
+            measure, comp, "comp-no-pdl", vocab, device, needs_mask, ("b1",)
+        )
     del comp
     gc.collect()
     torch.cuda.empty_cache()
@@ -466,6 +527,19 @@ def bench_gpu(
     return result
 
 
+def _without_pdl(run: Any, *args: Any) -> dict[str, Any]:
+    """run(*args) with the fused kernels launched plainly (no programmatic dependent launch)."""
+    previous = os.environ.get("FFSPLIT_KERNEL_PDL")
+    os.environ["FFSPLIT_KERNEL_PDL"] = "0"
+    try:
+        return run(*args)
+    finally:
+        if previous is None:
+            os.environ.pop("FFSPLIT_KERNEL_PDL", None)
+        else:
+            os.environ["FFSPLIT_KERNEL_PDL"] = previous
+
+
 def bench_gpu_compiled(name: str, save: Any) -> dict[str, Any]:
     from ffsplit.split.fused import fuse_model
 
@@ -484,12 +558,26 @@ def bench_gpu_compiled(name: str, save: Any) -> dict[str, Any]:
     fuse_model(comp, adapter, strict=True)
     result["dense"], result["compressed"] = {}, {}
     # b1 of both first (the headline), results saved after every measurement
-    for batch in ("b1", "b16"):
+    for batch in BATCHES_COMPILED:
         for key, model in (("dense", dense), ("compressed", comp)):
             result[key].update(
-                measure(model, f"{key}+compile", vocab, device, needs_mask, (batch,), compiled=True)
+                measure(
+                    model,
+                    f"{key}+compile",
+                    vocab,
+                    device,
+                    needs_mask,
+                    (batch,),
+                    compiled=True,
+                    trace=TRACE,
+                )
             )
             result.update(ratios(result["dense"], result["compressed"]))
+            save(result)
+        if PDL_COMPARE and batch == "b1":
+            result["compressed_no_pdl"] = _without_pdl(
+                measure, comp, "comp-no-pdl+compile", vocab, device, needs_mask, ("b1",), True
+            )
             save(result)
     del comp
     remove_ffns(dense, adapter, d)
@@ -563,7 +651,7 @@ def bench_cpu_real(name: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    global NEW_TOKENS, PREFILL
+    global NEW_TOKENS, PREFILL, PDL_COMPARE, TRACE, BATCHES_COMPILED
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--models",
@@ -577,10 +665,23 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="GPU decode through torch.compile for every variant"
     )
+    parser.add_argument(
+        "--pdl-compare",
+        action="store_true",
+        help="also decode (b1) the compressed model without programmatic dependent launch",
+    )
+    parser.add_argument(
+        "--trace", action="store_true", help="kernel time per decode step (b1), by kernel"
+    )
+    parser.add_argument(
+        "--compiled-batches", default="b1,b16", help="--compile: which batches (b1,b16)"
+    )
     parser.add_argument("--new-tokens", type=int, default=256, help="(smoke tests)")
     parser.add_argument("--prefill", type=int, default=2048, help="(smoke tests)")
     args = parser.parse_args()
     NEW_TOKENS, PREFILL = args.new_tokens, args.prefill
+    PDL_COMPARE, TRACE = args.pdl_compare, args.trace
+    BATCHES_COMPILED = tuple(args.compiled_batches.split(","))
     gpu = torch.cuda.is_available() and not args.real
     results: dict[str, Any] = {}
     out = args.out or RESULTS / ("e2e-h200.json" if gpu else "e2e-cpu-smollm2.json")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from ffsplit.split.fused import FusedFFNCore, fuse_projections  # noqa: E402
 
 L2_BYTES = 60e6  # H200 L2 (KINDS.md); weights of all copies together exceed it 4x
 TOKENS = (1, 16, 128, 2048)
+PDL_COMPARE = False  # --pdl-compare
 E2E_REDUCTION = 0.67  # FFN reduction that makes a Llama-2-7B 43.1% smaller (bench/e2e.py)
 
 
@@ -287,26 +289,42 @@ def _measure(
     split_bytes: int,
 ) -> None:
     stored = sum(module_bytes(m) for m in modules) // len(modules)
-    for t in tokens:
-        ms = time_modules(modules, inputs[t])
-        row = _row(
-            spec,
-            t,
-            variant,
-            recipe,
-            dense_ms[t],
-            ms,
-            dense_bytes,
-            split_bytes,
-            stored,
-            len(modules),
-        )
-        rows.append(row)
-        print(
-            f"{spec.name:13s} {t:5d} {variant:34s} {ms:8.4f} ms  x{row['speedup']:.2f} "
-            f"(roofline x{row['roofline_speedup']:.2f}, {100 * row['roofline_share']:.0f}%)",
-            flush=True,
-        )
+    # the fused kernels again without programmatic dependent launch (--pdl-compare): same tiles
+    settings: list[tuple[str, str | None]] = [("", None)]
+    if PDL_COMPARE and not variant.startswith("split-reference"):
+        settings.append(("+no-pdl", "0"))
+    for suffix, pdl in settings:
+        previous = os.environ.get("FFSPLIT_KERNEL_PDL")
+        if pdl is not None:
+            os.environ["FFSPLIT_KERNEL_PDL"] = pdl
+        try:
+            for t in tokens:
+                ms = time_modules(modules, inputs[t])
+                row = _row(
+                    spec,
+                    t,
+                    variant + suffix,
+                    recipe,
+                    dense_ms[t],
+                    ms,
+                    dense_bytes,
+                    split_bytes,
+                    stored,
+                    len(modules),
+                )
+                row["pdl"] = os.environ.get("FFSPLIT_KERNEL_PDL", "1") != "0"
+                rows.append(row)
+                print(
+                    f"{spec.name:13s} {t:5d} {variant + suffix:34s} {ms:8.4f} ms  "
+                    f"x{row['speedup']:.2f} (roofline x{row['roofline_speedup']:.2f}, "
+                    f"{100 * row['roofline_share']:.0f}%)",
+                    flush=True,
+                )
+        finally:
+            if previous is None:
+                os.environ.pop("FFSPLIT_KERNEL_PDL", None)
+            else:
+                os.environ["FFSPLIT_KERNEL_PDL"] = previous
 
 
 def _row(
@@ -382,7 +400,14 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=RESULTS / "ffn-h200.json")
     parser.add_argument("--recipes", nargs="*", default=None, help="only these recipe names")
+    parser.add_argument(
+        "--pdl-compare",
+        action="store_true",
+        help="also time every fused variant without programmatic dependent launch (+no-pdl rows)",
+    )
     args = parser.parse_args()
+    global PDL_COMPARE
+    PDL_COMPARE = args.pdl_compare
     if not torch.cuda.is_available():
         raise SystemExit("bench/ffn.py times CUDA graphs: it needs a GPU")
     _speed_up_autotuning()

@@ -30,7 +30,7 @@ for step in "$@"; do
     e2ec:*)
       models=${step#e2ec:}
       timeout ${E2EC_LIMIT:-300} python3 bench/e2e.py --compile --models ${models//,/ } \
-        --out "$OUT/e2e-h200-compile.json" 2>&1 | tee "$OUT/e2e-compile.log" \
+        --out "$OUT/e2e-h200-compile.json" ${E2EC_ARGS:-} 2>&1 | tee "$OUT/e2e-compile.log" \
         | grep -v "^Loading" | tail -${E2EC_TAIL:-30}
       ;;
     e2e:*)

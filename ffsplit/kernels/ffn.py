@@ -31,6 +31,7 @@ sync, CUDA-graph safe). Launch wrappers autotune a few tiles per weight shape an
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -177,6 +178,34 @@ def _q4_row_dot(
 
 
 @triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    """Under programmatic dependent launch (sm_90+): wait until the previous kernel's writes are
+    visible, then let the next kernel launch, so its programs are resident (prefetching their
+    weights) while this one drains instead of starting after it."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, rows, rows_ok, k_lo, k_hi, k_stride, LINES: tl.constexpr):
+    """Ask L2 for the first LINES 128-byte lines (64 bf16/fp16 values) of each weight row's slice
+    [k_lo, k_hi). Issued before _pdl_enter's wait: weights are never written by an earlier
+    kernel, and the loop that follows finds its first tiles in L2 instead of waiting on HBM."""
+    j = k_lo + tl.arange(0, LINES) * 64
+    ok = rows_ok[:, None] & (j < k_hi)[None, :]
+    offs = tl.where(ok, rows[:, None] * k_stride + j[None, :], 0)
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; // $0",
+        "=r,l",
+        [w_ptr + offs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _k_slice(k_len, s, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
     """[lo, hi) of the reduction that slice s of SPLIT walks: whole BLOCK_K tiles, the last
     slices possibly empty (lo >= hi) when there are fewer tiles than slices."""
@@ -273,7 +302,10 @@ def _first_kernel(
     SPLIT: tl.constexpr,
     STAGES: tl.constexpr,
     GROUP: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    # Its predecessor (a norm) never triggers early: nothing to prefetch ahead, only wait/trigger.
+    _pdl_enter(PDL)
     # grid: (row blocks, SPLIT slices of d). With SPLIT > 1 every slice writes its partial sums
     # into the workspace [SPLIT, 2 (gate, up), T, ws_cols] and the last slice of a block to
     # arrive adds them up and applies the epilogue (bias, activation); it resets the counter.
@@ -547,12 +579,19 @@ def _chain_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     t_ok = t < T
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < m_light
+    if PREFETCH > 0:
+        _prefetch_rows(au_ptr, n, n_ok, 0, r_up, r_up, PREFETCH)
+        if GATED:
+            _prefetch_rows(ag_ptr, n, n_ok, 0, r_gate, r_gate, PREFETCH)
+    _pdl_enter(PDL)
     zeros = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
     if GATED:
         up_offset = r_gate
@@ -649,6 +688,8 @@ def _last_kernel(
     STAGES: tl.constexpr,
     GROUP: tl.constexpr,
     QBLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
     # grid: (output row blocks, SPLIT slices of the hidden columns: each slice takes its share
     # of the dense columns and of the int4 light blocks); partial sums as in _first_kernel,
@@ -660,6 +701,9 @@ def _last_kernel(
     o = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = o < d
     k_lo, k_hi = _k_slice(k_dense, s, SPLIT, BLOCK_K)
+    if PREFETCH > 0:
+        _prefetch_rows(w_ptr, o, o_ok, k_lo, k_hi, k_dense, PREFETCH)
+    _pdl_enter(PDL)
     acc = _row_dot(
         tl.zeros((BLOCK_T, BLOCK_N), tl.float32),
         h_ptr,
@@ -885,6 +929,27 @@ def _fixed_meta(name: str, tokens: int) -> dict[str, int]:
     return meta
 
 
+@functools.cache
+def _sm90(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _launch_options(name: str, device: torch.device) -> dict[str, int | bool]:
+    """Programmatic dependent launch on sm_90+ (FFSPLIT_KERNEL_PDL=0 turns it off): the three
+    launches of an FFN overlap their launch and ramp-up with the previous kernel's tail; chain and
+    last first ask L2 for FFSPLIT_KERNEL_PREFETCH (default 4) 128-byte lines of each weight row.
+    Read per call, so a benchmark can compare both in one process (the kernels differ by
+    constexpr, the tuned tiles are shared)."""
+    on = not interpreting() and os.environ.get("FFSPLIT_KERNEL_PDL", "1") != "0" and _sm90(device)
+    options: dict[str, int | bool] = {"PDL": on, "launch_pdl": on}
+    if name != "first":
+        lines = int(os.environ.get("FFSPLIT_KERNEL_PREFETCH", "4")) if on else 0
+        if lines & (lines - 1):
+            raise FFSplitError(f"FFSPLIT_KERNEL_PREFETCH={lines}: must be 0 or a power of two")
+        options["PREFETCH"] = lines
+    return options
+
+
 def _max_split(name: str, mode: str) -> int:
     if not autotuning():
         return _FIXED[name]["SPLIT"]
@@ -997,6 +1062,7 @@ def first(
         HAS_QBIAS=q1_bias is not None,
         GROUP=group,
         **_fixed_meta("first", tokens),
+        **_launch_options("first", x.device),
     )
     return hidden, (z if r_first else None)
 
@@ -1048,6 +1114,7 @@ def lowrank_chain(
         ACT=act,
         HAS_BIAS=has_bias,
         **_fixed_meta("chain", tokens),
+        **_launch_options("chain", z.device),
     )
 
 
@@ -1103,6 +1170,7 @@ def last(
         GROUP=group,
         QBLOCK=QUANT_BLOCK,
         **_fixed_meta("last", tokens),
+        **_launch_options("last", hidden.device),
     )
     return y
 

@@ -212,3 +212,52 @@ def test_one_token_through_tensor_core_tiles(light, tiles):
     adapter = split_model(model, COMPRESS[light], heavy_ratio=0.2)
     for core in _cores(model, adapter):
         _check_core(core, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs a GPU (sm_90+)")
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_programmatic_dependent_launch_in_a_graph(tokens, monkeypatch):
+    """Three FFNs back to back (each kernel reads the previous one's output), launched with
+    programmatic dependent launch and L2 prefetch, captured in a CUDA graph and replayed: the same
+    outputs as plain launches, replay after replay (chain atomics: bf16 rounding tolerance)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    model = _llama(512, 1376, layers=3)
+    adapter = split_model(model, _lowrank(96), heavy_ratio=0.1)
+    cores = _cores(model, adapter)
+    assert len(cores) == 3
+
+    def ffns(x):
+        for core in cores:
+            x = core._last_kernels(core._first_kernels(x)).to(x.dtype)
+        return x
+
+    x = torch.randn(tokens, 512, device="cuda", dtype=DTYPE)
+    monkeypatch.setenv("FFSPLIT_KERNEL_PDL", "0")
+    assert ffn._launch_options("chain", x.device) == {
+        "PDL": False,
+        "launch_pdl": False,
+        "PREFETCH": 0,
+    }
+    plain = ffns(x).float()
+    monkeypatch.setenv("FFSPLIT_KERNEL_PDL", "1")
+    assert ffn._launch_options("last", x.device)["PDL"] is True
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = ffns(x).float()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(eager, plain, rtol=2e-2, atol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ffns(x)
+    for i in range(20):
+        x.copy_(torch.randn(tokens, 512, generator=torch.Generator().manual_seed(i)).to(x))
+        graph.replay()
+        monkeypatch.setenv("FFSPLIT_KERNEL_PDL", "0")
+        expected = ffns(x).float()
+        monkeypatch.setenv("FFSPLIT_KERNEL_PDL", "1")
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    _assert_counters_at_rest()

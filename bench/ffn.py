@@ -289,10 +289,10 @@ def _measure(
     split_bytes: int,
 ) -> None:
     stored = sum(module_bytes(m) for m in modules) // len(modules)
-    # the fused kernels again without programmatic dependent launch (--pdl-compare): same tiles
+    # the fused kernels again with programmatic dependent launch (--pdl-compare): same tiles
     settings: list[tuple[str, str | None]] = [("", None)]
     if PDL_COMPARE and not variant.startswith("split-reference"):
-        settings.append(("+no-pdl", "0"))
+        settings.append(("+pdl", "1"))
     for suffix, pdl in settings:
         previous = os.environ.get("FFSPLIT_KERNEL_PDL")
         if pdl is not None:
@@ -312,7 +312,7 @@ def _measure(
                     stored,
                     len(modules),
                 )
-                row["pdl"] = os.environ.get("FFSPLIT_KERNEL_PDL", "1") != "0"
+                row["pdl"] = os.environ.get("FFSPLIT_KERNEL_PDL", "0") == "1"
                 rows.append(row)
                 print(
                     f"{spec.name:13s} {t:5d} {variant + suffix:34s} {ms:8.4f} ms  "
@@ -403,7 +403,7 @@ def main() -> None:
     parser.add_argument(
         "--pdl-compare",
         action="store_true",
-        help="also time every fused variant without programmatic dependent launch (+no-pdl rows)",
+        help="also time every fused variant with programmatic dependent launch (+pdl rows)",
     )
     args = parser.parse_args()
     global PDL_COMPARE

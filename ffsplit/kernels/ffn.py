@@ -935,12 +935,12 @@ def _sm90(device: torch.device) -> bool:
 
 
 def _launch_options(name: str, device: torch.device) -> dict[str, int | bool]:
-    """Programmatic dependent launch on sm_90+ (FFSPLIT_KERNEL_PDL=0 turns it off): the three
-    launches of an FFN overlap their launch and ramp-up with the previous kernel's tail; chain and
-    last first ask L2 for FFSPLIT_KERNEL_PREFETCH (default 4) 128-byte lines of each weight row.
-    Read per call, so a benchmark can compare both in one process (the kernels differ by
-    constexpr, the tuned tiles are shared)."""
-    on = not interpreting() and os.environ.get("FFSPLIT_KERNEL_PDL", "1") != "0" and _sm90(device)
+    """Programmatic dependent launch, opt-in on sm_90+ with FFSPLIT_KERNEL_PDL=1 (not yet timed on
+    a GPU: bench/results/NOTES-h200.md): the three launches of an FFN overlap their launch and
+    ramp-up with the previous kernel's tail; chain and last first ask L2 for
+    FFSPLIT_KERNEL_PREFETCH (default 4) 128-byte lines of each weight row. Read per call, so a
+    benchmark can compare both in one process (the kernels differ by constexpr, tiles are shared)."""
+    on = not interpreting() and os.environ.get("FFSPLIT_KERNEL_PDL", "0") == "1" and _sm90(device)
     options: dict[str, int | bool] = {"PDL": on, "launch_pdl": on}
     if name != "first":
         lines = int(os.environ.get("FFSPLIT_KERNEL_PREFETCH", "4")) if on else 0

@@ -585,9 +585,11 @@ def compress(
 
     from ffsplit.compress.recipe import needs_statistics
 
+    ray_started = time.perf_counter()
     with ray_session(num_cpus=ray_cpus) as cluster:
         stages = Stages(base, settings)
         stages.seconds["validate"] = validated
+        stages.seconds["ray_start"] = time.perf_counter() - ray_started
         stats = stages.profile(parsed.profile) if needs_statistics(parsed) else None
         plot = None
         if stats is not None:

@@ -62,6 +62,7 @@ DEFAULT_BUDGETS = [0.3, 0.5]
 DEFAULT_BASELINES = ["uniform", "random", "prune"]
 STAGES = (
     "validate",
+    "ray_start",
     "profile",
     "aggregate",
     "compress",
@@ -363,9 +364,11 @@ def sweep(
     from tasks.plots import pareto_plot
     from tasks.registry import CHAMPION_ALIAS, DENSE_ALIAS, ROLE_TAG, choose_champion, set_alias
 
+    ray_started = time.perf_counter()
     with ray_session(num_cpus=ray_cpus) as cluster:
         stages = Stages(base, settings)
         stages.seconds["validate"] = validated
+        stages.seconds["ray_start"] = time.perf_counter() - ray_started
         stats = None
         scores = None
         if any(needs_statistics(r) for r in grid):

@@ -100,18 +100,38 @@ def ensure_ray(
                 "RAY_ADDRESS to run embedded"
             ) from None
     else:
-        # Workers inherit the driver's environment; runtime_env adds ours.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            resources=resources,
-            runtime_env=env,
-            log_to_driver=True,
-            configure_logging=False,
-        )
+        # Embedded: the raylet and every worker it starts inherit this process's environment, so
+        # our variables go there for the duration of init rather than into a job runtime_env. A
+        # job with a runtime_env cannot use the workers Ray prestarts at start-up (one per CPU):
+        # its first tasks would each wait for a new worker process to boot (~2-3 s on 2 cores).
+        variables = env.pop("env_vars", {})
+        with _environ(variables):
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                resources=resources,
+                runtime_env=env or None,
+                log_to_driver=True,
+                configure_logging=False,
+            )
     return True
+
+
+@contextlib.contextmanager
+def _environ(variables: dict[str, str]) -> Iterator[None]:
+    """os.environ with these variables set, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_running_has(ray: Any, resources: dict[str, float] | None) -> None:

@@ -35,6 +35,7 @@ def test_compress_registers_one_complete_variant_then_reuses_everything(
     assert first["cached"] == {"profile": False, "variant": False, "evaluation": False}
     assert set(first["stage_seconds"]) == {
         "validate",
+        "ray_start",
         "profile",
         "aggregate",
         "compress",

@@ -109,6 +109,32 @@ def test_runtime_env_carries_offline_settings_and_our_home(monkeypatch: pytest.M
     assert env["FFSPLIT_HOME"] == "/tmp/somewhere"
 
 
+def _worker_env(names: list[str]) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_embedded_workers_get_our_variables_without_a_job_runtime_env(ray_cluster: dict) -> None:
+    """The variables reach the workers through the raylet's environment: no job runtime_env,
+    so the first tasks can run on the workers Ray prestarts (one per CPU) instead of each waiting
+    for a new one to boot."""
+    import ray
+
+    names = sorted(runtime.WORKER_ENV)
+    seen = runtime.run_remote(_worker_env, names, resources={"num_cpus": 1})
+    assert seen == {name: runtime.WORKER_ENV[name] for name in names}
+    assert not dict(ray.get_runtime_context().runtime_env)
+
+
+def test_environ_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FFSPLIT_TEST_UNSET", raising=False)
+    monkeypatch.setenv("FFSPLIT_TEST_SET", "before")
+    with runtime._environ({"FFSPLIT_TEST_UNSET": "1", "FFSPLIT_TEST_SET": "during"}):
+        assert os.environ["FFSPLIT_TEST_UNSET"] == "1"
+        assert os.environ["FFSPLIT_TEST_SET"] == "during"
+    assert "FFSPLIT_TEST_UNSET" not in os.environ
+    assert os.environ["FFSPLIT_TEST_SET"] == "before"
+
+
 def test_prefect_api_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     with pytest.raises(

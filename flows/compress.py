@@ -39,7 +39,13 @@ from tasks.evaluate import eval_params, evaluate
 from tasks.evaluate import metrics as quality_metrics
 from tasks.heal import heal_variant, unhealed
 from tasks.profile import MODES, profile_unit, unit_plan
-from tasks.runtime import check_prefect_api, ray_session, run_remote, task_resources
+from tasks.runtime import (
+    check_prefect_api,
+    ray_session,
+    run_remote,
+    task_resources,
+    warm_workers,
+)
 
 # Threads only wait on Ray here; the Ray cluster's resources bound the real parallelism.
 TASK_RUNNER_THREADS = 64
@@ -60,6 +66,32 @@ class BaseModel:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# What the stages' Ray tasks import: warmed in every worker the job will use before the first stage.
+WARM_MODULES = (
+    "tasks.profile",
+    "tasks.aggregate",
+    "tasks.compress",
+    "tasks.assemble",
+    "tasks.evaluate",
+    "ffsplit.profiling",
+    "ffsplit.eval",
+)
+
+
+def warm_modules(base: BaseModel) -> list[str]:
+    """WARM_MODULES plus the transformers modeling module of the base model's architecture."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    modules = list(WARM_MODULES)
+    try:
+        model_type = json.loads((Path(base.path) / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return modules  # loading reports a bad config properly; warming is only an optimisation
+    module = model_type_to_module_name(str(model_type))
+    modules.append(f"transformers.models.{module}.modeling_{module}")
+    return modules
 
 
 def resolve_base(model: str) -> BaseModel:
@@ -282,6 +314,7 @@ def score_plot(stats_path: str, model: str, out: str) -> str:
             out,
             resources=task_resources(cpus=1, gpu=False),
         )
+    cache.mark_used(out)
     return out
 
 
@@ -336,6 +369,7 @@ class Stages:
             record = aggregate.submit(
                 self.base.name, self.base.sha256, [p["path"] for p in plan], folder
             ).result()
+        cache.mark_used(folder, *(p["path"] for p in plan))
         return {
             "key": key,
             "dir": folder,
@@ -391,6 +425,7 @@ class Stages:
             out = []
             for recipe, uses, plan, futures in submitted:
                 results = [f.result() for f in futures]
+                cache.mark_used(*(p["path"] for p in plan))
                 out.append({"recipe": recipe, "stats": uses, "plan": plan, "shards": results})
         return out
 
@@ -427,6 +462,7 @@ class Stages:
             out_items = []
             for item, key, future in futures:
                 variant = future.result()
+                cache.mark_used(variant["path"])
                 out_items.append(
                     {
                         **item,
@@ -464,6 +500,7 @@ class Stages:
                 futures.append((item, key, future))
             for item, key, future in futures:
                 healed = future.result()
+                cache.mark_used(healed["path"])
                 item["unhealed"] = {"key": item["key"], "variant": item["variant"]}
                 item["key"] = key
                 item["variant"] = healed
@@ -476,6 +513,7 @@ class Stages:
         """An evaluation (Ray, a node's CPUs) of a variant folder or the base model."""
         params = params or self.settings.eval
         out = str(cache.eval_path(self.root, cache.eval_key(subject_key, params)))
+        cache.mark_used(out)  # a new record is young anyway
         return evaluate.with_options(task_run_name=f"evaluate-{label}").submit(subject, params, out)
 
     def dense_evaluation(self) -> PrefectFuture:
@@ -590,6 +628,8 @@ def compress(
         stages = Stages(base, settings)
         stages.seconds["validate"] = validated
         stages.seconds["ray_start"] = time.perf_counter() - ray_started
+        with stages.timed("warm_workers"):
+            warm_workers(warm_modules(base), max(profile_units, compress_shards))
         stats = stages.profile(parsed.profile) if needs_statistics(parsed) else None
         plot = None
         if stats is not None:

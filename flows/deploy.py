@@ -2,6 +2,8 @@
 
 - `compress/default`: the compress flow with its defaults, run on demand.
 - `sweep/nightly`: the sweep flow on a cron schedule, "0 2 * * *" in UTC.
+- `cache-prune/nightly`: the pipeline cache pruned to 20 GB by least recent use, "30 1 * * *" in
+  UTC, so the sweep starts with room (flows/cache.py).
 
 The code is taken from this checkout (`Flow.from_source` on the repository folder: the worker runs
 flows where the project is installed, nothing is pushed or pulled). PREFECT_API_URL is honoured
@@ -25,6 +27,8 @@ from ffsplit.errors import FFSplitError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POOL = "ffsplit-pool"
 NIGHTLY_CRON = "0 2 * * *"
+PRUNE_CRON = "30 1 * * *"
+PRUNE_PARAMETERS: dict[str, Any] = {"max_gb": 20.0, "min_idle_hours": 1.0}
 TIMEZONE = "UTC"
 # The nightly sweep: the paper's grid on SmolLM2 at moderate token budgets (about an hour on 2 cores).
 NIGHTLY_PARAMETERS: dict[str, Any] = {
@@ -46,11 +50,11 @@ RUN_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "TOKENIZERS_PARALLELISM": "false",
 }
-DEPLOYMENTS = ("compress/default", "sweep/nightly")
+DEPLOYMENTS = ("compress/default", "sweep/nightly", "cache-prune/nightly")
 
 
 def build_deployments(pool: str = POOL, paused: bool = False) -> list[Any]:
-    """RunnerDeployments of both flows on `pool` (nothing is sent to the server yet).
+    """RunnerDeployments of the flows on `pool` (nothing is sent to the server yet).
 
     paused: create the nightly deployment paused (tests: no sweep may start at 02:00 by itself).
     """
@@ -59,6 +63,7 @@ def build_deployments(pool: str = POOL, paused: bool = False) -> list[Any]:
 
     compress = Flow.from_source(source=str(REPO_ROOT), entrypoint="flows/compress.py:compress")
     sweep = Flow.from_source(source=str(REPO_ROOT), entrypoint="flows/sweep.py:sweep")
+    prune = Flow.from_source(source=str(REPO_ROOT), entrypoint="flows/cache.py:prune_cache")
     job = {"env": dict(RUN_ENV)}
     return [
         compress.to_deployment(
@@ -77,6 +82,17 @@ def build_deployments(pool: str = POOL, paused: bool = False) -> list[Any]:
             parameters=NIGHTLY_PARAMETERS,
             description="Nightly sweep: methods x heavy ratios x budgets plus baselines; aliases "
             "dense and champion.",
+            tags=["ffsplit", "nightly"],
+        ),
+        prune.to_deployment(
+            name="nightly",
+            work_pool_name=pool,
+            job_variables=job,
+            schedules=[Cron(PRUNE_CRON, timezone=TIMEZONE)],
+            paused=paused,
+            parameters=PRUNE_PARAMETERS,
+            description="Prune the pipeline cache to max_gb by least recent use before the "
+            "nightly sweep.",
             tags=["ffsplit", "nightly"],
         ),
     ]
@@ -105,7 +121,7 @@ def ensure_pool(pool: str = POOL) -> None:
 
 
 def deploy(pool: str = POOL, paused: bool = False) -> list[str]:
-    """Create or update both deployments on the server at PREFECT_API_URL; returns their ids."""
+    """Create or update the deployments on the server at PREFECT_API_URL; returns their ids."""
     import prefect
 
     from tasks.runtime import check_prefect_api
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paused",
         action="store_true",
-        help="create sweep/nightly paused (its schedule starts nothing)",
+        help="create the nightly deployments paused (their schedules start nothing)",
     )
     args = parser.parse_args(argv)
     try:

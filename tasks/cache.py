@@ -6,7 +6,11 @@ compute it. Artifacts are written atomically under the cache root, so an entry t
 complete: a run killed midway leaves only temp files, which are never taken as results.
 
 Layout: ROOT/stats/units/KEY.safetensors, ROOT/stats/merged/KEY/, ROOT/shards/KEY/,
-ROOT/variants/KEY/, ROOT/healed/KEY/, ROOT/evals/KEY.json.
+ROOT/variants/KEY/, ROOT/healed/KEY/, ROOT/evals/KEY.json, ROOT/plots/KEY-scores.png.
+
+Nothing is ever evicted by a run. Every entry a flow uses (made or reused) gets its mtime set,
+so `prune` can drop the least recently used ones down to a size (`python -m flows.cache`): every
+stage checks for its own output, so a pruned entry is only work redone, never a wrong result.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import importlib.util
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +236,127 @@ def remove_stale_temps(root: Path, older_than_s: float = 3600.0) -> int:
         except OSError:
             continue
     return removed
+
+
+# ------------------------------------------------------------------ use marks and pruning
+
+# Entry folders under the root: each file or folder directly inside one is one entry.
+ENTRY_KINDS = {
+    "stats/units": "unit statistics",
+    "stats/merged": "merged statistics",
+    "shards": "compressed shards",
+    "variants": "variants",
+    "healed": "healed variants",
+    "evals": "evaluations",
+    "plots": "score plots",
+}
+PRUNE_MIN_IDLE_S = 3600.0  # entries used more recently may belong to a run in progress
+
+
+def mark_used(*paths: str | Path | None) -> None:
+    """Set the mtime of cache entries a run made or reused (what prune ranks by); absent ones
+    and unwritable ones are skipped: a use mark must never fail a run."""
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            os.utime(path)
+        except OSError:
+            continue
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cache entry: a file or folder directly inside an entry folder."""
+
+    path: Path
+    kind: str
+    bytes: int
+    last_used: float
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for child in path.rglob("*"):
+        try:
+            if child.is_file():
+                total += child.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def entries(root: str | Path) -> list[Entry]:
+    """Every complete entry under the cache root (temp files of runs are not entries)."""
+    root = Path(root)
+    out = []
+    for kind in ENTRY_KINDS:
+        folder = root / kind
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.name.startswith("."):
+                continue
+            try:
+                out.append(Entry(path, kind, _size(path), path.stat().st_mtime))
+            except OSError:  # removed meanwhile
+                continue
+    return out
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What prune removed (or would remove, dry_run) and what is left."""
+
+    removed: tuple[Entry, ...]
+    kept_bytes: int
+    recent_bytes: int  # kept because used within min_idle_s
+    dry_run: bool
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(e.bytes for e in self.removed)
+
+
+def prune(
+    root: str | Path,
+    max_bytes: int,
+    min_idle_s: float = PRUNE_MIN_IDLE_S,
+    dry_run: bool = False,
+) -> PruneReport:
+    """Remove least recently used entries until the cache holds at most max_bytes.
+
+    Entries used within min_idle_s are kept whatever the size (a running flow may be reading
+    them). Each removal first renames the entry to a temp name, so a concurrent run sees it either
+    complete or absent, never half deleted; remove_stale_temps clears a rename a kill left behind.
+    """
+    import shutil
+
+    if max_bytes < 0:
+        raise FFSplitError(f"cache prune: max_bytes must be >= 0, got {max_bytes}")
+    found = sorted(entries(root), key=lambda e: e.last_used)
+    total = sum(e.bytes for e in found)
+    now = time.time()
+    removed: list[Entry] = []
+    recent = 0
+    for entry in found:
+        if total <= max_bytes:
+            break
+        if now - entry.last_used < min_idle_s:
+            recent += entry.bytes
+            continue
+        if not dry_run:
+            doomed = entry.path.with_name(f".{entry.path.name}.prune.tmp")
+            try:
+                entry.path.rename(doomed)
+            except OSError:  # gone already, or not ours to remove
+                continue
+            if doomed.is_dir():
+                shutil.rmtree(doomed, ignore_errors=True)
+            else:
+                doomed.unlink(missing_ok=True)
+        removed.append(entry)
+        total -= entry.bytes
+    return PruneReport(tuple(removed), total, recent, dry_run)

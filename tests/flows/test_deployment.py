@@ -37,12 +37,16 @@ def _run(args: list[str], env: dict[str, str], timeout: int) -> subprocess.Compl
 
 
 def test_deployments_are_built_from_this_checkout_on_the_pool() -> None:
-    from flows.deploy import NIGHTLY_PARAMETERS, build_deployments
+    from flows.deploy import NIGHTLY_PARAMETERS, PRUNE_CRON, PRUNE_PARAMETERS, build_deployments
 
-    compress, nightly = build_deployments(POOL)
+    compress, nightly, prune = build_deployments(POOL)
     assert (compress.flow_name, compress.name) == ("compress", "default")
     assert (nightly.flow_name, nightly.name) == ("sweep", "nightly")
-    assert compress.work_pool_name == nightly.work_pool_name == POOL
+    assert (prune.flow_name, prune.name) == ("cache-prune", "nightly")
+    assert compress.work_pool_name == nightly.work_pool_name == prune.work_pool_name == POOL
+    assert prune.entrypoint == "flows/cache.py:prune_cache"
+    [prune_schedule] = prune.schedules
+    assert prune_schedule.schedule.cron == PRUNE_CRON and prune.parameters == PRUNE_PARAMETERS
     assert compress.entrypoint == "flows/compress.py:compress"
     assert nightly.entrypoint == "flows/sweep.py:sweep"
     [schedule] = nightly.schedules
@@ -51,8 +55,8 @@ def test_deployments_are_built_from_this_checkout_on_the_pool() -> None:
     assert nightly.parameters == NIGHTLY_PARAMETERS
     assert not compress.schedules
     assert nightly.job_variables["env"]["HF_HUB_OFFLINE"] == "1"
-    [_, paused] = build_deployments(POOL, paused=True)
-    assert paused.paused
+    [_, paused, prune_paused] = build_deployments(POOL, paused=True)
+    assert paused.paused and prune_paused.paused
     # the parameter schemas are the flows' own: a bad name is refused by the server, not ignored
     assert {"methods", "budgets", "quality_budget_pct"} <= set(
         nightly._parameter_openapi_schema.properties
@@ -87,6 +91,8 @@ def test_nightly_sweep_deployment_runs_through_a_worker(
         assert schedule["schedule"]["timezone"] == "UTC"
         assert nightly["paused"] is True  # --paused: nothing starts at 02:00 during the test
         assert _prefect(api, "GET", "/deployments/name/compress/default")["work_pool_name"] == POOL
+        prune = _prefect(api, "GET", "/deployments/name/cache-prune/nightly")
+        assert prune["work_pool_name"] == POOL and prune["paused"] is True
         run_dir = tmp_path / "run"
         name = "t-deployment-smollm2"
         params = {

@@ -107,3 +107,53 @@ def test_stale_temps_of_killed_runs_are_removed_young_ones_kept(tmp_path: Path) 
     assert not old_file.exists() and not old_dir.exists()
     assert young.exists() and done.exists()
     assert cache.remove_stale_temps(tmp_path / "missing") == 0
+
+
+def _entry(root: Path, kind: str, name: str, size: int, age_s: float) -> Path:
+    """A fake cache entry (a folder with one file, or a file) last used age_s ago."""
+    path = root / kind / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind in ("evals", "stats/units", "plots"):
+        path.write_bytes(b"x" * size)
+    else:
+        path.mkdir()
+        (path / "data.safetensors").write_bytes(b"x" * size)
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+    return path
+
+
+def test_prune_removes_least_recently_used_entries_down_to_the_size(tmp_path: Path) -> None:
+    oldest = _entry(tmp_path, "variants", "a", 4000, 30 * 3600)
+    shard = _entry(tmp_path, "shards", "b", 3000, 20 * 3600)
+    units = _entry(tmp_path, "stats/units", "c.safetensors", 2000, 10 * 3600)
+    recent = _entry(tmp_path, "evals", "d.json", 1000, 60)  # used a minute ago: a live run's
+    (tmp_path / "variants" / ".e.x1.tmp").mkdir()  # a run's temp folder: never an entry
+    assert {e.path for e in cache.entries(tmp_path)} == {oldest, shard, units, recent}
+    assert sum(e.bytes for e in cache.entries(tmp_path)) == 10000
+
+    planned = cache.prune(tmp_path, max_bytes=4000, dry_run=True)
+    assert [e.path for e in planned.removed] == [oldest, shard]
+    assert oldest.exists() and shard.exists()  # dry run: nothing touched
+
+    report = cache.prune(tmp_path, max_bytes=4000)
+    assert [e.path for e in report.removed] == [oldest, shard]
+    assert report.freed_bytes == 7000 and report.kept_bytes == 3000
+    assert not oldest.exists() and not shard.exists() and units.exists() and recent.exists()
+    assert not list((tmp_path / "variants").glob(".a.*"))  # the renamed folder is gone too
+
+    # below the size of what was used within the hour: kept, and said so
+    report = cache.prune(tmp_path, max_bytes=0)
+    assert [e.path for e in report.removed] == [units]
+    assert recent.exists() and report.kept_bytes == 1000 and report.recent_bytes == 1000
+    assert cache.prune(tmp_path, max_bytes=0, min_idle_s=0).removed[0].path == recent
+    with pytest.raises(FFSplitError, match="max_bytes must be >= 0"):
+        cache.prune(tmp_path, max_bytes=-1)
+
+
+def test_mark_used_makes_an_entry_recent_and_skips_absent_ones(tmp_path: Path) -> None:
+    old = _entry(tmp_path, "variants", "a", 10, 30 * 3600)
+    other = _entry(tmp_path, "variants", "b", 10, 20 * 3600)
+    cache.mark_used(old, None, tmp_path / "variants" / "missing")
+    assert time.time() - old.stat().st_mtime < 60
+    assert [e.path for e in cache.prune(tmp_path, max_bytes=10, min_idle_s=0).removed] == [other]

@@ -39,13 +39,7 @@ from tasks.evaluate import eval_params, evaluate
 from tasks.evaluate import metrics as quality_metrics
 from tasks.heal import heal_variant, unhealed
 from tasks.profile import MODES, profile_unit, unit_plan
-from tasks.runtime import (
-    check_prefect_api,
-    ray_session,
-    run_remote,
-    task_resources,
-    warm_workers,
-)
+from tasks.runtime import check_prefect_api, ray_session, run_remote, task_resources
 
 # Threads only wait on Ray here; the Ray cluster's resources bound the real parallelism.
 TASK_RUNNER_THREADS = 64
@@ -66,32 +60,6 @@ class BaseModel:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# What the stages' Ray tasks import: warmed in every worker the job will use before the first stage.
-WARM_MODULES = (
-    "tasks.profile",
-    "tasks.aggregate",
-    "tasks.compress",
-    "tasks.assemble",
-    "tasks.evaluate",
-    "ffsplit.profiling",
-    "ffsplit.eval",
-)
-
-
-def warm_modules(base: BaseModel) -> list[str]:
-    """WARM_MODULES plus the transformers modeling module of the base model's architecture."""
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-
-    modules = list(WARM_MODULES)
-    try:
-        model_type = json.loads((Path(base.path) / "config.json").read_text())["model_type"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return modules  # loading reports a bad config properly; warming is only an optimisation
-    module = model_type_to_module_name(str(model_type))
-    modules.append(f"transformers.models.{module}.modeling_{module}")
-    return modules
 
 
 def resolve_base(model: str) -> BaseModel:
@@ -628,8 +596,6 @@ def compress(
         stages = Stages(base, settings)
         stages.seconds["validate"] = validated
         stages.seconds["ray_start"] = time.perf_counter() - ray_started
-        with stages.timed("warm_workers"):
-            warm_workers(warm_modules(base), max(profile_units, compress_shards))
         stats = stages.profile(parsed.profile) if needs_statistics(parsed) else None
         plot = None
         if stats is not None:

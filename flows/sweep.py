@@ -46,13 +46,12 @@ from flows.compress import (
     run_folder,
     score_plot,
     series_of,
-    warm_modules,
     write_json,
 )
 from tasks import cache
 from tasks.evaluate import eval_params
 from tasks.evaluate import metrics as quality_metrics
-from tasks.runtime import check_prefect_api, ray_session, warm_workers
+from tasks.runtime import check_prefect_api, ray_session
 
 SWEEP_METHODS = ("lowrank", "quant")
 SWEEP_BASELINES = (*BASELINES, "prune")
@@ -64,7 +63,6 @@ DEFAULT_BASELINES = ["uniform", "random", "prune"]
 STAGES = (
     "validate",
     "ray_start",
-    "warm_workers",
     "profile",
     "aggregate",
     "compress",
@@ -371,8 +369,6 @@ def sweep(
         stages = Stages(base, settings)
         stages.seconds["validate"] = validated
         stages.seconds["ray_start"] = time.perf_counter() - ray_started
-        with stages.timed("warm_workers"):
-            warm_workers(warm_modules(base), max(profile_units, compress_shards * len(grid)))
         stats = None
         scores = None
         if any(needs_statistics(r) for r in grid):

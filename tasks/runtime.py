@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
-import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
@@ -253,38 +251,6 @@ def wait(refs: Sequence[Any]) -> list[Any]:
 def run_remote(fn: Callable[..., Any], *args: Any, resources: dict[str, Any], **kwargs: Any) -> Any:
     """Run fn as one Ray task and wait for it (the body of a Prefect task)."""
     return wait([submit(fn, *args, resources=resources, **kwargs)])[0]
-
-
-def import_modules(names: Sequence[str]) -> dict[str, Any]:
-    """Ray task body: import these modules in this worker (a missing one is skipped and named)."""
-    started = time.perf_counter()
-    missing = []
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    return {"pid": os.getpid(), "seconds": time.perf_counter() - started, "missing": missing}
-
-
-def warm_workers(modules: Sequence[str], workers: int) -> dict[str, Any]:
-    """Have up to `workers` worker processes (at most one per CPU) import `modules` at once.
-
-    A fresh worker spends seconds importing torch, transformers and the task modules. A stage
-    that fans out wider than the one before it (one profile unit, then four compress shards)
-    would otherwise pay that in its own wall time, mid-pipeline; warmed together at the start,
-    the imports run side by side and every later task finds a warm worker.
-    """
-    cpus = int(_ray().cluster_resources().get("CPU", 1))
-    count = max(1, min(int(workers), cpus))
-    records = wait(
-        [submit(import_modules, list(modules), resources={"num_cpus": 1}) for _ in range(count)]
-    )
-    return {
-        "workers": len({r["pid"] for r in records}),
-        "seconds": max(r["seconds"] for r in records),
-        "missing": sorted({m for r in records for m in r["missing"]}),
-    }
 
 
 def run_many(

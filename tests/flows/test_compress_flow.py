@@ -36,7 +36,6 @@ def test_compress_registers_one_complete_variant_then_reuses_everything(
     assert set(first["stage_seconds"]) == {
         "validate",
         "ray_start",
-        "warm_workers",
         "profile",
         "aggregate",
         "compress",
@@ -191,14 +190,3 @@ def pipeline_env_vars() -> dict[str, str]:
 
     return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
 
-
-def test_warm_modules_name_the_base_models_modeling_code(tiny_lm: str) -> None:
-    import importlib
-
-    from flows.compress import WARM_MODULES, resolve_base, warm_modules
-
-    modules = warm_modules(resolve_base(tiny_lm))
-    assert modules[: len(WARM_MODULES)] == list(WARM_MODULES)
-    assert modules[-1] == "transformers.models.llama.modeling_llama"
-    for name in modules:
-        importlib.import_module(name)  # every name is real: a typo would warm nothing

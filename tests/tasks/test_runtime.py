@@ -125,13 +125,6 @@ def test_embedded_workers_get_our_variables_without_a_job_runtime_env(ray_cluste
     assert not dict(ray.get_runtime_context().runtime_env)
 
 
-def test_warm_workers_imports_in_up_to_one_worker_per_cpu(ray_cluster: dict) -> None:
-    warmed = runtime.warm_workers(["xml.dom.minidom", "no_such_module_here"], workers=99)
-    assert 1 <= warmed["workers"] <= ray_cluster["cpus"]
-    assert warmed["missing"] == ["no_such_module_here"] and warmed["seconds"] >= 0
-    assert runtime.warm_workers(["json"], workers=1)["workers"] == 1
-
-
 def test_environ_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FFSPLIT_TEST_UNSET", raising=False)
     monkeypatch.setenv("FFSPLIT_TEST_SET", "before")

@@ -3,7 +3,8 @@
 #   1. installs .venv with the pipeline stack (scripts/setup.sh) and materialises SmolLM2;
 #   2. starts local Prefect + MLflow servers and a Prefect process worker on the pool ffsplit-pool
 #      (python -m flows.stack up);
-#   3. creates the deployments compress/default and sweep/nightly (python -m flows.deploy);
+#   3. creates the deployments compress/default, sweep/nightly and cache-prune/nightly
+#      (python -m flows.deploy);
 #   4. runs a small SmolLM2 sweep THROUGH THE DEPLOYMENT: `prefect deployment run 'sweep/nightly'
 #      --param ... --watch`; the worker starts the flow, whose tasks run on an embedded Ray;
 #   5. prints the results table and where to look (MLflow and Prefect UIs, run folder).
@@ -26,7 +27,7 @@ stamp "SmolLM2: materialise the packaged model (converted once, then cached)"
 
 stamp "services: Prefect server, MLflow server, process worker on pool ffsplit-pool"
 eval "$("$PY" -m flows.stack up --worker --pool ffsplit-pool)"
-stamp "deployments: compress/default, sweep/nightly (cron 0 2 * * * UTC)"
+stamp "deployments: compress/default, sweep/nightly (cron 0 2 * * * UTC), cache-prune/nightly (30 1 * * *)"
 "$PY" -m flows.deploy --pool ffsplit-pool
 
 HOME_DIR=${FFSPLIT_HOME:-$PWD/.ffsplit}

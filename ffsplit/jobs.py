@@ -421,6 +421,7 @@ def evaluate_job(
     max_tokens: int = 16384,
     window: int = 512,
     latency: bool = False,
+    latency_workload: dict[str, int] | None = None,
     probe_limit: int = 1500,
     device: str = "cpu",
     progress: Progress | None = None,
@@ -428,7 +429,9 @@ def evaluate_job(
     """Quality (perplexity, or probe accuracy for encoders), size, and optionally latency.
 
     Perplexity uses the evaluation split of a packaged corpus (disjoint from calibration), or the
-    whole of a local text file. Latency races the variant against its base model in one run.
+    whole of a local text file. Latency races the variant against its base model in one run, on
+    the model already loaded for quality; latency_workload overrides latency_against_base's
+    prompt_tokens / decode_tokens / repeats.
     """
     from ffsplit.models.loading import is_causal_lm
 
@@ -472,7 +475,9 @@ def evaluate_job(
             **probe.to_dict(),
         }
     if latency:
-        result["latency"] = latency_against_base(net, result["base_model"], info["kind"], device)
+        result["latency"] = latency_against_base(
+            net, result["base_model"], info["kind"], device, **(latency_workload or {})
+        )
     return result
 
 

@@ -72,11 +72,10 @@ def eval_params(
 def evaluate_job(subject: str, params: dict[str, Any], out: str) -> dict[str, Any]:
     """Ray task body: evaluate a variant folder (or a base model) and write the JSON record.
 
-    Quality and size by ffsplit.jobs.evaluate_job; the latency race by
-    ffsplit.jobs.latency_against_base with the workload of `params`.
+    Quality, size and the latency race (with the workload of `params`) by ffsplit.jobs.evaluate_job,
+    on one load of the subject.
     """
     from ffsplit.jobs import evaluate_job as library_evaluate
-    from ffsplit.jobs import latency_against_base, load_any
     from ffsplit.variant.atomic import write_text_atomic
 
     target = Path(out)
@@ -87,26 +86,17 @@ def evaluate_job(subject: str, params: dict[str, Any], out: str) -> dict[str, An
     release_worker_caches()  # this worker may hold a base model and statistics from other stages
     threads = set_task_threads()
     device = task_device()
+    # one load of the subject for quality and the latency race (as the library's own job does)
+    workload = {k: params[k] for k in ("prompt_tokens", "decode_tokens", "repeats") if k in params}
     result = library_evaluate(
         subject,
         corpus=params["corpus"],
         max_tokens=params["max_tokens"],
         window=params["window"],
-        latency=False,
+        latency=bool(params["latency"]),
+        latency_workload=workload,
         device=device,
     )
-    if params["latency"]:
-        net, _, info = load_any(subject, device=device)
-        result["latency"] = latency_against_base(
-            net,
-            result["base_model"],
-            info["kind"],
-            device,
-            prompt_tokens=params["prompt_tokens"],
-            decode_tokens=params["decode_tokens"],
-            repeats=params["repeats"],
-        )
-        del net
     result["seconds"] = time.perf_counter() - started
     result["threads"] = threads
     result["params"] = params

@@ -189,4 +189,3 @@ def pipeline_env_vars() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-

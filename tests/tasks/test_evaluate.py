@@ -1,12 +1,15 @@
-"""tasks.evaluate.metrics: the MLflow metrics an evaluation record becomes (names per tasks.registry)."""
+"""tasks.evaluate: the task body's record, and the MLflow metrics a record becomes (names per
+tasks.registry)."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import metrics
+from tasks.evaluate import eval_params, evaluate_job, metrics
 
 SIZE = {"total_params": 1000, "total_bytes": 2000, "ffn_bytes": 1200, "ffn_params": 600}
 
@@ -43,3 +46,28 @@ def test_probe_accuracy_carries_its_test_size_and_standard_error() -> None:
 def test_non_finite_values_are_dropped() -> None:
     out = metrics({"perplexity": float("inf"), "size": SIZE})
     assert "perplexity" not in out and out["ffn_reduction"] == 0.0
+
+
+def test_task_body_loads_the_subject_once_and_races_with_the_asked_workload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quality and the latency race on one load of the subject (the library job's path), with
+    the workload the pipeline asked for; the record is written atomically and then reused."""
+    import ffsplit.jobs
+    from ffsplit.models.tiny import save_tiny_lm
+
+    folder = save_tiny_lm(tmp_path / "tiny", layers=2)
+    loads = []
+    real_load = ffsplit.jobs.load_any
+    monkeypatch.setattr(
+        ffsplit.jobs, "load_any", lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    )
+    params = eval_params(256, 128, latency=True, prompt_tokens=16, decode_tokens=2, repeats=1)
+    out = tmp_path / "eval.json"
+    record = evaluate_job(str(folder), params, str(out))
+    assert len(loads) == 1 and not record["cached"]
+    assert record["latency"]["workload"]["prompt_tokens"] == 16
+    assert record["latency"]["workload"]["decode_tokens"] == 2
+    assert math.isfinite(record["perplexity"])
+    assert json.loads(out.read_text())["params"] == params
+    assert evaluate_job(str(folder), params, str(out))["cached"] and len(loads) == 1

@@ -96,6 +96,14 @@ def pipeline(
         "flow_seconds": summary["seconds"],
         "perplexity": summary["metrics"]["perplexity"],
         "dense_perplexity": summary["dense"]["perplexity"],
+        # inside the Ray tasks (their own clocks): the stage walls minus these are orchestration,
+        # cold workers and waiting
+        "in_task_seconds": {
+            "profile_units_sum": summary["metrics"].get("profile_seconds"),
+            "compress_shards_sum": summary["metrics"].get("compress_seconds"),
+            "evaluate_variant": summary["metrics"].get("eval_seconds"),
+            "evaluate_dense": summary["dense"].get("eval_seconds"),
+        },
         "ffn_reduction": summary["metrics"]["ffn_reduction"],
         "cluster": summary["cluster"],
         "prefect_api": os.environ.get("PREFECT_API_URL") or "temporary server, started untimed",

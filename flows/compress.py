@@ -598,7 +598,7 @@ def compress(
         stages.seconds["ray_start"] = time.perf_counter() - ray_started
         stats = stages.profile(parsed.profile) if needs_statistics(parsed) else None
         plot = None
-        if stats is not None:
+        if stats is not None and register_model:  # a registration artifact: no one else reads it
             plot = score_plot.submit(
                 stats["stats_path"],
                 base.name,

@@ -16,6 +16,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A task body run in-process sets torch's thread count to its worker's CPUs (e.g. 1); later
+    tests compare logits bitwise with fresh processes, which a changed count would break."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 # One embedded Ray per test session, shared by every package's tests. Ray lives once per process: a
 # second fixture's ray_session would silently reuse the first one's instance, without its custom
 # resources (tasks asking for them then wait forever). So the one instance carries all of them:

@@ -124,6 +124,10 @@ class ProfileConfig(Config):
     collect_grams: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.corpus, str) or not self.corpus.strip():
+            raise FFSplitError(
+                f"profile.corpus must be a corpus name or a text file path, got {self.corpus!r}"
+            )
         _check_int("profile.tokens", self.tokens, 1)
         _check_int("profile.window", self.window, 2, 1 << 20)
         _check_int("profile.batch_size", self.batch_size, 1, 4096)

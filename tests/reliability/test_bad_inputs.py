@@ -491,6 +491,13 @@ recipe_case(
     r"/recipe\.json: format version 2 is not supported",
 )
 recipe_case(
+    "recipe_corpus_not_a_name",
+    "recipe profile.corpus is a number (found by the config property test)",
+    "recipe.json",
+    '{"profile": {"corpus": 5}}',
+    r"/recipe\.json.*profile\.corpus must be a corpus name or a text file path, got 5",
+)
+recipe_case(
     "recipe_ratio_string",
     "recipe heavy_ratio is a string",
     "recipe.json",

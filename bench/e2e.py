@@ -29,7 +29,6 @@ import copy
 import gc
 import inspect
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from bench.common import (  # noqa: E402
     ALIGN,
     RESULTS,
     cpu_time_ms,
+    environ,
     event_time_ms,
     machine,
     module_bytes,
@@ -503,9 +503,8 @@ def bench_gpu(
     result["fuse_dataflow"] = report.dataflow
     result["compressed"] = measure(comp, "compressed", vocab, device, needs_mask, trace=TRACE)
     if PDL_COMPARE:
-        result["compressed_pdl"] = _with_pdl(
-            measure, comp, "comp-pdl", vocab, device, needs_mask, ("b1",)
-        )
+        with environ(FFSPLIT_KERNEL_PDL="1"):
+            result["compressed_pdl"] = measure(comp, "comp-pdl", vocab, device, needs_mask, ("b1",))
     del comp
     gc.collect()
     torch.cuda.empty_cache()
@@ -525,19 +524,6 @@ def bench_gpu(
     result["profile"] = profile(result)
     result["seconds"] = time.time() - t0
     return result
-
-
-def _with_pdl(run: Any, *args: Any) -> dict[str, Any]:
-    """run(*args) with the fused kernels under programmatic dependent launch (opt-in)."""
-    previous = os.environ.get("FFSPLIT_KERNEL_PDL")
-    os.environ["FFSPLIT_KERNEL_PDL"] = "1"
-    try:
-        return run(*args)
-    finally:
-        if previous is None:
-            os.environ.pop("FFSPLIT_KERNEL_PDL", None)
-        else:
-            os.environ["FFSPLIT_KERNEL_PDL"] = previous
 
 
 def bench_gpu_compiled(name: str, save: Any) -> dict[str, Any]:
@@ -575,9 +561,10 @@ def bench_gpu_compiled(name: str, save: Any) -> dict[str, Any]:
             result.update(ratios(result["dense"], result["compressed"]))
             save(result)
         if PDL_COMPARE and batch == "b1":
-            result["compressed_pdl"] = _with_pdl(
-                measure, comp, "comp-pdl+compile", vocab, device, needs_mask, ("b1",), True
-            )
+            with environ(FFSPLIT_KERNEL_PDL="1"):
+                result["compressed_pdl"] = measure(
+                    comp, "comp-pdl+compile", vocab, device, needs_mask, ("b1",), compiled=True
+                )
             save(result)
     del comp
     remove_ffns(dense, adapter, d)

@@ -42,6 +42,7 @@ from bench.common import (  # noqa: E402
     FFNSpec,
     Recipe,
     dense_mlp,
+    environ,
     ffn_flops,
     graph_time_ms,
     machine,
@@ -290,14 +291,11 @@ def _measure(
 ) -> None:
     stored = sum(module_bytes(m) for m in modules) // len(modules)
     # the fused kernels again with programmatic dependent launch (--pdl-compare): same tiles
-    settings: list[tuple[str, str | None]] = [("", None)]
+    settings: list[tuple[str, dict[str, str]]] = [("", {})]
     if PDL_COMPARE and not variant.startswith("split-reference"):
-        settings.append(("+pdl", "1"))
-    for suffix, pdl in settings:
-        previous = os.environ.get("FFSPLIT_KERNEL_PDL")
-        if pdl is not None:
-            os.environ["FFSPLIT_KERNEL_PDL"] = pdl
-        try:
+        settings.append(("+pdl", {"FFSPLIT_KERNEL_PDL": "1"}))
+    for suffix, variables in settings:
+        with environ(**variables):
             for t in tokens:
                 ms = time_modules(modules, inputs[t])
                 row = _row(
@@ -320,11 +318,6 @@ def _measure(
                     f"{100 * row['roofline_share']:.0f}%)",
                     flush=True,
                 )
-        finally:
-            if previous is None:
-                os.environ.pop("FFSPLIT_KERNEL_PDL", None)
-            else:
-                os.environ["FFSPLIT_KERNEL_PDL"] = previous
 
 
 def _row(

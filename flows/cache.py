@@ -28,18 +28,16 @@ from tasks import cache
 GB = 1e9
 
 
+def _non_negative(name: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+        raise FFSplitError(f"cache prune: {name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def _checked(max_gb: float, min_idle_hours: float) -> tuple[int, float]:
-    if not isinstance(max_gb, int | float) or isinstance(max_gb, bool) or max_gb < 0:
-        raise FFSplitError(f"cache prune: max_gb must be a number >= 0, got {max_gb!r}")
-    if (
-        not isinstance(min_idle_hours, int | float)
-        or isinstance(min_idle_hours, bool)
-        or min_idle_hours < 0
-    ):
-        raise FFSplitError(
-            f"cache prune: min_idle_hours must be a number >= 0, got {min_idle_hours!r}"
-        )
-    return int(max_gb * GB), float(min_idle_hours) * 3600.0
+    """(max bytes, min idle seconds) of validated prune settings."""
+    max_gb = _non_negative("max_gb", max_gb)
+    return int(max_gb * GB), _non_negative("min_idle_hours", min_idle_hours) * 3600.0
 
 
 def usage(cache_dir: str | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from tasks import cache
 from tasks.aggregate import aggregate, aggregate_path, stats_file
 from tasks.assemble import assemble
 from tasks.compress import compress_shard, layer_shards, shard_plan
-from tasks.evaluate import eval_params, evaluate
+from tasks.evaluate import LATENCY_WORKLOAD, eval_params, evaluate
 from tasks.evaluate import metrics as quality_metrics
 from tasks.heal import heal_variant, unhealed
 from tasks.profile import MODES, profile_unit, unit_plan
@@ -487,7 +487,7 @@ class Stages:
     def dense_evaluation(self) -> PrefectFuture:
         """The dense base model's quality (no latency: each variant races the dense one itself)."""
         params = {**self.settings.eval, "latency": False}
-        for key in ("prompt_tokens", "decode_tokens", "repeats"):
+        for key in LATENCY_WORKLOAD:
             params.pop(key, None)
         return self.submit_evaluation(self.base.name, self.base.sha256, "dense", params)
 

@@ -65,6 +65,19 @@ def build_deployments(pool: str = POOL, paused: bool = False) -> list[Any]:
     sweep = Flow.from_source(source=str(REPO_ROOT), entrypoint="flows/sweep.py:sweep")
     prune = Flow.from_source(source=str(REPO_ROOT), entrypoint="flows/cache.py:prune_cache")
     job = {"env": dict(RUN_ENV)}
+
+    def nightly(flow: Any, cron: str, parameters: dict[str, Any], description: str) -> Any:
+        return flow.to_deployment(
+            name="nightly",
+            work_pool_name=pool,
+            job_variables=job,
+            schedules=[Cron(cron, timezone=TIMEZONE)],
+            paused=paused,
+            parameters=parameters,
+            description=description,
+            tags=["ffsplit", "nightly"],
+        )
+
     return [
         compress.to_deployment(
             name="default",
@@ -73,27 +86,18 @@ def build_deployments(pool: str = POOL, paused: bool = False) -> list[Any]:
             description="Compress one model by one recipe, evaluate it, register one MLflow version.",
             tags=["ffsplit"],
         ),
-        sweep.to_deployment(
-            name="nightly",
-            work_pool_name=pool,
-            job_variables=job,
-            schedules=[Cron(NIGHTLY_CRON, timezone=TIMEZONE)],
-            paused=paused,
-            parameters=NIGHTLY_PARAMETERS,
-            description="Nightly sweep: methods x heavy ratios x budgets plus baselines; aliases "
-            "dense and champion.",
-            tags=["ffsplit", "nightly"],
+        nightly(
+            sweep,
+            NIGHTLY_CRON,
+            NIGHTLY_PARAMETERS,
+            "Nightly sweep: methods x heavy ratios x budgets plus baselines; aliases dense and "
+            "champion.",
         ),
-        prune.to_deployment(
-            name="nightly",
-            work_pool_name=pool,
-            job_variables=job,
-            schedules=[Cron(PRUNE_CRON, timezone=TIMEZONE)],
-            paused=paused,
-            parameters=PRUNE_PARAMETERS,
-            description="Prune the pipeline cache to max_gb by least recent use before the "
-            "nightly sweep.",
-            tags=["ffsplit", "nightly"],
+        nightly(
+            prune,
+            PRUNE_CRON,
+            PRUNE_PARAMETERS,
+            "Prune the pipeline cache to max_gb by least recent use before the nightly sweep.",
         ),
     ]
 

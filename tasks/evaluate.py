@@ -87,7 +87,7 @@ def evaluate_job(subject: str, params: dict[str, Any], out: str) -> dict[str, An
     threads = set_task_threads()
     device = task_device()
     # one load of the subject for quality and the latency race (as the library's own job does)
-    workload = {k: params[k] for k in ("prompt_tokens", "decode_tokens", "repeats") if k in params}
+    workload = {k: params[k] for k in LATENCY_WORKLOAD if k in params}
     result = library_evaluate(
         subject,
         corpus=params["corpus"],

@@ -633,7 +633,6 @@ def _register_once(
     timeout: float,
     progress: Callable[[str], None],
 ) -> RegisteredVersion:
-
     from tasks.serving import save_pyfunc, variant_path_in_model
 
     for mv in _find_versions(client, model_name, content):

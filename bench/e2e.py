@@ -61,6 +61,7 @@ NEW_TOKENS = 256
 PREFILL = 2048
 BATCHES = (1, 16)
 BATCHES_COMPILED: tuple[str, ...] = ("b1", "b16")  # --compiled-batches
+COMPILE_MODE: str | None = None  # --compile-mode (torch.compile's mode; None: its default)
 PDL_COMPARE = False  # --pdl-compare
 TRACE = False  # --trace
 
@@ -278,7 +279,11 @@ def decode_gpu(
         else {}
     )
 
-    forward = torch.compile(model.forward, dynamic=False) if compiled else model.forward
+    forward = (
+        torch.compile(model.forward, dynamic=False, mode=COMPILE_MODE)
+        if compiled
+        else model.forward
+    )
 
     def step() -> None:
         logits = forward(
@@ -314,7 +319,13 @@ def decode_gpu(
     if compiled:
         out["compile_and_warmup_s"] = warmup_s
     if trace:
-        pos.fill_(PROMPT)  # the cache positions the timed replays used: same attention lengths
+        # The traced steps run outside the graph, where the cache position comes from how much
+        # of the static cache is filled: after the replays it is nearly full, and 8 more steps
+        # would index past its end (a device-side assert). Start again from the prompt, so the
+        # traced steps see the attention lengths the timed replays began with.
+        cache.reset()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)  # the prompt, as above
+        pos.fill_(PROMPT)
         out["kernels"] = kernel_breakdown(step, ms)
     del cache
     return out
@@ -638,7 +649,7 @@ def bench_cpu_real(name: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    global NEW_TOKENS, PREFILL, PDL_COMPARE, TRACE, BATCHES_COMPILED
+    global NEW_TOKENS, PREFILL, PDL_COMPARE, TRACE, BATCHES_COMPILED, COMPILE_MODE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--models",
@@ -663,12 +674,19 @@ def main() -> None:
     parser.add_argument(
         "--compiled-batches", default="b1,b16", help="--compile: which batches (b1,b16)"
     )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "max-autotune-no-cudagraphs"],
+        help="--compile: torch.compile mode, the same for every variant (CUDA graphs are ours)",
+    )
     parser.add_argument("--new-tokens", type=int, default=256, help="(smoke tests)")
     parser.add_argument("--prefill", type=int, default=2048, help="(smoke tests)")
     args = parser.parse_args()
     NEW_TOKENS, PREFILL = args.new_tokens, args.prefill
     PDL_COMPARE, TRACE = args.pdl_compare, args.trace
     BATCHES_COMPILED = tuple(args.compiled_batches.split(","))
+    COMPILE_MODE = args.compile_mode
     gpu = torch.cuda.is_available() and not args.real
     results: dict[str, Any] = {}
     out = args.out or RESULTS / ("e2e-h200.json" if gpu else "e2e-cpu-smollm2.json")
@@ -691,7 +709,11 @@ def main() -> None:
                 "loop": (
                     "static KV cache; whole decode step (forward, argmax, position update) in one "
                     "CUDA graph, replayed; prefill eager, last-token logits"
-                    + ("; forward through torch.compile" if args.compile else "")
+                    + (
+                        f"; forward through torch.compile (mode {COMPILE_MODE or 'default'})"
+                        if args.compile
+                        else ""
+                    )
                 )
                 if gpu
                 else "generate() for decode, one forward for prefill; eager fp32",

@@ -7,6 +7,7 @@ rounding of each batch's product (relative 1e-6; float64 products cost ~10x on C
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -20,7 +21,9 @@ from torch import Tensor
 
 from ffsplit.errors import FFSplitError
 
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2  # 2: Grams stored as packed lower triangles (1: full matrices, still read)
+GRAMS = ("gram_in", "gram_hidden")
+PACKED = "_tril"  # suffix of a packed Gram's tensor name
 
 
 @dataclass
@@ -87,9 +90,20 @@ def observe(stats: LayerStats, x: Tensor, h: Tensor, down_norms: Tensor) -> None
         # Gram products in float32 per batch (float64 matmuls are ~10x slower on CPU), running sums
         # in float64: shard merges then agree with the whole to float32 rounding of each batch.
         xf = x.float()
-        stats.gram_in += (xf.T @ xf).to(dev, torch.float64)
+        stats.gram_in += _symmetric(xf.T @ xf).to(dev, torch.float64)
     if stats.gram_hidden is not None:
-        stats.gram_hidden += (hf.T @ hf).to(dev, torch.float64)
+        stats.gram_hidden += _symmetric(hf.T @ hf).to(dev, torch.float64)
+
+
+def _symmetric(gram: Tensor) -> Tensor:
+    """gram with its upper triangle mirrored from the lower one.
+
+    X^T X is symmetric in exact arithmetic; CPU GEMMs give it bitwise so (then this is a no-op),
+    GPU ones need not. Exact symmetry is what lets files store only the lower triangle and still
+    give back the very statistics profiling held in memory.
+    """
+    lower = torch.tril(gram)
+    return lower + torch.tril(gram, -1).T
 
 
 def merge(a: LayerStats, b: LayerStats) -> LayerStats:
@@ -154,8 +168,43 @@ def merge_all(parts: Iterable[ModelStats]) -> ModelStats:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _triangle_index(n: int) -> tuple[Tensor, Tensor]:
+    """Flat positions in an [n, n] matrix of the lower triangle, row by row, and their mirrors."""
+    rows, cols = torch.tril_indices(n, n)
+    return rows * n + cols, cols * n + rows
+
+
+def pack_symmetric(gram: Tensor) -> Tensor:
+    """The lower triangle of a symmetric [n, n] matrix, row by row ([n (n + 1) / 2]).
+
+    Half the bytes of the full matrix: statistics files are mostly Grams (645 MB for SmolLM2 in
+    full), and the pipeline writes and reads them between stages.
+    """
+    lower, _ = _triangle_index(gram.shape[0])
+    return gram.reshape(-1).index_select(0, lower.to(gram.device))
+
+
+def unpack_symmetric(packed: Tensor) -> Tensor:
+    """The symmetric [n, n] matrix whose lower triangle `packed` holds (pack_symmetric's inverse)."""
+    n = triangle_side(packed.numel())
+    if n is None:
+        raise FFSplitError(f"{packed.numel()} values are no packed triangle")
+    lower, upper = (i.to(packed.device) for i in _triangle_index(n))
+    out = packed.new_empty(n * n)
+    out.index_copy_(0, lower, packed)
+    out.index_copy_(0, upper, packed)
+    return out.view(n, n)
+
+
+def triangle_side(count: int) -> int | None:
+    """n with n (n + 1) / 2 == count, else None."""
+    n = (math.isqrt(8 * count + 1) - 1) // 2
+    return n if n * (n + 1) // 2 == count else None
+
+
 def save_stats(stats: ModelStats, path: str | Path) -> Path:
-    """One safetensors file, written atomically (temp + rename), metadata as JSON."""
+    """One safetensors file, written atomically (temp + rename), metadata as JSON; Grams packed."""
     from safetensors.torch import save_file
 
     from ffsplit.variant.atomic import atomic_path
@@ -168,8 +217,8 @@ def save_stats(stats: ModelStats, path: str | Path) -> Path:
         tensors[f"layer.{i}.tokens"] = torch.tensor([s.tokens], dtype=torch.int64)
         tensors[f"layer.{i}.hit_top_k"] = torch.tensor([s.hit_top_k], dtype=torch.int64)
         if s.gram_in is not None and s.gram_hidden is not None:
-            tensors[f"layer.{i}.gram_in"] = s.gram_in.cpu().contiguous()
-            tensors[f"layer.{i}.gram_hidden"] = s.gram_hidden.cpu().contiguous()
+            tensors[f"layer.{i}.gram_in{PACKED}"] = pack_symmetric(s.gram_in.cpu())
+            tensors[f"layer.{i}.gram_hidden{PACKED}"] = pack_symmetric(s.gram_hidden.cpu())
     meta = {
         "format": "ffsplit-stats",
         "format_version": str(STATS_FORMAT_VERSION),
@@ -184,6 +233,8 @@ def save_stats(stats: ModelStats, path: str | Path) -> Path:
 def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelStats:
     """Load and validate a statistics file (finite values, consistent shapes)."""
     from safetensors import safe_open
+
+    from ffsplit.models.loading import all_finite
 
     path = Path(path)
     if not path.is_file():
@@ -209,6 +260,7 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
     odd = [k for k in tensors if not re.fullmatch(r"layer\.\d{1,6}\.\w+", k)]
     if odd:
         raise FFSplitError(f"{path}: unexpected tensor name(s) {odd[:3]}: not a statistics file")
+    tensors = _unpack_grams(path, tensors)
     layer_ids = sorted({int(k.split(".")[1]) for k in tensors})
     layers: dict[int, LayerStats] = {}
     for i in layer_ids:
@@ -225,7 +277,7 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
             ("gram_in", get("gram_in")),
             ("gram_hidden", get("gram_hidden")),
         ):
-            if t is not None and not torch.isfinite(t).all():
+            if t is not None and not all_finite(t):
                 raise FFSplitError(f"{path}: layer {i} {name} holds NaN or inf; re-run profiling")
         _check_layer_shapes(path, i, tensors)
         layers[i] = LayerStats(
@@ -242,6 +294,29 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
     except json.JSONDecodeError:
         raise FFSplitError(f"{path}: statistics metadata is not valid JSON") from None
     return ModelStats(layers, meta)
+
+
+def _unpack_grams(path: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """tensors with every packed Gram (name ending in _tril) replaced by the full matrix."""
+    out = dict(tensors)
+    for name, packed in tensors.items():
+        if not name.endswith(PACKED):
+            continue
+        full = name[: -len(PACKED)]
+        if full.rsplit(".", 1)[-1] not in GRAMS:
+            raise FFSplitError(f"{path}: unexpected tensor name {name!r}: not a statistics file")
+        if full in tensors:
+            raise FFSplitError(
+                f"{path}: {full} is stored both packed and full: the file is damaged"
+            )
+        if packed.dim() != 1 or triangle_side(packed.numel()) is None:
+            raise FFSplitError(
+                f"{path}: {name} has shape {list(packed.shape)}, not a packed triangle "
+                "(n (n + 1) / 2 values); the file is damaged"
+            )
+        del out[name]
+        out[full] = unpack_symmetric(packed)
+    return out
 
 
 def _check_layer_shapes(path: Path, i: int, tensors: Mapping[str, Tensor]) -> None:

@@ -13,12 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from ffsplit.errors import FFSplitError
 from tasks import cache
-from tasks.runtime import base_model, run_remote, set_task_threads, task_resources
+from tasks.runtime import base_model, prefect_task, run_remote, set_task_threads, task_resources
 
 STATS_FILE = "stats.safetensors"
 SCORES_FILE = "scores.safetensors"
@@ -127,7 +124,7 @@ def aggregate_path(cache_dir: str, unit_keys: list[str]) -> tuple[str, str]:
     return key, str(cache.merged_stats_dir(Path(cache_dir), key))
 
 
-@task(name="aggregate", cache_policy=NONE)
+@prefect_task(name="aggregate")
 def aggregate(model: str, model_sha256: str, unit_paths: list[str], out: str) -> dict[str, Any]:
     """Prefect task: merge unit statistics and rank neurons, on Ray (cached by content)."""
     cached = cache.read_json(Path(out) / SUMMARY_FILE)

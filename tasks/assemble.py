@@ -11,11 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from ffsplit.errors import FFSplitError
-from tasks.runtime import base_model, run_remote, set_task_threads, task_resources
+from tasks.runtime import base_model, prefect_task, run_remote, set_task_threads, task_resources
 
 
 def variant_summary(folder: str | Path) -> dict[str, Any]:
@@ -138,7 +135,7 @@ def run_assemble(
     )
 
 
-@task(name="assemble", cache_policy=NONE)
+@prefect_task(name="assemble")
 def assemble(
     model: str,
     model_sha256: str,

@@ -12,15 +12,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from ffsplit.config import Recipe
 from ffsplit.errors import FFSplitError
 from tasks import cache
 from tasks.runtime import (
     WORKER_CACHES,
     base_model,
+    prefect_task,
     run_remote,
     set_task_threads,
     task_device,
@@ -166,7 +164,7 @@ def run_shard(
     )
 
 
-@task(name="compress-shard", cache_policy=NONE)
+@prefect_task(name="compress-shard")
 def compress_shard(
     model: str,
     model_sha256: str,

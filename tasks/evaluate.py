@@ -14,13 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from ffsplit.errors import FFSplitError
 from tasks import cache
 from tasks.runtime import (
     node_cpus,
+    prefect_task,
     release_worker_caches,
     run_remote,
     set_task_threads,
@@ -114,7 +112,7 @@ def run_evaluate(subject: str, params: dict[str, Any], out: str) -> dict[str, An
     )
 
 
-@task(name="evaluate", cache_policy=NONE)
+@prefect_task(name="evaluate")
 def evaluate(subject: str, params: dict[str, Any], out: str) -> dict[str, Any]:
     """Prefect task: quality, size and speed of a variant or base model (cached by content)."""
     return run_evaluate(subject, params, out)

@@ -13,14 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from ffsplit.config import HealConfig, Recipe
 from tasks.assemble import variant_summary
 from tasks.runtime import (
     base_model,
     node_cpus,
+    prefect_task,
     release_worker_caches,
     run_remote,
     set_task_threads,
@@ -84,7 +82,7 @@ def run_heal(
     )
 
 
-@task(name="heal", cache_policy=NONE)
+@prefect_task(name="heal")
 def heal_variant(
     model: str, model_sha256: str, variant: str, heal: dict[str, Any], out: str
 ) -> dict[str, Any]:

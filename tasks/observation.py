@@ -33,13 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from ffsplit.errors import FFSplitError
 from tasks.runtime import (
     check_model_sha,
     node_cpus,
+    prefect_task,
     release_worker_caches,
     run_remote,
     set_task_threads,
@@ -322,7 +320,7 @@ def run_observation(
     )
 
 
-@task(name="observe", cache_policy=NONE)
+@prefect_task(name="observe")
 def observe(
     model: str, model_sha256: str | None, params: dict[str, Any], out: str, command: str
 ) -> dict[str, Any]:
@@ -623,7 +621,7 @@ def log_observation(
         )
 
 
-@task(name="log-observation", cache_policy=NONE)
+@prefect_task(name="log-observation")
 def log_observation_task(record_dir: str, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Prefect task: log_observation of one record folder (MLFLOW_TRACKING_URI)."""
     return log_observation(record_dir, tags=tags).to_dict()

@@ -17,9 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from ffsplit.config import ProfileConfig
 from ffsplit.errors import FFSplitError
 from tasks import cache
@@ -27,6 +24,7 @@ from tasks.runtime import (
     base_model,
     check_model_sha,
     node_cpus,
+    prefect_task,
     run_remote,
     set_task_threads,
     submit,
@@ -366,7 +364,7 @@ def run_units(
     ]
 
 
-@task(name="profile-unit", task_run_name="profile-unit-{unit}", cache_policy=NONE)
+@prefect_task(name="profile-unit", task_run_name="profile-unit-{unit}")
 def profile_unit(
     model: str,
     model_sha256: str,

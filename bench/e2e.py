@@ -61,7 +61,9 @@ NEW_TOKENS = 256
 PREFILL = 2048
 BATCHES = (1, 16)
 BATCHES_COMPILED: tuple[str, ...] = ("b1", "b16")  # --compiled-batches
-COMPILE_MODE: str | None = None  # --compile-mode (torch.compile's mode; None: its default)
+# --compile-mode: inductor autotunes its GEMM/GEMV templates (Llama-2-7B b1 on the H200: dense
+# 4.96 -> 4.34 ms, compressed 3.70 -> 3.19, no FFN 2.36 -> 1.87); the CUDA graph stays ours.
+COMPILE_MODE = "max-autotune-no-cudagraphs"
 PDL_COMPARE = False  # --pdl-compare
 TRACE = False  # --trace
 
@@ -676,7 +678,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--compile-mode",
-        default=None,
+        default=COMPILE_MODE,
         choices=["default", "max-autotune-no-cudagraphs"],
         help="--compile: torch.compile mode, the same for every variant (CUDA graphs are ours)",
     )
@@ -710,7 +712,7 @@ def main() -> None:
                     "static KV cache; whole decode step (forward, argmax, position update) in one "
                     "CUDA graph, replayed; prefill eager, last-token logits"
                     + (
-                        f"; forward through torch.compile (mode {COMPILE_MODE or 'default'})"
+                        f"; forward through torch.compile (mode {COMPILE_MODE})"
                         if args.compile
                         else ""
                     )

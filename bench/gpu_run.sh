@@ -2,7 +2,8 @@
 # One device call: GPU tests, then the benchmarks, each under its own time limit; everything
 # lands in $OUT (copied into bench/results/ afterwards). Usage: bench/gpu_run.sh STEP...
 # Steps: tests | ffn | e2e:MODEL[,MODEL...] | e2ec:MODEL[,...] (decode through torch.compile)
-set -u
+set -u -o pipefail
+failed=""  # steps that exited non-zero: the call's exit status says so at the end
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -22,21 +23,24 @@ for step in "$@"; do
       wait
       for f in "$OUT"/t-*.log; do echo "== $f"; cat "$f"; done > "$OUT/tests.log"; rm -f "$OUT"/t-*.log
       grep -E "^== |passed|failed|error" "$OUT/tests.log" | tail -${TESTS_TAIL:-30}
+      ! grep -qE "[0-9]+ (failed|errors?)\b" "$OUT/tests.log" || failed="$failed tests"
       ;;
     ffn)
       timeout ${FFN_LIMIT:-300} python3 bench/ffn.py --out "$OUT/ffn-h200.json" ${FFN_ARGS:-} \
-        2>&1 | tee "$OUT/ffn.log" | tail -${FFN_TAIL:-80}
+        2>&1 | tee "$OUT/ffn.log" | tail -${FFN_TAIL:-80} || failed="$failed ffn"
       ;;
     e2ec:*)
       models=${step#e2ec:}
       timeout ${E2EC_LIMIT:-300} python3 bench/e2e.py --compile --models ${models//,/ } \
         --out "$OUT/e2e-h200-compile.json" ${E2EC_ARGS:-} 2>&1 | tee "$OUT/e2e-compile.log" \
-        | grep -v "^Loading" | tail -${E2EC_TAIL:-30}
+        | { grep -v "^Loading" || true; } | tail -${E2EC_TAIL:-30} || failed="$failed $step"
       ;;
     e2e:*)
       models=${step#e2e:}
       timeout ${E2E_LIMIT:-420} python3 bench/e2e.py --models ${models//,/ } --out "$OUT/e2e-h200.json" ${E2E_ARGS:-} \
-        2>&1 | tee "$OUT/e2e.log" | grep -v "^Loading" | tail -${E2E_TAIL:-60}
+        2>&1 | tee "$OUT/e2e.log" | { grep -v "^Loading" || true; } | tail -${E2E_TAIL:-60} \
+        || failed="$failed $step"
       ;;
   esac
 done
+[ -z "$failed" ] || { echo "failed steps:$failed"; exit 1; }

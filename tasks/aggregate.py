@@ -23,14 +23,18 @@ SUMMARY_FILE = "summary.json"
 
 
 def merge_unit_stats(unit_paths: list[str]) -> Any:
-    """ModelStats of all units: ((u0 + u1) + u2) + ..., loading one unit at a time."""
+    """ModelStats of all units: ((u0 + u1) + u2) + ..., loading one unit at a time.
+
+    The Grams stay packed (sums of packed triangles are the packed sums): nothing is unpacked
+    only to be packed again when the merge is saved.
+    """
     from ffsplit.profiling import load_stats
 
     if not unit_paths:
         raise FFSplitError("aggregate: no unit statistics to merge")
-    merged = load_stats(unit_paths[0])
+    merged = load_stats(unit_paths[0], packed=True)
     for path in unit_paths[1:]:
-        merged = merged.merged(load_stats(path))
+        merged = merged.merged(load_stats(path, packed=True))
     return merged
 
 

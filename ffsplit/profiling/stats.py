@@ -28,7 +28,11 @@ PACKED = "_tril"  # suffix of a packed Gram's tensor name
 
 @dataclass
 class LayerStats:
-    """Sums over calibration tokens for one FFN layer with m neurons and hidden size d."""
+    """Sums over calibration tokens for one FFN layer with m neurons and hidden size d.
+
+    The Grams are full matrices, or, from load_stats(packed=True), their packed lower triangles:
+    sums merge and save the same either way, so merging files needs no unpacking.
+    """
 
     tokens: int
     sum_sq: Tensor  # [m] float64: S2_j = sum_t h_j(x_t)^2
@@ -115,6 +119,8 @@ def merge(a: LayerStats, b: LayerStats) -> LayerStats:
         )
     if (a.gram_in is None) != (b.gram_in is None):
         raise FFSplitError("cannot merge statistics with and without Gram matrices")
+    if a.gram_in is not None and b.gram_in is not None and a.gram_in.dim() != b.gram_in.dim():
+        raise FFSplitError("cannot merge packed Grams with full ones; load both the same way")
 
     def add(x: Tensor | None, y: Tensor | None) -> Tensor | None:
         return None if x is None or y is None else x + y.to(x.device)
@@ -203,6 +209,10 @@ def triangle_side(count: int) -> int | None:
     return n if n * (n + 1) // 2 == count else None
 
 
+def _packed(gram: Tensor) -> Tensor:
+    return gram.contiguous() if gram.dim() == 1 else pack_symmetric(gram)
+
+
 def save_stats(stats: ModelStats, path: str | Path) -> Path:
     """One safetensors file, written atomically (temp + rename), metadata as JSON; Grams packed."""
     from safetensors.torch import save_file
@@ -217,8 +227,8 @@ def save_stats(stats: ModelStats, path: str | Path) -> Path:
         tensors[f"layer.{i}.tokens"] = torch.tensor([s.tokens], dtype=torch.int64)
         tensors[f"layer.{i}.hit_top_k"] = torch.tensor([s.hit_top_k], dtype=torch.int64)
         if s.gram_in is not None and s.gram_hidden is not None:
-            tensors[f"layer.{i}.gram_in{PACKED}"] = pack_symmetric(s.gram_in.cpu())
-            tensors[f"layer.{i}.gram_hidden{PACKED}"] = pack_symmetric(s.gram_hidden.cpu())
+            tensors[f"layer.{i}.gram_in{PACKED}"] = _packed(s.gram_in.cpu())
+            tensors[f"layer.{i}.gram_hidden{PACKED}"] = _packed(s.gram_hidden.cpu())
     meta = {
         "format": "ffsplit-stats",
         "format_version": str(STATS_FORMAT_VERSION),
@@ -230,8 +240,13 @@ def save_stats(stats: ModelStats, path: str | Path) -> Path:
     return path
 
 
-def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelStats:
-    """Load and validate a statistics file (finite values, consistent shapes)."""
+def load_stats(
+    path: str | Path, device: str | torch.device = "cpu", *, packed: bool = False
+) -> ModelStats:
+    """Load and validate a statistics file (finite values, consistent shapes).
+
+    packed: Grams stay packed lower triangles (for merging and saving again: no unpacking).
+    """
     from safetensors import safe_open
 
     from ffsplit.models.loading import all_finite
@@ -260,7 +275,7 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
     odd = [k for k in tensors if not re.fullmatch(r"layer\.\d{1,6}\.\w+", k)]
     if odd:
         raise FFSplitError(f"{path}: unexpected tensor name(s) {odd[:3]}: not a statistics file")
-    tensors = _unpack_grams(path, tensors)
+    tensors = _grams_as(path, tensors, packed)
     layer_ids = sorted({int(k.split(".")[1]) for k in tensors})
     layers: dict[int, LayerStats] = {}
     for i in layer_ids:
@@ -296,10 +311,18 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> ModelSta
     return ModelStats(layers, meta)
 
 
-def _unpack_grams(path: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """tensors with every packed Gram (name ending in _tril) replaced by the full matrix."""
+def _grams_as(path: Path, tensors: dict[str, Tensor], packed: bool) -> dict[str, Tensor]:
+    """tensors with every Gram under its plain name, as a packed triangle or a full matrix."""
     out = dict(tensors)
-    for name, packed in tensors.items():
+    for name, stored in tensors.items():
+        if packed and name.rsplit(".", 1)[-1] in GRAMS and stored.dim() == 2:  # format 1
+            n = stored.shape[0]
+            if stored.shape != (n, n):
+                raise FFSplitError(
+                    f"{path}: {name} has shape {list(stored.shape)}, not square; the file is "
+                    "damaged"
+                )
+            out[name] = pack_symmetric(stored)
         if not name.endswith(PACKED):
             continue
         full = name[: -len(PACKED)]
@@ -309,13 +332,13 @@ def _unpack_grams(path: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
             raise FFSplitError(
                 f"{path}: {full} is stored both packed and full: the file is damaged"
             )
-        if packed.dim() != 1 or triangle_side(packed.numel()) is None:
+        if stored.dim() != 1 or triangle_side(stored.numel()) is None:
             raise FFSplitError(
-                f"{path}: {name} has shape {list(packed.shape)}, not a packed triangle "
+                f"{path}: {name} has shape {list(stored.shape)}, not a packed triangle "
                 "(n (n + 1) / 2 values); the file is damaged"
             )
         del out[name]
-        out[full] = unpack_symmetric(packed)
+        out[full] = stored if packed else unpack_symmetric(stored)
     return out
 
 
@@ -326,8 +349,13 @@ def _check_layer_shapes(path: Path, i: int, tensors: Mapping[str, Tensor]) -> No
         t = tensors.get(f"layer.{i}.{name}")
         return None if t is None else tuple(t.shape)
 
+    def square(name: str) -> tuple[int, ...] | None:  # a packed Gram as the matrix it holds
+        got = shape(name)
+        side = triangle_side(got[0]) if got is not None and len(got) == 1 else None
+        return got if side is None else (side, side)
+
     m = (shape("sum_sq") or (0,))[0]
-    gram_in = shape("gram_in")
+    gram_in = square("gram_in")
     expected = {
         "sum_sq": (m,),
         "max_abs": (m,),
@@ -338,7 +366,7 @@ def _check_layer_shapes(path: Path, i: int, tensors: Mapping[str, Tensor]) -> No
         "gram_in": (gram_in[0], gram_in[0]) if gram_in else None,
     }
     for name, want in expected.items():
-        got = shape(name)
+        got = square(name) if name in GRAMS else shape(name)
         if got is not None and (got != want or m < 1):
             raise FFSplitError(
                 f"{path}: layer {i} {name} has shape {list(got)}, expected {list(want or ())}; "

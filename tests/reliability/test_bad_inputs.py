@@ -603,7 +603,7 @@ def stats_inf(w: Work) -> list[str]:
 @case("statistics", "NaN in a Gram matrix", r"/stats\.safetensors: layer 1 gram_in holds NaN")
 def stats_nan_gram(w: Work) -> list[str]:
     stats = stats_copy(w)
-    edit_tensors(stats, lambda t: t["layer.1.gram_in"].__setitem__((0, 0), float("nan")))
+    edit_tensors(stats, lambda t: t["layer.1.gram_in_tril"].__setitem__(0, float("nan")))
     return with_stats(w, stats)
 
 

@@ -274,7 +274,7 @@ class PrefectTask:
         return self._task
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("_"):  # ours, or dunders: never Prefect's (and no recursion)
             raise AttributeError(name)
         return getattr(self._built(), name)
 

@@ -7,7 +7,6 @@ ffsplit core + torch (+ transformers for whole models): it runs on the GPU machi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,22 +333,6 @@ def cpu_time_ms(fn: Callable[[], Any], warmup: int = 1, trials: int = 3) -> floa
 
 
 # ------------------------------------------------------------------------------- recording
-
-
-@contextlib.contextmanager
-def environ(**variables: str) -> Iterator[None]:
-    """os.environ with these variables set for a block, restored after (switches such as
-    FFSPLIT_KERNEL_PDL, which the kernels read per launch, compared within one process)."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def machine() -> dict[str, Any]:

@@ -43,7 +43,6 @@ from bench.common import (  # noqa: E402
     ALIGN,
     RESULTS,
     cpu_time_ms,
-    environ,
     event_time_ms,
     machine,
     module_bytes,
@@ -51,6 +50,7 @@ from bench.common import (  # noqa: E402
 )
 from ffsplit.adapters.registry import get_adapter  # noqa: E402
 from ffsplit.compress.budget import FFNShape, solve_rank  # noqa: E402
+from ffsplit.environ import environ  # noqa: E402
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection  # noqa: E402
 from ffsplit.split.parts import DenseLinear, LowRankLinear  # noqa: E402
 

@@ -42,7 +42,6 @@ from bench.common import (  # noqa: E402
     FFNSpec,
     Recipe,
     dense_mlp,
-    environ,
     ffn_flops,
     graph_time_ms,
     machine,
@@ -50,6 +49,7 @@ from bench.common import (  # noqa: E402
     split_mlp,
     write_json,
 )
+from ffsplit.environ import environ  # noqa: E402
 from ffsplit.split.fused import FusedFFNCore, fuse_projections  # noqa: E402
 
 L2_BYTES = 60e6  # H200 L2 (KINDS.md); weights of all copies together exceed it 4x

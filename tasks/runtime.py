@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ffsplit.environ import environ
 from ffsplit.errors import FFSplitError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def ensure_ray(
         # job with a runtime_env cannot use the workers Ray prestarts at start-up (one per CPU):
         # its first tasks would each wait for a new worker process to boot (~2-3 s on 2 cores).
         variables = env.pop("env_vars", {})
-        with _environ(variables):
+        with environ(**variables):
             ray.init(
                 address="local",
                 include_dashboard=False,
@@ -117,21 +118,6 @@ def ensure_ray(
                 configure_logging=False,
             )
     return True
-
-
-@contextlib.contextmanager
-def _environ(variables: dict[str, str]) -> Iterator[None]:
-    """os.environ with these variables set, restored afterwards."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _check_running_has(ray: Any, resources: dict[str, float] | None) -> None:
@@ -262,15 +248,15 @@ class PrefectTask:
     """
 
     def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
-        functools.update_wrapper(self, fn)
-        self._fn, self._options, self._task = fn, options, None
+        functools.update_wrapper(self, fn)  # also sets __wrapped__ = fn
+        self._options, self._task = options, None
 
     def _built(self) -> Any:
         if self._task is None:
             from prefect import task
             from prefect.cache_policies import NONE
 
-            self._task = task(cache_policy=NONE, **self._options)(self._fn)
+            self._task = task(cache_policy=NONE, **self._options)(self.__wrapped__)
         return self._task
 
     def __getattr__(self, name: str) -> Any:

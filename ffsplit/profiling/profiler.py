@@ -34,6 +34,10 @@ class StatHooks:
     stats: dict[int, LayerStats]
     handles: list[RemovableHandle] = field(default_factory=list)
 
+    def collected(self) -> dict[int, LayerStats]:
+        """The statistics gathered so far, on the CPU, Grams made symmetric (what files keep)."""
+        return {i: s.to_device("cpu").symmetric() for i, s in self.stats.items()}
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -113,4 +117,4 @@ def profile_model(
         "seconds": seconds,
         **(meta or {}),
     }
-    return ModelStats({i: s.to_device("cpu") for i, s in hooks.stats.items()}, info)
+    return ModelStats(hooks.collected(), info)

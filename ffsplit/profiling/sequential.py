@@ -316,7 +316,7 @@ def run_layer_group(
         "layers": [first, last],
         **(meta or {}),
     }
-    stats = ModelStats({i: s.to_device("cpu") for i, s in hooks.stats.items()}, info)
+    stats = ModelStats(hooks.collected(), info)
     rest = [{i: c for i, c in calls.items() if i > last} for calls in inputs.calls]
     used = {name for calls in rest for c in calls.values() for name in _tensor_names(c)}
     tensors = {name: t for name, t in inputs.tensors.items() if name in used}

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,14 @@ class LayerStats:
     @property
     def neurons(self) -> int:
         return self.sum_sq.shape[0]
+
+    def symmetric(self) -> LayerStats:
+        """These statistics with bitwise symmetric Grams (see _symmetric)."""
+        return replace(
+            self,
+            gram_in=None if self.gram_in is None else _symmetric(self.gram_in),
+            gram_hidden=None if self.gram_hidden is None else _symmetric(self.gram_hidden),
+        )
 
     def to_device(self, device: str | torch.device) -> LayerStats:
         def mv(t: Tensor | None) -> Tensor | None:
@@ -94,9 +102,9 @@ def observe(stats: LayerStats, x: Tensor, h: Tensor, down_norms: Tensor) -> None
         # Gram products in float32 per batch (float64 matmuls are ~10x slower on CPU), running sums
         # in float64: shard merges then agree with the whole to float32 rounding of each batch.
         xf = x.float()
-        stats.gram_in += _symmetric(xf.T @ xf).to(dev, torch.float64)
+        stats.gram_in += (xf.T @ xf).to(dev, torch.float64)
     if stats.gram_hidden is not None:
-        stats.gram_hidden += _symmetric(hf.T @ hf).to(dev, torch.float64)
+        stats.gram_hidden += (hf.T @ hf).to(dev, torch.float64)
 
 
 def _symmetric(gram: Tensor) -> Tensor:
@@ -104,10 +112,11 @@ def _symmetric(gram: Tensor) -> Tensor:
 
     X^T X is symmetric in exact arithmetic; CPU GEMMs give it bitwise so (then this is a no-op),
     GPU ones need not. Exact symmetry is what lets files store only the lower triangle and still
-    give back the very statistics profiling held in memory.
+    give back the very statistics profiling held in memory. Mirroring the running sums once
+    equals mirroring every batch's product, bit for bit (each lower element sums the same values
+    in the same order), so profiling does it once, when it hands the statistics out.
     """
-    lower = torch.tril(gram)
-    return lower + torch.tril(gram, -1).T
+    return unpack_symmetric(pack_symmetric(gram))
 
 
 def merge(a: LayerStats, b: LayerStats) -> LayerStats:

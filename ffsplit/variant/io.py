@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ffsplit.adapters import Adapter, FFNWeights, adapter_by_name, architecture_of
 from ffsplit.compress.recipe import CompressedLayer, CompressionReport
 from ffsplit.errors import FFSplitError
+from ffsplit.models.loading import all_finite
 from ffsplit.split.apply import swap_ffn
 from ffsplit.split.parts import build_part
 from ffsplit.variant.atomic import atomic_dir, sha256_file
@@ -228,7 +229,7 @@ def load_variant(
     except Exception as exc:  # corrupt headers surface as several exception types
         raise FFSplitError(f"{folder / WEIGHTS}: unreadable safetensors ({exc})") from None
     for name, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             raise FFSplitError(f"{folder / WEIGHTS}: tensor {name} holds NaN or inf")
     try:
         result = model.load_state_dict(state, strict=False)

@@ -125,16 +125,6 @@ def test_embedded_workers_get_our_variables_without_a_job_runtime_env(ray_cluste
     assert not dict(ray.get_runtime_context().runtime_env)
 
 
-def test_environ_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FFSPLIT_TEST_UNSET", raising=False)
-    monkeypatch.setenv("FFSPLIT_TEST_SET", "before")
-    with runtime._environ({"FFSPLIT_TEST_UNSET": "1", "FFSPLIT_TEST_SET": "during"}):
-        assert os.environ["FFSPLIT_TEST_UNSET"] == "1"
-        assert os.environ["FFSPLIT_TEST_SET"] == "during"
-    assert "FFSPLIT_TEST_UNSET" not in os.environ
-    assert os.environ["FFSPLIT_TEST_SET"] == "before"
-
-
 def test_prefect_api_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     with pytest.raises(

@@ -111,7 +111,7 @@ def test_grams_are_stored_packed_and_come_back_exactly(tmp_path):
         assert torch.equal(loaded.layers[i].gram_in, s.gram_in)
 
 
-def test_observe_mirrors_an_asymmetric_product():
+def test_an_asymmetric_product_is_mirrored():
     from ffsplit.profiling.stats import _symmetric
 
     product = torch.arange(9.0).reshape(3, 3)

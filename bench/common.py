@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from ffsplit.compress.budget import FFNShape, lowrank_bytes, solve_rank
-from ffsplit.compress.quant import QuantizedTensor
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection
 from ffsplit.split.parts import DenseLinear, LowRankLinear, QuantizedLinear
+from ffsplit.split.qformat import QuantizedTensor
 
 RESULTS = Path(__file__).parent / "results"
 # Ceilings used for roofline ratios (H200, measured on this workplace's machines: KINDS.md /

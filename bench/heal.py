@@ -28,10 +28,10 @@ from ffsplit.compress.lowrank import reuse_decompositions
 from ffsplit.config import HealConfig, ProfileConfig, Recipe
 from ffsplit.data.windows import evaluation_windows
 from ffsplit.eval import perplexity
+from ffsplit.files import write_text_atomic
 from ffsplit.jobs import compress_job, heal_job
 from ffsplit.models.loading import load_model
 from ffsplit.variant import load_variant, read_manifest
-from ffsplit.variant.atomic import write_text_atomic
 
 
 def _progress(started: float) -> Any:

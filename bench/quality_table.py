@@ -23,9 +23,9 @@ from ffsplit.compress.recipe import compress_model
 from ffsplit.config import ProfileConfig, Recipe
 from ffsplit.data.windows import calibration_windows, evaluation_windows
 from ffsplit.eval import perplexity
+from ffsplit.files import write_text_atomic
 from ffsplit.models.loading import load_model
 from ffsplit.profiling import load_stats, profile_model, save_stats
-from ffsplit.variant.atomic import write_text_atomic
 
 
 def recipe_families(heavy_ratios: list[float]) -> list[dict]:

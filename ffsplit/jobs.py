@@ -286,7 +286,7 @@ def _compressed_layers(
     the modules now in `net`), as save_variant takes them."""
     from safetensors.torch import load_file
 
-    from ffsplit.compress.recipe import CompressedLayer, LayerReport
+    from ffsplit.compress.results import CompressedLayer, LayerReport
     from ffsplit.variant.manifest import NEURONS
 
     neurons = load_file(str(folder / NEURONS)) if (folder / NEURONS).is_file() else {}
@@ -335,7 +335,7 @@ def heal_job(
     weights sha256) already loaded (read only; the hash is checked against the manifest), else
     the base model is loaded here.
     """
-    from ffsplit.compress.recipe import CompressionReport
+    from ffsplit.compress.results import CompressionReport
     from ffsplit.models.loading import load_model
 
     started = time.perf_counter()

@@ -516,7 +516,7 @@ def series_of(recipe: Recipe) -> str:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    from ffsplit.variant.atomic import write_text_atomic
+    from ffsplit.files import write_text_atomic
 
     return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 

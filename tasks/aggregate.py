@@ -43,10 +43,10 @@ def aggregate_job(model: str, model_sha256: str, unit_paths: list[str], out: str
     from safetensors.torch import save_file
 
     from ffsplit.adapters import get_adapter
+    from ffsplit.files import atomic_dir
     from ffsplit.profiling import save_stats
     from ffsplit.profiling.stats import summary
     from ffsplit.selection import neuron_scores, order_by_score
-    from ffsplit.variant.atomic import atomic_dir
 
     target = Path(out)
     cached = cache.read_json(target / SUMMARY_FILE)

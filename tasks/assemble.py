@@ -47,7 +47,7 @@ def assemble_job(
 ) -> dict[str, Any]:
     """Ray task body: base model + shards -> variant folder (atomic)."""
     from ffsplit.adapters import get_adapter
-    from ffsplit.compress.recipe import CompressionReport
+    from ffsplit.compress.results import CompressionReport
     from ffsplit.split.apply import swap_ffn
     from ffsplit.variant.io import save_variant
     from ffsplit.variant.manifest import MANIFEST

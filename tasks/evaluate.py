@@ -73,8 +73,8 @@ def evaluate_job(subject: str, params: dict[str, Any], out: str) -> dict[str, An
     Quality, size and the latency race (with the workload of `params`) by ffsplit.jobs.evaluate_job,
     on one load of the subject.
     """
+    from ffsplit.files import write_text_atomic
     from ffsplit.jobs import evaluate_job as library_evaluate
-    from ffsplit.variant.atomic import write_text_atomic
 
     target = Path(out)
     cached = cache.read_json(target)

@@ -252,7 +252,7 @@ def write_record_dir(
 ) -> Path:
     """observation.json, the plots (and SETTINGS, what made them) into `out`, as one atomic
     folder (replacing an old one)."""
-    from ffsplit.variant.atomic import atomic_dir
+    from ffsplit.files import atomic_dir
     from tasks.observation_plots import observation_plots
 
     target = Path(out)

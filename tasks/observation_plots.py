@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ffsplit.errors import FFSplitError
-from ffsplit.variant.atomic import atomic_path
+from ffsplit.files import atomic_path
 
 SHARE_COLORS = {1: "tab:red", 5: "tab:orange", 10: "tab:blue"}
 

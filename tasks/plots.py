@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ffsplit.errors import FFSplitError
+from ffsplit.files import atomic_path
 from ffsplit.profiling.stats import LayerStats, load_stats, summary
-from ffsplit.variant.atomic import atomic_path
 
 SHARES = (1, 5, 10)  # top-% neuron shares of the output norm (method.md's observation)
 LABELS = {

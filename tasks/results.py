@@ -1060,7 +1060,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, out: Path) -> Path:
-    from ffsplit.variant.atomic import atomic_path
+    from ffsplit.files import atomic_path
 
     try:
         with atomic_path(out) as tmp:
@@ -1971,7 +1971,7 @@ def observation_section(
     plots_link: str,
 ) -> tuple[str, list[Path]]:
     """The page's observation section and the plot files it wrote into plots_dir."""
-    from ffsplit.variant.atomic import atomic_path
+    from ffsplit.files import atomic_path
 
     md = [f"## {OBSERVATION_TITLE}\n"]
     how = (
@@ -2057,7 +2057,7 @@ def write_page(
 ) -> tuple[Path, list[Path]]:
     """Write the plots into <out without .md>/ and then the page, each atomically; plots of an
     earlier generation that this one did not make are removed. Returns (page, plots)."""
-    from ffsplit.variant.atomic import write_text_atomic
+    from ffsplit.files import write_text_atomic
 
     out = Path(out)
     plots_dir = out.with_suffix("")

@@ -23,33 +23,19 @@ from ffsplit.compress.lowrank import (
     whitened_svd,
     whitened_svd_factors,
 )
-from ffsplit.compress.quant import (
-    QuantizedTensor,
-    dequantize,
-    gptq_quantize,
-    nbytes,
-    pick_group_size,
-    quantize_groups,
-    quantized_nbytes,
-    sqnr_db,
-)
+from ffsplit.compress.quant import gptq_quantize, quantize_groups, sqnr_db
 
 __all__ = [
     "FFNShape",
-    "QuantizedTensor",
     "WhitenedFactors",
     "dense_ffn_bytes",
-    "dequantize",
     "gptq_quantize",
     "lowrank_bytes",
     "max_useful_rank",
-    "nbytes",
     "output_error",
-    "pick_group_size",
     "prune_bytes",
     "quant_bytes",
     "quantize_groups",
-    "quantized_nbytes",
     "reduction",
     "solve_kept_neurons",
     "solve_light_bits",

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ffsplit.compress.quant import MAX_BITS, MIN_BITS, quantized_nbytes
 from ffsplit.errors import FFSplitError
+from ffsplit.split.qformat import MAX_BITS, MIN_BITS, quantized_nbytes
 
 FLOAT_BYTES = 2  # 16-bit serving dtype for float weights, biases, scales and zeros
 DENSE_BITS = 16  # the "kept dense" level of a bit ladder

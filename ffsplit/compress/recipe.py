@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -25,64 +24,15 @@ from ffsplit.compress.budget import (
     solve_rank,
 )
 from ffsplit.compress.lowrank import svd_factors, whitened_svd
-from ffsplit.compress.quant import gptq_quantize, pick_group_size, quantize_groups
+from ffsplit.compress.quant import gptq_quantize, quantize_groups
+from ffsplit.compress.results import CompressedLayer, CompressionReport, LayerReport
 from ffsplit.config import Recipe
 from ffsplit.errors import FFSplitError
 from ffsplit.profiling.stats import LayerStats, ModelStats
 from ffsplit.selection import heavy_count, neuron_scores, order_by_score, random_order
 from ffsplit.split.apply import BlockParts, build_split, dense_block, swap_ffn
-from ffsplit.split.modules import SplitInProjection, SplitOutProjection
 from ffsplit.split.parts import LowRankLinear, QuantizedLinear, to_storage
-
-SplitModules = tuple[SplitOutProjection, SplitOutProjection | None, SplitInProjection]
-
-
-@dataclass
-class LayerReport:
-    """What was done to one FFN, in numbers (goes into the manifest)."""
-
-    layer: int
-    neurons: int
-    heavy: int
-    dense_bytes: int
-    bytes: int
-    rank: int | None = None
-    bits: dict[int, int] | None = None  # light neurons per bit width (16 = dense)
-    kept: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class CompressedLayer:
-    layer: int
-    modules: SplitModules
-    heavy_neurons: Tensor  # original neuron indices of the heavy set
-    order: Tensor  # original neuron index of each position in the split FFN (pruned ones absent)
-    report: LayerReport
-
-
-@dataclass
-class CompressionReport:
-    recipe: dict[str, Any]
-    layers: list[LayerReport]
-    dense_ffn_bytes: int
-    ffn_bytes: int
-    seconds: float
-
-    @property
-    def ffn_reduction(self) -> float:
-        """Achieved FFN reduction by bytes, exact (never rounded to the target)."""
-        return 1.0 - self.ffn_bytes / self.dense_ffn_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "recipe": self.recipe,
-            "dense_ffn_bytes": self.dense_ffn_bytes,
-            "ffn_bytes": self.ffn_bytes,
-            "ffn_reduction": self.ffn_reduction,
-            "seconds": self.seconds,
-            "layers": [asdict(r) for r in self.layers],
-        }
+from ffsplit.split.qformat import pick_group_size
 
 
 def needs_statistics(recipe: Recipe) -> bool:

@@ -339,7 +339,7 @@ def save_layer_inputs(inputs: LayerInputs, path: str | Path) -> Path:
     """One safetensors file (hidden states per batch + argument tensors), arguments as JSON metadata."""
     from safetensors.torch import save_file
 
-    from ffsplit.variant.atomic import atomic_path
+    from ffsplit.files import atomic_path
 
     tensors = {f"hidden.{b}": h.detach().cpu().contiguous() for b, h in enumerate(inputs.hidden)}
     tensors.update({name: t.detach().cpu().contiguous() for name, t in inputs.tensors.items()})

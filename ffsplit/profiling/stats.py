@@ -226,7 +226,7 @@ def save_stats(stats: ModelStats, path: str | Path) -> Path:
     """One safetensors file, written atomically (temp + rename), metadata as JSON; Grams packed."""
     from safetensors.torch import save_file
 
-    from ffsplit.variant.atomic import atomic_path
+    from ffsplit.files import atomic_path
 
     tensors: dict[str, Tensor] = {}
     for i, s in stats.layers.items():

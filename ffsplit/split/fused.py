@@ -40,6 +40,7 @@ from ffsplit.adapters.base import Adapter, FFNHandle
 from ffsplit.errors import FFSplitError
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection
 from ffsplit.split.parts import DenseLinear, LinearPart, LowRankLinear, QuantizedLinear
+from ffsplit.split.qformat import codes
 
 ALIGN = 16  # rows/ranks padded to this many (32 bytes of bf16)
 QUANT_BLOCK = 128  # must equal ffsplit.kernels.ffn.QUANT_BLOCK (int4 down layout block)
@@ -369,7 +370,6 @@ class FusedFFNCore(nn.Module):
     def _init_quant(
         self, rng: _Range, gated: bool, dtype: torch.dtype, device: torch.device
     ) -> None:
-        from ffsplit.compress.quant import codes
 
         parts = [rng.gate, rng.up] if gated else [rng.up]
         qs = [p.quantized() for p in parts]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ffsplit.errors import FFSplitError
+from ffsplit.split.qformat import QuantizedTensor, dequantize
 
 FLOAT_BYTES = 2  # float weights are stored and counted at 16 bits, the serving dtype
 
@@ -157,9 +158,7 @@ class QuantizedLinear(LinearPart):
         )
         self._cache: tuple[torch.device, torch.dtype, Tensor] | None = None
 
-    def quantized(self) -> Any:
-        from ffsplit.compress.quant import QuantizedTensor
-
+    def quantized(self) -> QuantizedTensor:
         return QuantizedTensor(
             packed=self.packed,
             scales=self.scales,
@@ -171,8 +170,6 @@ class QuantizedLinear(LinearPart):
 
     def _stored_matrix(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         if self._cache is None or self._cache[0] != device or self._cache[1] != dtype:
-            from ffsplit.compress.quant import dequantize
-
             self._cache = (
                 device,
                 dtype,
@@ -226,12 +223,10 @@ class QuantizedLinear(LinearPart):
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> QuantizedLinear:
-        from ffsplit.compress.quant import quantize_groups
-
         rows, cols = (
             (spec["in"], spec["out"]) if spec["neuron_major"] else (spec["out"], spec["in"])
         )
-        q = quantize_groups(torch.zeros(rows, cols), spec["bits"], spec["group_size"])
+        q = QuantizedTensor.empty(rows, cols, spec["bits"], spec["group_size"])
         bias = torch.zeros(spec["out"]) if spec["bias"] else None
         return cls(q, spec["neuron_major"], bias)
 

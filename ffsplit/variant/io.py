@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from ffsplit.adapters import Adapter, FFNWeights, adapter_by_name, architecture_of
-from ffsplit.compress.recipe import CompressedLayer, CompressionReport
+from ffsplit.compress.results import CompressedLayer, CompressionReport
 from ffsplit.errors import FFSplitError
+from ffsplit.files import atomic_dir, sha256_file
 from ffsplit.models.loading import all_finite
 from ffsplit.split.apply import swap_ffn
 from ffsplit.split.parts import build_part
-from ffsplit.variant.atomic import atomic_dir, sha256_file
 from ffsplit.variant.manifest import MANIFEST, NEURONS, WEIGHTS, new_manifest, read_manifest
 
 TOKENIZER_FILES = (

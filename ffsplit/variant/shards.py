@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ffsplit.compress.recipe import CompressedLayer, LayerReport
+from ffsplit.compress.results import CompressedLayer, LayerReport
 from ffsplit.errors import FFSplitError
+from ffsplit.files import atomic_dir, sha256_file
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection
 from ffsplit.split.parts import build_part
-from ffsplit.variant.atomic import atomic_dir, sha256_file
 
 SHARD_FORMAT = "ffsplit-shard"
 SHARD_FORMAT_VERSION = 1

@@ -109,7 +109,7 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 
 def rehash(variant: Path) -> None:
     """Make the manifest vouch for the files as they are now (to get past the sha256 check)."""
-    from ffsplit.variant.atomic import sha256_file
+    from ffsplit.files import sha256_file
 
     edit_json(
         variant / "manifest.json",

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from ffsplit.errors import FFSplitError
+from ffsplit.files import sha256_file
 from ffsplit.models.loading import load_model
 from ffsplit.profiling import load_stats
 from ffsplit.variant import load_variant, read_manifest
-from ffsplit.variant.atomic import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("ffsplit", "tasks", "flows")

@@ -21,8 +21,9 @@ from ffsplit.compress.budget import (
     solve_light_bits,
     solve_rank,
 )
-from ffsplit.compress.quant import nbytes, quantize_groups
+from ffsplit.compress.quant import quantize_groups
 from ffsplit.errors import FFSplitError
+from ffsplit.split.qformat import nbytes
 
 SMOLLM2 = FFNShape(d=576, m=1536, gated=True)  # SmolLM2-135M: SwiGLU, no biases
 OPT = FFNShape(d=768, m=3072, gated=False, up_bias=True, down_bias=True)  # OPT-125m: fc1/fc2 biases

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ffsplit.adapters import get_adapter
-from ffsplit.compress.quant import dequantize, quantize_groups
+from ffsplit.compress.quant import quantize_groups
 from ffsplit.models.tiny import TINY_ARCHITECTURES, tiny_model
 from ffsplit.split import BlockParts, build_split, dense_block, swap_ffn
 from ffsplit.split.fused import (
@@ -19,6 +19,7 @@ from ffsplit.split.fused import (
     unpack_halves,
 )
 from ffsplit.split.parts import LowRankLinear, QuantizedLinear
+from ffsplit.split.qformat import dequantize
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

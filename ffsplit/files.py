@@ -1,4 +1,5 @@
-"""Atomic writes: nothing half-written is ever taken as complete (temp file/folder + rename)."""
+"""Files: atomic writes (temp file or folder + rename, so nothing half-written is ever taken as
+complete) and content hashes. Used by every part that writes or checks artifacts."""
 
 from __future__ import annotations
 

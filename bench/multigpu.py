@@ -1044,13 +1044,13 @@ def finish_on_cpu(
     """The CPU-side flow's stages on one setting's shards: assemble, evaluate, register.
 
     Uses the pipeline's own Ray task bodies (tasks.assemble, tasks.evaluate) and registry
-    (tasks.registry), which need Prefect and MLflow: this runs where they are installed, with Ray
+    (tracking.registry), which need Prefect and MLflow: this runs where they are installed, with Ray
     up. `base_folder` is save_base_model's folder for the same spec.
     """
     from ffsplit.models.registry import resolve_model
     from tasks.assemble import run_assemble
     from tasks.evaluate import eval_params, metrics, run_evaluate
-    from tasks.registry import register_variant
+    from tracking.registry import register_variant
 
     record = result["settings"][setting]
     sha = resolve_model(str(base_folder)).weights_sha256

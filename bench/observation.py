@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffsplit.errors import FFSplitError  # noqa: E402
 from ffsplit.files import write_text_atomic  # noqa: E402
 from ffsplit.jobs import OBSERVATION_DEFAULTS, OBSERVATION_HELP, observation_job  # noqa: E402
-from tasks.observation_plots import observation_plots  # noqa: E402
+from reports.observation_plots import observation_plots  # noqa: E402
 
 
 def log(message: str) -> None:

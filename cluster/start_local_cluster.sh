@@ -28,7 +28,7 @@ RAY_PORT="${RAY_PORT:-6390}"
 RAY_CLIENT_PORT="${RAY_CLIENT_PORT:-$((RAY_PORT + 1))}"
 OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-500000000}"
 
-# Same values as flows/stack.py SERVICE_ENV and cluster/runtime_env.yaml (a test checks).
+# Same values as services/stack.py SERVICE_ENV and cluster/runtime_env.yaml (a test checks).
 export RAY_USAGE_STATS_ENABLED=0
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export MLFLOW_DISABLE_TELEMETRY=true

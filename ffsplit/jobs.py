@@ -628,7 +628,7 @@ def observation_job(
     1% of neurons by score against random and bottom 1% sets: perplexity on the Wikipedia
     evaluation split (causal LMs) or linear-probe accuracy on tweets (encoders, plus the relative
     error of the last hidden states on the Wikipedia evaluation split). The record's keys are those
-    tasks.observation_plots draws and tasks.observation logs; progress(stage, done, total).
+    reports.observation_plots draws and tasks.observation logs; progress(stage, done, total).
     """
     from ffsplit.analysis import (
         ablation,

@@ -1,7 +1,7 @@
-"""Prefect flows: `compress` (one model, one recipe, one registered variant) and `sweep` (a grid of
-methods x heavy ratios x budgets plus baselines), their deployments (flows/deploy.py) and the local
-services they run against (flows/stack.py).
+"""Prefect flows: `compress` (one model, one recipe, one registered variant), `sweep` (a grid of
+methods x heavy ratios x budgets plus baselines), `observation`, `results` and `cache`.
 
-Kept free of imports so `python -m flows.stack` starts quickly; the stages shared by both flows live
-in flows/compress.py.
+Every command a user runs is `python -m flows.<name>`, the local services (`flows.stack`) and the
+deployments (`flows.deploy`) included, whose code lives in services/. The pipeline stages the
+flows run are in tasks/, MLflow in tracking/, the results page and charts in reports/.
 """

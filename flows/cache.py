@@ -8,7 +8,7 @@ run redoes. Entries used within the last hour are kept (a run in progress may re
     python -m flows.cache show [--cache-dir DIR]
     python -m flows.cache prune --max-gb 20 [--min-idle-hours 1] [--dry-run] [--cache-dir DIR]
 
-As a Prefect flow (`cache-prune`) it is deployed with a nightly schedule by flows/deploy.py.
+As a Prefect flow (`cache-prune`) it is deployed with a nightly schedule by services/deploy.py.
 """
 
 from __future__ import annotations

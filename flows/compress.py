@@ -189,7 +189,7 @@ def check_services(register: bool) -> dict[str, str | None]:
     """The Prefect API (when one is configured) and, when registering, the MLflow store answer."""
     services: dict[str, str | None] = {"prefect": check_prefect_api(), "mlflow": None}
     if register:
-        from tasks.registry import check_reachable, redact, tracking_uri
+        from tracking.registry import check_reachable, redact, tracking_uri
 
         uri = tracking_uri()
         check_reachable(uri)
@@ -230,7 +230,7 @@ def provenance_tags(kind: str, folder: Path) -> dict[str, str]:
 
     from prefect.runtime import deployment, flow_run
 
-    from tasks.registry import MAX_TAG_LENGTH
+    from tracking.registry import MAX_TAG_LENGTH
 
     params = {k: v for k, v in (flow_run.parameters or {}).items() if v is not None}
     if deployment.name:
@@ -259,8 +259,8 @@ def register_version(
     artifacts: dict[str, str],
     tags: dict[str, str],
 ) -> dict[str, Any]:
-    """Prefect task: one complete MLflow model version (tasks.registry: all or nothing)."""
-    from tasks.registry import register_variant
+    """Prefect task: one complete MLflow model version (tracking.registry: all or nothing)."""
+    from tracking.registry import register_variant
 
     started = time.perf_counter()
     version = register_variant(
@@ -272,7 +272,7 @@ def register_version(
 @task(name="score-plot", cache_policy=NONE)
 def score_plot(stats_path: str, model: str, out: str) -> str:
     """Prefect task: the neuron score distribution chart of the merged statistics (on Ray)."""
-    from tasks.plots import score_distribution_plot
+    from reports.plots import score_distribution_plot
 
     if not Path(out).is_file():
         run_remote(

@@ -72,7 +72,7 @@ def _provenance(folder: Path | None) -> dict[str, str]:
 
 
 def _slug(name: str) -> str:
-    from tasks.results import slug
+    from reports.results import slug
 
     return slug(Path(name).name if Path(name).is_dir() else name)
 
@@ -105,7 +105,8 @@ def observation(
     """
     started = time.perf_counter()
     # ---- validation: everything before any work
-    from tasks.observation import log_observation_task, observe, read_record
+    from tasks.observation import observe, read_record
+    from tracking.observation import log_observation_task
 
     if record is not None:
         if models:

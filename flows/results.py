@@ -4,9 +4,9 @@
                             [--out docs/results.md]
 
 The tracking URI is --tracking-uri, else MLFLOW_TRACKING_URI, else the local server recorded by
-`python -m flows.stack up` (tasks.registry.tracking_uri). Reads every complete run of the
+`python -m flows.stack up` (tracking.registry.tracking_uri). Reads every complete run of the
 experiments 'ffsplit/<model>' (all of them, or those of --models), builds the page with
-tasks.results and writes the plots into docs/results/ and then the page, each atomically. An
+reports.results and writes the plots into docs/results/ and then the page, each atomically. An
 unreachable server, an unknown model or a store without ffsplit runs is one line on stderr and exit
 code 2; nothing is written then.
 """
@@ -24,7 +24,7 @@ from ffsplit.errors import FFSplitError
 
 DEFAULT_OUT = Path("docs/results.md")
 
-# No telemetry; a server dying mid-read fails in seconds, not minutes (tasks.registry does the same).
+# No telemetry; a server dying mid-read fails in seconds, not minutes (tracking.registry does the same).
 for _key, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -50,7 +50,8 @@ def generate(
     now: datetime | None = None,
 ) -> tuple[Path, list[Path], int]:
     """Read the runs and write the page and its plots; returns (page, plots, variants shown)."""
-    from tasks import registry, results
+    from reports import results
+    from tracking import registry
 
     uri = tracking_uri or registry.tracking_uri()
     registry.check_reachable(uri)

@@ -6,7 +6,7 @@ the evaluation split, size, latency raced against the dense model) and registere
 dense reference is registered too. Alias policy: `dense` names the reference; `champion` the
 fastest (objective "speed": highest decode speedup) or smallest (objective "size": fewest bytes)
 variant of this sweep whose perplexity is at most quality_budget_pct % above the dense model's
-(tasks.registry.choose_champion); with none within the budget the champion alias is left where it
+(tracking.registry.choose_champion); with none within the budget the champion alias is left where it
 was. The run folder gets results.json, results.md, the Pareto chart and the score distribution
 chart; the chart files are logged with every version.
 
@@ -361,8 +361,8 @@ def sweep(
     )
 
     from ffsplit.compress.recipe import needs_statistics
-    from tasks.plots import pareto_plot
-    from tasks.registry import CHAMPION_ALIAS, DENSE_ALIAS, ROLE_TAG, choose_champion, set_alias
+    from reports.plots import pareto_plot
+    from tracking.registry import CHAMPION_ALIAS, DENSE_ALIAS, ROLE_TAG, choose_champion, set_alias
 
     ray_started = time.perf_counter()
     with ray_session(num_cpus=ray_cpus) as cluster:

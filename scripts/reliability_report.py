@@ -67,7 +67,7 @@ FAULT_NOTES = (
     "Each fault is injected from outside the code under test (a signal to a real process, a cut "
     "network link, a file-size limit), never by a hook in production code; the tiny random Llama "
     "keeps every pipeline run to seconds. Services (tests/reliability/test_faults.py): one Prefect "
-    "server, one MLflow server and one `ray start --head` (flows/stack.py), which flows run as "
+    "server, one MLflow server and one `ray start --head` (services/stack.py), which flows run as "
     "subprocesses join through RAY_ADDRESS; flows run inside the test process use an embedded Ray."
 )
 INTROS = {"bad-input": EXPECTATIONS, "fault": FAULT_NOTES}

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-.venv/bin/ruff check ffsplit tasks flows tests bench scripts
+.venv/bin/ruff check ffsplit tasks flows tracking reports services tests bench scripts
 .venv/bin/python -c "from ffsplit.models.registry import materialize as m; m('smollm2-135m'); m('minilm-l6')"  # cached after the first run
 # Default: every test but the GPU ones, the real-model and deployment tests included (CI, about 20
 # min on 2 cores). Pass pytest options to narrow it, e.g. -m "not slow and not gpu" (a few minutes).

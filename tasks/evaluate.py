@@ -119,11 +119,11 @@ def evaluate(subject: str, params: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 def metrics(record: dict[str, Any], dense: dict[str, Any] | None = None) -> dict[str, float]:
-    """MLflow metrics of an evaluation record, named as tasks.registry documents them.
+    """MLflow metrics of an evaluation record, named as tracking.registry documents them.
 
     dense: the dense model's record, for perplexity_change_pct / accuracy_change_pct.
     """
-    from tasks import registry
+    from tracking import registry
 
     out: dict[str, float] = {registry.FFN_REDUCTION: float(record.get("ffn_reduction", 0.0))}
     size = record.get("size") or {}

@@ -1,5 +1,5 @@
 """cluster/: the Ray cluster configs parse, have a head and a GPU worker group, pin the project's Ray
-and Python, and carry the same service env as flows/stack.py; the local cluster script works."""
+and Python, and carry the same service env as services/stack.py; the local cluster script works."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from flows.stack import SERVICE_ENV, free_port, ray_runtime_env
+from services.stack import SERVICE_ENV, free_port, ray_runtime_env
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"

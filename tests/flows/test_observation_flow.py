@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from ffsplit.errors import FFSplitError
 from flows.observation import main, observation
-from tasks.registry import COMPLETE_TAG, ROLE_TAG
+from tracking.registry import COMPLETE_TAG, ROLE_TAG
 
 SMALL = {"calib_tokens": 256, "eval_tokens": 128, "window": 64, "random_repeats": 2}
 

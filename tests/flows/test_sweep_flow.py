@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from ffsplit.errors import FFSplitError
 from flows.sweep import build_grid, sweep
-from tasks.registry import choose_champion
+from tracking.registry import choose_champion
 
 REPO = Path(__file__).resolve().parents[2]
 GRID = {

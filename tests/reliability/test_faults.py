@@ -5,7 +5,7 @@ Every fault comes from outside the code under test: SIGKILL to a Ray worker foun
 title (`ray::<task function>` while it runs a task), SIGKILL to a flow process or to a writer
 subprocess, a TCP link to the real MLflow server that the test cuts, a file-size limit
 (RLIMIT_FSIZE) under which writes fail. One Prefect server, one MLflow server and one
-`ray start --head` (flows/stack.py, free ports) serve the module: flows run as subprocesses join
+`ray start --head` (services/stack.py, free ports) serve the module: flows run as subprocesses join
 the head, flows run in this process an embedded Ray. The tiny random Llama of
 tests/tasks/conftest.py keeps each pipeline run to seconds. Each test records its row (fault, how
 injected, expected, observed) for docs/reliability.md before injecting anything.
@@ -79,13 +79,13 @@ PROBE_IDS = torch.tensor([[1, 17, 404, 9000, 23, 5, 77, 311]])
 
 @dataclass(frozen=True)
 class Services:
-    """The module's Prefect server, MLflow server and Ray head (flows/stack.py state in home)."""
+    """The module's Prefect server, MLflow server and Ray head (services/stack.py state in home)."""
 
     home: Path
     # what a flow subprocess needs: PREFECT_API_URL, MLFLOW_TRACKING_URI, RAY_ADDRESS, Ray's auth
     env: dict[str, str]
     mlflow: str
-    ray: Any  # flows.stack.ServiceRecord of the head
+    ray: Any  # services.stack.ServiceRecord of the head
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     import ray
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.stack import CLIENT_VARS, StackConfig, start_stack, stop_stack
+    from services.stack import CLIENT_VARS, StackConfig, start_stack, stop_stack
     from tasks.runtime import ensure_ray
 
     home = tmp_path_factory.mktemp("fault-stack")
@@ -565,7 +565,7 @@ def _registry_state(uri: str, name: str) -> dict[str, Any]:
     return {"versions": dict(sorted(versions.items())), "aliases": aliases}
 
 
-# 4 attempts with 1 + 2 + 4 s of backoff between them (tasks.registry.register_variant defaults),
+# 4 attempts with 1 + 2 + 4 s of backoff between them (tracking.registry.register_variant defaults),
 # each failing at once on a refused connection, plus the abort's calls: well under this bound.
 RETRY_BOUND_S = 30.0
 
@@ -579,7 +579,7 @@ def test_mlflow_unreachable_at_registration_fails_cleanly_and_never_moves_an_ali
     record: Callable,
 ) -> None:
     from flows.sweep import sweep
-    from tasks.registry import RegistryError
+    from tracking.registry import RegistryError
 
     row = record(
         kind="fault",
@@ -597,7 +597,7 @@ def test_mlflow_unreachable_at_registration_fails_cleanly_and_never_moves_an_ali
     server = urlsplit(services.mlflow)
     link = CuttableLink((server.hostname or "127.0.0.1", int(server.port or 80)))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", link.url)
-    # MLflow's own HTTP retries off: tasks.registry's bounded retries are what is under test
+    # MLflow's own HTTP retries off: tracking.registry's bounded retries are what is under test
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     name = f"t-fault-mlflow-{uuid.uuid4().hex[:6]}"
     common = {
@@ -927,7 +927,7 @@ def _last_error(log: str) -> str:
 def test_three_sweeps_at_once_on_one_stack_register_as_if_run_one_after_another(
     tiny_lm: str, services: Services, tmp_path: Path, record: Callable
 ) -> None:
-    from tasks.registry import choose_champion
+    from tracking.registry import choose_champion
 
     row = record(
         kind="fault",

@@ -261,7 +261,7 @@ def test_manifest_file_names_cannot_escape(inputs: Any, tmp_path: Path, record: 
 
 
 def test_artifact_names_cannot_escape(record: Callable) -> None:
-    registry = pytest.importorskip("tasks.registry", reason="tasks.registry is not importable")
+    registry = pytest.importorskip("tracking.registry", reason="tracking.registry is not importable")
     for name in ESCAPING_ARTIFACTS:
         with pytest.raises(FFSplitError, match="artifact name"):
             registry.check_artifact_name(name)
@@ -282,7 +282,7 @@ def test_stack_binds_loopback_unless_told(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: Callable
 ) -> None:
     """The argv of the Prefect and MLflow servers, captured instead of started."""
-    stack = pytest.importorskip("flows.stack", reason="flows.stack needs the pipeline extra")
+    stack = pytest.importorskip("services.stack", reason="services.stack needs the pipeline extra")
     started: list[list[str]] = []
 
     def capture(name: str, argv: list[str], env: Any, home: Path, token: str) -> tuple[Any, Path]:
@@ -305,11 +305,11 @@ def test_stack_binds_loopback_unless_told(
     record(
         kind="security",
         area="servers",
-        what="flows/stack.py: default host of StackConfig and of `python -m flows.stack up`; "
+        what="services/stack.py: default host of StackConfig and of `python -m flows.stack up`; "
         "the --host in the Prefect and MLflow server command lines",
         message="127.0.0.1 by default; another address only when given (--host / "
         "StackConfig.host). Not covered: the Ray head, which binds all interfaces by design "
-        "(flows/stack.py)",
+        "(services/stack.py)",
     )
 
 
@@ -318,9 +318,9 @@ def test_stack_binds_loopback_unless_told(
 
 @pytest.fixture
 def registry() -> Any:
-    module = pytest.importorskip("tasks.registry", reason="tasks.registry is not importable")
+    module = pytest.importorskip("tracking.registry", reason="tracking.registry is not importable")
     if not hasattr(module, "redact"):
-        pytest.skip("tasks.registry has no redact() yet")
+        pytest.skip("tracking.registry has no redact() yet")
     return module
 
 

@@ -1,5 +1,5 @@
 """tasks.evaluate: the task body's record, and the MLflow metrics a record becomes (names per
-tasks.registry)."""
+tracking.registry)."""
 
 from __future__ import annotations
 

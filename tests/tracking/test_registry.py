@@ -1,4 +1,4 @@
-"""tasks/registry.py and tasks/serving.py against real MLflow stores (sqlite; one real server test).
+"""tracking/registry.py and tracking/serving.py against real MLflow stores (sqlite; one real server test).
 
 Variants are tiny random Llamas (a character tokenizer where text is needed); the registered model
 is loaded in a fresh process by models:/NAME@champion and must give ffsplit.load_variant's logits
@@ -32,8 +32,8 @@ from ffsplit.errors import FFSplitError
 from ffsplit.models.tiny import tiny_model
 from ffsplit.profiling import profile_model, save_stats
 from ffsplit.variant import load_variant, read_manifest, save_variant
-from tasks import registry
-from tasks.registry import (
+from tracking import registry
+from tracking.registry import (
     COMPLETE_TAG,
     CONTENT_TAG,
     ROLE_TAG,
@@ -412,7 +412,7 @@ def test_register_then_fresh_process_loads_champion_with_identical_logits(
     unique_name: str,
     tmp_path: Path,
 ) -> None:
-    from tasks.plots import score_distribution_plot
+    from reports.plots import score_distribution_plot
 
     model, _ = tiny_model("LlamaForCausalLM")
     plot = score_distribution_plot(stats_file, model, tmp_path / "scores.png")

@@ -3,10 +3,10 @@ version per variant, aliases set by a stated policy.
 
 Contract (issue 3; reliability issue):
 - The tracking URI is MLFLOW_TRACKING_URI when set, else the local server that `python -m
-  flows.stack up` recorded; an unreachable server fails before any work, in one line that names
+  services.stack up` recorded; an unreachable server fails before any work, in one line that names
   the URI with credentials redacted (`redact`). URIs are never written to params or tags.
 - `register_variant` is one transaction: run (params = flattened manifest, metrics, artifacts),
-  pyfunc model (tasks.serving), model version. The version gets the tag ``ffsplit.complete=true``
+  pyfunc model (tracking.serving), model version. The version gets the tag ``ffsplit.complete=true``
   as the very last write, after metrics and artifacts were read back. Any failure deletes the
   version made so far, removes the run's artifacts and marks the run FAILED. Connection errors are
   retried a bounded number of times with exponential backoff; MLflow's own HTTP retries are capped
@@ -122,7 +122,7 @@ def redact(text: str) -> str:
 
 
 def _stack_home() -> Path:
-    # Same rule as flows.stack.default_home (tasks must not import flows: flows -> tasks -> ffsplit).
+    # Same rule as services.stack.default_home (tasks must not import flows: flows -> tasks -> ffsplit).
     env = os.environ.get("FFSPLIT_HOME")
     return (
         Path(env).expanduser().resolve()
@@ -633,7 +633,7 @@ def _register_once(
     timeout: float,
     progress: Callable[[str], None],
 ) -> RegisteredVersion:
-    from tasks.serving import save_pyfunc, variant_path_in_model
+    from tracking.serving import save_pyfunc, variant_path_in_model
 
     for mv in _find_versions(client, model_name, content):
         if _is_complete(mv):

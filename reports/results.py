@@ -9,7 +9,7 @@ beat"), the places where FFSplit does not beat a baseline, the heavy-ratio sweep
 best ratio transfers between models, the goals check, healing pairs, provenance, plots and the page.
 
 Quality loss is the logged perplexity_change_pct (perplexity increase over the dense model of the
-same sweep's evaluation, in %), or minus accuracy_change_pct for encoders (tasks.registry's
+same sweep's evaluation, in %), or minus accuracy_change_pct for encoders (tracking.registry's
 quality_loss); lower is better. Sizes that the sweep does not log are derived from the model's
 dense run: whole-model size reduction = 1 - bytes / dense bytes; FFN parameter reduction =
 (dense parameters - parameters) / dense FFN parameters, with dense FFN parameters = dense FFN bytes
@@ -41,7 +41,7 @@ from typing import Any
 from ffsplit.config import Recipe
 from ffsplit.errors import FFSplitError
 from ffsplit.variant.manifest import flat_params
-from tasks.registry import (
+from tracking.registry import (
     COMPLETE_TAG,
     EXPERIMENT_PREFIX,
     ROLE_TAG,
@@ -417,7 +417,7 @@ def read_rows(uri: str, models: Sequence[str] | None = None) -> tuple[list[Row],
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from tasks.observation import OBSERVATION_ROLE
+    from tracking.observation import OBSERVATION_ROLE
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
@@ -525,7 +525,7 @@ def _run_order(run: Any) -> tuple[int, str]:
 
 def _observation_run(client: Any, model: str, run: Any, experiment: str) -> ObservationRun:
     """An observation run with its per-layer series (metric histories) and plot files."""
-    from tasks.observation import PLOTS_ARTIFACT_DIR, SERIES
+    from tracking.observation import PLOTS_ARTIFACT_DIR, SERIES
 
     run_id = run.info.run_id
     names = [name for name, _, _ in SERIES]

@@ -1,8 +1,8 @@
-"""tasks/results.py and flows/results.py: the results page from MLflow runs (issue 6).
+"""reports/results.py and flows/results.py: the results page from MLflow runs (issue 6).
 
 Pure rows exercise the section builders (trade-off verdicts, the "does not beat" list, dedup,
 heavy-ratio transfer, goals, healing); one test registers tiny variants in a real sqlite MLflow
-store through tasks.registry.register_variant and reads them back into a written page.
+store through tracking.registry.register_variant and reads them back into a written page.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from ffsplit.config import ProfileConfig, Recipe
 from ffsplit.errors import FFSplitError
 from ffsplit.variant.manifest import flat_params
 from flows import results as results_flow
-from tasks import results
-from tasks.results import Column, Row
+from reports import results
+from reports.results import Column, Row
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -349,7 +349,7 @@ def test_registered_variants_come_back_as_rows_and_a_page(
 ) -> None:
     from mlflow import MlflowClient
 
-    from tasks.registry import experiment_for, register_variant
+    from tracking.registry import experiment_for, register_variant
 
     base = unique_name  # its own experiment ffsplit/<base> in the shared session store
     specs = [
@@ -597,7 +597,7 @@ def test_test_set_size_comes_from_the_metric_else_the_record_artifact(
 ) -> None:
     import json
 
-    from tasks.registry import register_variant
+    from tracking.registry import register_variant
 
     base = unique_name
     record = tmp_path / "record.json"
@@ -668,8 +668,8 @@ def test_observation_runs_get_their_section_and_leave_the_variant_tables_alone(
     import json
     import shutil
 
-    from tasks.observation import log_observation
-    from tasks.registry import register_variant
+    from tracking.observation import log_observation
+    from tracking.registry import register_variant
 
     base = unique_name
     for name, recipe, change in (

@@ -1,4 +1,4 @@
-"""tasks/plots.py: score distributions and Pareto charts written as real PNGs, atomically."""
+"""reports/plots.py: score distributions and Pareto charts written as real PNGs, atomically."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from ffsplit.errors import FFSplitError
 from ffsplit.models.tiny import tiny_model
 from ffsplit.profiling import profile_model, save_stats
 from ffsplit.selection import neuron_scores
-from tasks.plots import down_norms, layer_scores, pareto_front, pareto_plot, score_distribution_plot
+from reports.plots import (
+    down_norms,
+    layer_scores,
+    pareto_front,
+    pareto_plot,
+    score_distribution_plot,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""flows/stack.py: real Prefect / MLflow / Ray processes started, checked and stopped (no mocks)."""
+"""services/stack.py: real Prefect / MLflow / Ray processes started, checked and stopped (no mocks)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from ffsplit.errors import FFSplitError
-from flows.stack import (
+from services.stack import (
     CLIENT_VARS,
     SERVICE_ENV,
     TOKEN_VAR,

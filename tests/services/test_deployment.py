@@ -1,5 +1,5 @@
 """Deployments end to end: a real Prefect server, process work pool + worker and MLflow server
-(flows/stack.py), `python -m flows.deploy`, then `prefect deployment run 'sweep/nightly' --param
+(services/stack.py), `python -m flows.deploy`, then `prefect deployment run 'sweep/nightly' --param
 ... --watch` on the real SmolLM2 with small token budgets; the flow run completes and the MLflow
 registry holds every version and both aliases."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.deploy import NIGHTLY_CRON, POOL
+from services.deploy import NIGHTLY_CRON, POOL
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_VARS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")
@@ -37,7 +37,7 @@ def _run(args: list[str], env: dict[str, str], timeout: int) -> subprocess.Compl
 
 
 def test_deployments_are_built_from_this_checkout_on_the_pool() -> None:
-    from flows.deploy import NIGHTLY_PARAMETERS, PRUNE_CRON, PRUNE_PARAMETERS, build_deployments
+    from services.deploy import NIGHTLY_PARAMETERS, PRUNE_CRON, PRUNE_PARAMETERS, build_deployments
 
     compress, nightly, prune = build_deployments(POOL)
     assert (compress.flow_name, compress.name) == ("compress", "default")
@@ -70,7 +70,7 @@ def test_nightly_sweep_deployment_runs_through_a_worker(
 ) -> None:
     from mlflow import MlflowClient
 
-    from flows.stack import StackConfig, local_stack
+    from services.stack import StackConfig, local_stack
 
     home = tmp_path / "home"
     monkeypatch.setenv("FFSPLIT_HOME", str(home))  # the worker and its flow runs inherit it

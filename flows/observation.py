@@ -28,7 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ffsplit.errors import FFSplitError
 from ffsplit.jobs import OBSERVATION_DEFAULTS, OBSERVATION_HELP, observation_params
-from flows.compress import (
+from flows.run import (
     check_services,
     provenance_tags,
     resolve_base,
@@ -64,7 +64,7 @@ def _record_dirs(record: Any) -> list[str]:
 
 
 def _provenance(folder: Path | None) -> dict[str, str]:
-    """Run folder, rerun command and flow run id (flows.compress.provenance_tags)."""
+    """Run folder, rerun command and flow run id (flows.run.provenance_tags)."""
     tags = provenance_tags("observation", folder or Path("."))
     if folder is None:
         tags.pop("ffsplit.run_dir", None)
@@ -142,18 +142,22 @@ def observation(
     print(f"observation of {', '.join(b.name for b in bases)}; run folder {folder}")
     with ray_session(num_cpus=ray_cpus) as cluster:
         futures = [
-            observe.with_options(task_run_name=f"observe-{_slug(b.name)}").submit(
-                b.name, b.sha256, params, str(folder / _slug(b.name)), command
+            observe.task.with_options(task_run_name=f"observe-{_slug(b.name)}").submit(
+                model=b.name,
+                model_sha256=b.sha256,
+                params=params,
+                out=str(folder / _slug(b.name)),
+                command=command,
             )
             for b in bases
         ]
         computed = [f.result() for f in futures]
     logged = []
     for item in computed:
-        result = log_observation_task.with_options(
-            task_run_name=f"log-{_slug(item['model'])}"
-        ).submit(item["record_dir"], tags)
-        logged.append({**item, **result.result()})
+        result = log_observation_task.with_options(task_run_name=f"log-{_slug(item.model)}").submit(
+            item.path, tags
+        )
+        logged.append({**item.to_dict(), "record_dir": item.path, **result.result()})
     for item in logged:
         print(
             f"{item['model']}: mean top-1% share {100 * item['top1_share']:.1f}%; ablation "

@@ -21,45 +21,46 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ffsplit.config import BASELINES, ProfileConfig, Recipe
+from ffsplit.config import (
+    BASELINES,
+    DEFAULT_EVAL_TOKENS,
+    DEFAULT_HEAVY_RATIO,
+    DEFAULT_WINDOW,
+    PIPELINE_CALIB_TOKENS,
+    EvalConfig,
+    ProfileConfig,
+    Recipe,
+    SplitOnlyConfig,
+)
 from ffsplit.errors import FFSplitError
-from flows.compress import (
+from flows.run import (
     DEFAULT_MODEL,
-    TASK_RUNNER_THREADS,
-    PipelineSettings,
-    Stages,
-    check_calibration,
-    check_memory_cap,
-    check_recipe,
-    check_services,
-    heal_metrics,
+    Run,
+    pipeline_settings,
     provenance_tags,
     register_version,
     registered_name,
-    resolve_base,
-    run_folder,
     score_plot,
-    series_of,
+    start_run,
     write_json,
 )
-from tasks import cache
-from tasks.evaluate import eval_params
-from tasks.evaluate import metrics as quality_metrics
+from flows.stages import TASK_RUNNER_THREADS, Stages, VariantRun, run_metrics
 from tasks.runtime import check_prefect_api, ray_session
 
 SWEEP_METHODS = ("lowrank", "quant")
-SWEEP_BASELINES = (*BASELINES, "prune")
 OBJECTIVES = ("speed", "size")
 DEFAULT_METHODS = ["lowrank", "quant"]
-DEFAULT_HEAVY_RATIOS = [0.1]
+DEFAULT_HEAVY_RATIOS = [DEFAULT_HEAVY_RATIO]
 DEFAULT_BUDGETS = [0.3, 0.5]
-DEFAULT_BASELINES = ["uniform", "random", "prune"]
+DEFAULT_BASELINES = list(BASELINES)
+DEFAULT_QUALITY_BUDGET_PCT = 10.0
 STAGES = (
     "validate",
     "ray_start",
@@ -72,7 +73,7 @@ STAGES = (
     "report",
     "register",
 )
-DENSE_RECIPE = {"method": "none", "heavy_ratio": 0.0, "ffn_reduction": 0.0}
+LATENCY = EvalConfig()  # the latency race's default workload
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -107,6 +108,35 @@ def _fractions(kind: str, values: Any) -> list[float]:
     return list(dict.fromkeys(out))
 
 
+def _grid_specs(
+    methods: list[str], heavy_ratios: list[float], budgets: list[float], baselines: list[str]
+) -> list[dict[str, Any]]:
+    """What each variant of the grid is (method, heavy set, budget), FFSplit first."""
+    specs: list[dict[str, Any]] = [
+        {"method": method, "heavy_ratio": rho, "ffn_reduction": budget}
+        for method in methods
+        for rho in heavy_ratios
+        for budget in budgets
+    ]
+    for budget in budgets:
+        for method in methods:
+            if "uniform" in baselines:
+                specs.append({"method": method, "selection": "none", "ffn_reduction": budget})
+            if "random" in baselines:
+                specs += [
+                    {
+                        "method": method,
+                        "selection": "random",
+                        "heavy_ratio": rho,
+                        "ffn_reduction": budget,
+                    }
+                    for rho in heavy_ratios
+                ]
+        if "prune" in baselines:
+            specs.append({"method": "prune", "ffn_reduction": budget})
+    return specs
+
+
 def build_grid(
     methods: list[str],
     heavy_ratios: list[float],
@@ -117,9 +147,10 @@ def build_grid(
 ) -> list[Recipe]:
     """FFSplit recipes for every method x heavy ratio x budget, then the baselines at the same
     budgets: uniform (no split) per method, random split per method and heavy ratio, score-based
-    pruning. Every recipe is validated (unknown keys and bad values are errors)."""
+    pruning. Every recipe is validated (unknown keys and bad values are errors); recipe_defaults
+    (e.g. {"quant": {"gptq": true}}) applies to the recipes of the methods it names."""
     methods = _names("methods", methods, SWEEP_METHODS)
-    baselines = _names("baselines", baselines, SWEEP_BASELINES, empty_ok=True)
+    baselines = _names("baselines", baselines, BASELINES, empty_ok=True)
     heavy_ratios = _fractions("heavy_ratios", heavy_ratios)
     budgets = _fractions("budgets", budgets)
     defaults = dict(recipe_defaults or {})
@@ -129,31 +160,12 @@ def build_grid(
                 f"recipe_defaults may not set {key!r}: the sweep sets it (use methods, heavy_ratios, "
                 "budgets, baselines, calib_tokens)"
             )
-    specs: list[dict[str, Any]] = []
-    for method in methods:
-        for rho in heavy_ratios:
-            for budget in budgets:
-                specs.append({"method": method, "heavy_ratio": rho, "ffn_reduction": budget})
-    for budget in budgets:
-        for method in methods:
-            if "uniform" in baselines:
-                specs.append({"method": method, "heavy_ratio": 0.0, "ffn_reduction": budget})
-            if "random" in baselines:
-                for rho in heavy_ratios:
-                    specs.append(
-                        {
-                            "method": method,
-                            "heavy_ratio": rho,
-                            "ffn_reduction": budget,
-                            "selection": "random",
-                        }
-                    )
-        if "prune" in baselines:
-            specs.append({"method": "prune", "heavy_ratio": 0.0, "ffn_reduction": budget})
+    per_method = {name: defaults.pop(name) for name in ("lowrank", "quant") if name in defaults}
     recipes: dict[str, Recipe] = {}
-    for spec in specs:
-        recipe = check_recipe(
-            Recipe.from_dict({**defaults, **spec, "profile": profile}, where="sweep recipe")
+    for spec in _grid_specs(methods, heavy_ratios, budgets, baselines):
+        own = {spec["method"]: per_method[spec["method"]]} if spec["method"] in per_method else {}
+        recipe = Recipe.from_dict(
+            {**defaults, **own, **spec, "profile": profile}, where="sweep recipe"
         )
         recipes.setdefault(json.dumps(recipe.to_dict(), sort_keys=True), recipe)
     return list(recipes.values())
@@ -234,25 +246,113 @@ def print_results(results: dict[str, Any], file: Any = None) -> None:
     console.print(f"run folder: {results['run_dir']}")
 
 
-def _rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for item in variants:
-        recipe: Recipe = item["recipe"]
-        rows.append(
-            {
-                "series": item["series"],
-                "label": "dense" if item["series"] == "dense" else recipe.label,
-                "method": recipe.method,
-                "heavy_ratio": recipe.heavy_ratio,
-                "budget": recipe.ffn_reduction,
-                **item["metrics"],
-                "variant": item["variant"]["path"],
-                "variant_key": item["key"],
-                "eval_record": item["record"]["record_path"],
-                "cached": item["cached"],
-            }
+def _row(run: VariantRun, metrics: dict[str, float]) -> dict[str, Any]:
+    """One line of the sweep's table (and of results.json)."""
+    assert run.evaluation is not None
+    return {
+        "series": run.recipe.series,
+        "label": run.recipe.label,
+        "method": run.recipe.method_name,
+        "heavy_ratio": run.recipe.heavy_ratio,
+        "budget": run.recipe.ffn_reduction,
+        **metrics,
+        "variant": run.folder.path,
+        "variant_key": run.folder.key,
+        "eval_record": run.evaluation.path,
+        "cached": run.cached,
+    }
+
+
+def _policy(quality_budget_pct: Any, objective: str) -> dict[str, Any]:
+    budget = _check_budget(quality_budget_pct)
+    if objective not in OBJECTIVES:
+        raise FFSplitError(
+            f"champion_objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}"
         )
+    best = "fastest (decode speedup)" if objective == "speed" else "smallest"
+    return {
+        "quality_budget_pct": budget,
+        "objective": objective,
+        "text": f"{best} variant within +{budget:g}% perplexity of dense",
+    }
+
+
+def _profile(calib_tokens: Any, calib_window: Any) -> ProfileConfig:
+    if not isinstance(calib_tokens, int) or not isinstance(calib_window, int):
+        raise FFSplitError(
+            f"calib_tokens and calib_window must be integers, got "
+            f"{calib_tokens!r}, {calib_window!r}"
+        )
+    return ProfileConfig(tokens=calib_tokens, window=calib_window)
+
+
+def _evaluated(
+    stages: Stages, dense_recipe: Recipe, grid: list[Recipe], stats: Any
+) -> tuple[list[VariantRun], list[dict[str, float]]]:
+    """Compress, assemble, heal and evaluate the dense reference and the grid; runs and metrics.
+
+    The dense reference is a variant too (method none, no split: registered under the `dense`
+    alias); its quality is the base model's own evaluation.
+    """
+    runs = stages.heal(stages.assemble(stages.compress([dense_recipe, *grid], stats)))
+    evaluated, dense = stages.evaluate(runs[1:])
+    runs = [replace(runs[0], evaluation=dense), *evaluated]
+    metrics = [run_metrics(run, dense) for run in runs]
+    metrics[0].update({"perplexity_change_pct": 0.0, "prefill_speedup": 1.0, "decode_speedup": 1.0})
+    return runs, metrics
+
+
+def _register_all(
+    run: Run,
+    runs: list[VariantRun],
+    metrics: list[dict[str, float]],
+    model_name: str,
+    artifacts: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Every variant (the dense reference first) as an MLflow model version; the table's rows."""
+    from tracking.registry import ROLE_TAG
+
+    provenance = provenance_tags("sweep", run.folder)
+    rows = []
+    for item, values in zip(runs, metrics, strict=True):
+        assert item.evaluation is not None
+        row = _row(item, values)
+        tags = {
+            ROLE_TAG: "dense" if row["series"] == "dense" else "variant",
+            "ffsplit.flow": "sweep",
+            "ffsplit.series": row["series"],
+            "ffsplit.variant_key": item.folder.key,
+            **provenance,
+        }
+        registered = (
+            register_version.with_options(task_run_name=f"register-{row['label']}")
+            .submit(
+                item.folder.path,
+                model_name,
+                values,
+                {**artifacts, "eval/record.json": item.evaluation.path},
+                tags,
+            )
+            .result()
+        )
+        rows.append({**row, "version": registered["version"], "reused": registered["reused"]})
     return rows
+
+
+def _set_aliases(model_name: str, rows: list[dict[str, Any]], policy: dict[str, Any]) -> Any:
+    """`dense` on the reference; `champion` by the policy (left where it was when none fits)."""
+    from tracking.registry import CHAMPION_ALIAS, DENSE_ALIAS, choose_champion, set_alias
+
+    set_alias(model_name, DENSE_ALIAS, rows[0]["version"])
+    rows[0]["aliases"] = [DENSE_ALIAS]
+    candidates = [{**r, "name": model_name} for r in rows[1:]]
+    champion = choose_champion(candidates, policy["quality_budget_pct"], policy["objective"])
+    if champion is not None:
+        set_alias(model_name, CHAMPION_ALIAS, champion["version"])
+        for r in rows[1:]:
+            if r.get("version") == champion["version"]:
+                r.setdefault("aliases", []).append(CHAMPION_ALIAS)
+    return champion
 
 
 # ------------------------------------------------------------------------------------------- flow
@@ -267,16 +367,16 @@ def sweep(
     heavy_ratios: list[float] | None = None,
     budgets: list[float] | None = None,
     baselines: list[str] | None = None,
-    quality_budget_pct: float = 10.0,
+    quality_budget_pct: float = DEFAULT_QUALITY_BUDGET_PCT,
     champion_objective: str = "speed",
-    calib_tokens: int = 16384,
-    calib_window: int = 512,
-    eval_tokens: int = 16384,
-    eval_window: int = 512,
+    calib_tokens: int = PIPELINE_CALIB_TOKENS,
+    calib_window: int = DEFAULT_WINDOW,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    eval_window: int = DEFAULT_WINDOW,
     latency: bool = True,
-    latency_prompt_tokens: int = 128,
-    latency_decode_tokens: int = 32,
-    latency_repeats: int = 5,
+    latency_prompt_tokens: int = LATENCY.prompt_tokens,
+    latency_decode_tokens: int = LATENCY.decode_tokens,
+    latency_repeats: int = LATENCY.repeats,
     recipe_defaults: dict[str, Any] | None = None,
     profile_units: int = 2,
     compress_shards: int = 4,
@@ -300,35 +400,21 @@ def sweep(
     baselines uniform,random,prune.
     """
     started = time.perf_counter()
-    # ---- validation: everything before any work
-    profile = (
-        ProfileConfig(tokens=calib_tokens, window=calib_window).to_dict()
-        if isinstance(calib_tokens, int) and isinstance(calib_window, int)
-        else None
-    )
-    if profile is None:
-        raise FFSplitError(
-            f"calib_tokens and calib_window must be integers, got "
-            f"{calib_tokens!r}, {calib_window!r}"
-        )
+    profile = _profile(calib_tokens, calib_window)
     grid = build_grid(
         DEFAULT_METHODS if methods is None else methods,
         DEFAULT_HEAVY_RATIOS if heavy_ratios is None else heavy_ratios,
         DEFAULT_BUDGETS if budgets is None else budgets,
         DEFAULT_BASELINES if baselines is None else baselines,
-        profile,
+        profile.to_dict(),
         recipe_defaults,
     )
-    budget_pct = _check_budget(quality_budget_pct)
-    if champion_objective not in OBJECTIVES:
-        raise FFSplitError(
-            f"champion_objective must be one of {', '.join(OBJECTIVES)}, got {champion_objective!r}"
-        )
-    settings = PipelineSettings(
-        cache_dir=str(cache.cache_root(cache_dir)),
-        eval=eval_params(
-            eval_tokens,
-            eval_window,
+    policy = _policy(quality_budget_pct, champion_objective)
+    settings = pipeline_settings(
+        cache_dir,
+        EvalConfig(
+            tokens=eval_tokens,
+            window=eval_window,
             latency=latency,
             prompt_tokens=latency_prompt_tokens,
             decode_tokens=latency_decode_tokens,
@@ -341,111 +427,50 @@ def sweep(
         memory_cap_mb=memory_cap_mb,
         ray_cpus=ray_cpus,
     )
-    dense_recipe = Recipe.from_dict({**DENSE_RECIPE, "profile": profile})
-    check_calibration(dense_recipe.profile, profile_units)
-    base = resolve_base(model)
-    check_memory_cap(base, settings)
-    model_name = registered_name(base, register_as)
-    services = check_services(True)
-    folder = run_folder(run_dir, "sweep")
-    policy = {
-        "quality_budget_pct": budget_pct,
-        "objective": champion_objective,
-        "text": f"{'fastest (decode speedup)' if champion_objective == 'speed' else 'smallest'}"
-        f" variant within +{budget_pct:g}% perplexity of dense",
-    }
-    validated = time.perf_counter() - started
-    print(
-        f"sweep {base.name}: {len(grid)} variants + dense; cache {settings.cache_dir}; "
-        f"run folder {folder}"
+    dense_recipe = Recipe(
+        method=SplitOnlyConfig(), selection="none", ffn_reduction=0, profile=profile
     )
-
-    from ffsplit.compress.recipe import needs_statistics
+    needs_stats = any(r.needs_statistics for r in grid)
+    run = start_run(
+        "sweep",
+        model,
+        settings,
+        profile if needs_stats else None,
+        register=True,
+        run_dir=run_dir,
+        started=started,
+    )
+    model_name = registered_name(run.base, register_as)
+    print(
+        f"sweep {run.base.name}: {len(grid)} variants + dense; cache {settings.cache_dir}; "
+        f"run folder {run.folder}"
+    )
     from reports.plots import pareto_plot
-    from tracking.registry import CHAMPION_ALIAS, DENSE_ALIAS, ROLE_TAG, choose_champion, set_alias
 
     ray_started = time.perf_counter()
     with ray_session(num_cpus=ray_cpus) as cluster:
-        stages = Stages(base, settings)
-        stages.seconds["validate"] = validated
+        stages = Stages(run.base, settings)
+        stages.seconds["validate"] = run.validate_seconds
         stages.seconds["ray_start"] = time.perf_counter() - ray_started
-        stats = None
-        scores = None
-        if any(needs_statistics(r) for r in grid):
-            stats = stages.profile(dense_recipe.profile)
-            scores = score_plot.submit(
-                stats["stats_path"],
-                base.name,
-                str(Path(settings.cache_dir) / "plots" / f"{stats['key']}-scores.png"),
-            )
-        variants = stages.heal(stages.assemble(stages.compress([dense_recipe, *grid], stats)))
-        with stages.timed("evaluate"):
-            dense_future = stages.dense_evaluation()
-            futures = [
-                stages.submit_evaluation(v["variant"]["path"], v["key"], v["recipe"].label)
-                for v in variants[1:]
-            ]
-            dense = dense_future.result()
-            records = [dense, *[f.result() for f in futures]]
-        for item, record in zip(variants, records, strict=True):
-            item["series"] = series_of(item["recipe"])
-            item["record"] = record
-            item["metrics"] = quality_metrics(record, dense)
-            item["metrics"]["compress_seconds"] = item["compress_seconds"]
-            item["metrics"].update(heal_metrics(item))
-            if stats is not None and needs_statistics(item["recipe"]):
-                item["metrics"]["profile_seconds"] = stats["profile_seconds"]
-            item["cached"] = item["cached"] and record["cached"]
-        dense_item = variants[0]
-        dense_item["metrics"].update(
-            {"perplexity_change_pct": 0.0, "prefill_speedup": 1.0, "decode_speedup": 1.0}
+        stats = stages.profile(profile) if needs_stats else None
+        scores = (
+            None if stats is None else score_plot.submit(stats, run.base.name, settings.cache_dir)
         )
-        rows = _rows(variants)
-        folder.mkdir(parents=True, exist_ok=True)
+        runs, metrics = _evaluated(stages, dense_recipe, grid, stats)
+        run.folder.mkdir(parents=True, exist_ok=True)
         with stages.timed("report"):
-            pareto = pareto_plot(
-                [r for r in rows],
-                folder / "pareto.png",
-                title=f"{base.name}: perplexity change vs FFN reduction",
-            )
+            title = f"{run.base.name}: perplexity change vs FFN reduction"
+            table = [_row(r, m) for r, m in zip(runs, metrics, strict=True)]
+            pareto = pareto_plot(table, run.folder / "pareto.png", title=title)
             artifacts = {"plots/pareto.png": str(pareto)}
             if scores is not None:
                 artifacts["plots/scores.png"] = scores.result()
         with stages.timed("register"):
-            provenance = provenance_tags("sweep", folder)
-            for item, row in zip(variants, rows, strict=True):
-                role = "dense" if item["series"] == "dense" else "variant"
-                registered = (
-                    register_version.with_options(task_run_name=f"register-{row['label']}")
-                    .submit(
-                        item["variant"]["path"],
-                        model_name,
-                        item["metrics"],
-                        {**artifacts, "eval/record.json": item["record"]["record_path"]},
-                        {
-                            ROLE_TAG: role,
-                            "ffsplit.flow": "sweep",
-                            "ffsplit.series": item["series"],
-                            "ffsplit.variant_key": item["key"],
-                            **provenance,
-                        },
-                    )
-                    .result()
-                )
-                row["version"] = registered["version"]
-                row["reused"] = registered["reused"]
-            set_alias(model_name, DENSE_ALIAS, rows[0]["version"])
-            rows[0]["aliases"] = [DENSE_ALIAS]
-            candidates = [{**r, "name": model_name} for r in rows[1:]]
-            champion = choose_champion(candidates, budget_pct, champion_objective)  # type: ignore[arg-type]
-            if champion is not None:
-                set_alias(model_name, CHAMPION_ALIAS, champion["version"])
-                for r in rows:
-                    if r.get("version") == champion["version"] and r is not rows[0]:
-                        r.setdefault("aliases", []).append(CHAMPION_ALIAS)
+            rows = _register_all(run, runs, metrics, model_name, artifacts)
+            champion = _set_aliases(model_name, rows, policy)
     results = {
         "flow": "sweep",
-        "model": base.to_dict(),
+        "model": run.base.to_dict(),
         "registered_name": model_name,
         "policy": policy,
         "champion": None
@@ -455,24 +480,29 @@ def sweep(
         "rows": rows,
         "stats": None
         if stats is None
-        else {"key": stats["key"], "cached": stats["cached"], "units": stats["units"]},
+        else {
+            "key": stats.key,
+            "cached": stats.cached,
+            "units": [u.to_dict() for u in stats.units],
+        },
         "stage_seconds": stages.seconds,
         "seconds": time.perf_counter() - started,
         "cluster": cluster,
-        "services": services,
+        "services": run.services,
         "settings": {
             "profile_units": profile_units,
             "compress_shards": compress_shards,
             "calib_tokens": calib_tokens,
-            "eval": settings.eval,
+            "eval": settings.eval.key_dict(),
             "cache_dir": settings.cache_dir,
         },
-        "run_dir": str(folder),
+        "run_dir": str(run.folder),
         "pareto": str(pareto),
     }
-    write_json(folder / "results.json", results)
-    (folder / "results.md").write_text(
-        f"# sweep of {base.name}\n\nChampion policy: {policy['text']}.\n\n" + markdown_table(rows)
+    write_json(run.folder / "results.json", results)
+    (run.folder / "results.md").write_text(
+        f"# sweep of {run.base.name}\n\nChampion policy: {policy['text']}.\n\n"
+        + markdown_table(rows)
     )
     print_results(results)
     return results
@@ -500,12 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--heavy-ratios", type=_floats, default=DEFAULT_HEAVY_RATIOS)
     run.add_argument("--budgets", type=_floats, default=DEFAULT_BUDGETS)
     run.add_argument("--baselines", default=",".join(DEFAULT_BASELINES))
-    run.add_argument("--quality-budget-pct", type=float, default=10.0)
+    run.add_argument("--quality-budget-pct", type=float, default=DEFAULT_QUALITY_BUDGET_PCT)
     run.add_argument("--objective", default="speed", choices=OBJECTIVES)
-    run.add_argument("--calib-tokens", type=int, default=16384)
-    run.add_argument("--calib-window", type=int, default=512)
-    run.add_argument("--eval-tokens", type=int, default=16384)
-    run.add_argument("--eval-window", type=int, default=512)
+    run.add_argument("--calib-tokens", type=int, default=PIPELINE_CALIB_TOKENS)
+    run.add_argument("--calib-window", type=int, default=DEFAULT_WINDOW)
+    run.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
+    run.add_argument("--eval-window", type=int, default=DEFAULT_WINDOW)
     run.add_argument(
         "--recipe-defaults",
         type=json.loads,
@@ -515,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--profile-units", type=int, default=2)
     run.add_argument("--compress-shards", type=int, default=4)
     run.add_argument("--no-latency", action="store_true", help="skip the latency race")
-    run.add_argument("--latency-decode-tokens", type=int, default=32)
-    run.add_argument("--latency-repeats", type=int, default=5)
+    run.add_argument("--latency-decode-tokens", type=int, default=LATENCY.decode_tokens)
+    run.add_argument("--latency-repeats", type=int, default=LATENCY.repeats)
     run.add_argument(
         "--register-as", default=None, help="MLflow model name (default ffsplit-MODEL)"
     )

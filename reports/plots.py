@@ -1,4 +1,5 @@
-"""Plots logged with each variant: per-layer neuron score distributions and the Pareto chart.
+"""Charts: per-layer neuron score distributions and the Pareto chart (logged with each variant),
+and the quality-loss charts of the results page (reports.results draws its lines with loss_chart).
 
 matplotlib with the Agg backend (no display); every PNG is written atomically (temp file + rename),
 so an interrupted run never leaves a half-written image for MLflow to pick up.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, out_png: str | Path) -> Path:
+def _save(fig: Any, out_png: str | Path, dpi: int = 120) -> Path:
     out = Path(out_png)
     try:
         with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         _pyplot().close(fig)
     return out
@@ -148,20 +150,7 @@ def score_distribution_plot(
     bar.set_label("layer")
     bar.locator = MaxNLocator(integer=True)
     bar.update_ticks()
-    palette = ("tab:red", "tab:orange", "tab:blue")
-    for p, color in zip(SHARES, palette, strict=True):
-        right.plot(
-            layers, shares[p], "o-", color=color, ms=3.5, lw=1.4, label=f"top {p}% of neurons"
-        )
-        right.axhline(p, color=color, ls="--", lw=1, alpha=0.7)
-    right.plot([], [], "k--", lw=1, alpha=0.7, label="uniform spread")
-    right.set_ylim(0, 100)
-    right.set_xlabel("layer")
-    right.xaxis.set_major_locator(MaxNLocator(integer=True))
-    right.set_ylabel("share of squared output norm (%)")
-    right.set_title("output norm held by the top neurons", pad=16)
-    right.grid(True, alpha=0.3)
-    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize=8, frameon=False)
+    _shares_panel(right, layers, shares)
     tokens = stats.tokens
     fig.suptitle(
         title
@@ -171,6 +160,25 @@ def score_distribution_plot(
     )
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def _shares_panel(ax: Any, layers: Sequence[int], shares: Mapping[int, Sequence[float]]) -> None:
+    """Per layer, the share (%) of the squared output norm held by the top 1/5/10% of neurons,
+    each against its uniform spread."""
+    from matplotlib.ticker import MaxNLocator
+
+    palette = ("tab:red", "tab:orange", "tab:blue")
+    for p, color in zip(SHARES, palette, strict=True):
+        ax.plot(layers, shares[p], "o-", color=color, ms=3.5, lw=1.4, label=f"top {p}% of neurons")
+        ax.axhline(p, color=color, ls="--", lw=1, alpha=0.7)
+    ax.plot([], [], "k--", lw=1, alpha=0.7, label="uniform spread")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("share of squared output norm (%)")
+    ax.set_title("output norm held by the top neurons", pad=16)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize=8, frameon=False)
 
 
 def _higher_is_better(key: str) -> bool:
@@ -257,3 +265,57 @@ def pareto_plot(
     ax.legend(fontsize=8, framealpha=0.9, loc="best")
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+# ------------------------------------------------------------------------- the results page's charts
+
+LOSS_CHART_DPI = 110
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    """One line of a quality-loss chart: its points (x, loss in %) and how it is drawn."""
+
+    label: str
+    xs: Sequence[float]
+    ys: Sequence[float | None]
+    style: str = "-"
+    color: str | float | None = None  # a matplotlib colour, or a shade in [0, 1] of viridis
+    marker: str = "o"
+
+
+def loss_chart(
+    curves: Sequence[LossCurve],
+    out_png: str | Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    lowest: float,
+    goal_pct: float | None = None,
+    dense_point: bool = False,
+    legend_loc: str = "best",
+) -> Path:
+    """Quality loss (symlog: small losses and large ones on one chart) against x, one line per
+    curve; `lowest` sets the bottom (negative losses are gains), `goal_pct` draws the quality goal
+    and `dense_point` the dense model at the origin."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    viridis = plt.get_cmap("viridis")
+    for c in curves:
+        color = viridis(c.color) if isinstance(c.color, float) else c.color
+        ax.plot(list(c.xs), list(c.ys), c.style, color=color, marker=c.marker, ms=4, label=c.label)
+    if dense_point:
+        ax.plot([0], [0], "k*", ms=9, label="dense")
+        ax.set_xlim(left=0)
+    ax.set_xlabel(xlabel)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=min(-0.05, 1.2 * lowest))
+    ax.set_ylabel(f"{ylabel} (symlog)")
+    if goal_pct is not None:
+        ax.axhline(goal_pct, color="grey", lw=0.8, ls=":", label=f"goal: +{goal_pct:g}% perplexity")
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc=legend_loc)
+    return _save(fig, out_png, dpi=LOSS_CHART_DPI)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ffsplit.config import DEFAULT_EVAL_TOKENS, DEFAULT_HEAVY_RATIO, PIPELINE_CALIB_TOKENS
 from ffsplit.errors import FFSplitError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,13 +35,13 @@ TIMEZONE = "UTC"
 NIGHTLY_PARAMETERS: dict[str, Any] = {
     "model": "smollm2-135m",
     "methods": ["lowrank", "quant"],
-    "heavy_ratios": [0.05, 0.1],
+    "heavy_ratios": [0.05, DEFAULT_HEAVY_RATIO],
     "budgets": [0.3, 0.5],
     "baselines": ["uniform", "random", "prune"],
     "quality_budget_pct": 10.0,
     "champion_objective": "speed",
-    "calib_tokens": 16384,
-    "eval_tokens": 16384,
+    "calib_tokens": PIPELINE_CALIB_TOKENS,
+    "eval_tokens": DEFAULT_EVAL_TOKENS,
 }
 # Set in every flow run the worker starts (the worker's own environment is inherited too).
 RUN_ENV = {

@@ -15,7 +15,9 @@ from typing import Any
 
 from ffsplit.errors import FFSplitError
 from tasks import cache
-from tasks.runtime import base_model, prefect_task, run_remote, set_task_threads, task_resources
+from tasks.records import BaseModel, MergedStats
+from tasks.runtime import base_model, set_task_threads, task_resources
+from tasks.stage import stage
 
 STATS_FILE = "stats.safetensors"
 SCORES_FILE = "scores.safetensors"
@@ -38,8 +40,29 @@ def merge_unit_stats(unit_paths: list[str]) -> Any:
     return merged
 
 
-def aggregate_job(model: str, model_sha256: str, unit_paths: list[str], out: str) -> dict[str, Any]:
-    """Ray task body: merged statistics, per-layer scores and order, summary (one atomic folder)."""
+def finished_aggregate(out: str, **_: Any) -> MergedStats | None:
+    """The record of an aggregate folder already written, else None."""
+    summary = cache.read_json(Path(out) / SUMMARY_FILE)
+    return None if summary is None else _record(summary, out, cached=True, seconds=0.0)
+
+
+def _record(summary: dict[str, Any], out: str, cached: bool, seconds: float) -> MergedStats:
+    return MergedStats(
+        path=out,
+        cached=cached,
+        seconds=seconds,
+        tokens=summary["tokens"],
+        units=summary["units"],
+        calibration=summary.get("calibration") or {},
+        summary={k: summary.get(k) for k in ("layers", "profile")},
+    )
+
+
+@stage(
+    "aggregate", done=finished_aggregate, resources=lambda **_: task_resources(cpus=1, gpu=False)
+)
+def aggregate(*, model: BaseModel, unit_paths: list[str], out: str) -> MergedStats:
+    """Merged statistics, per-layer scores and order, summary (one atomic folder)."""
     from safetensors.torch import save_file
 
     from ffsplit.adapters import get_adapter
@@ -48,10 +71,8 @@ def aggregate_job(model: str, model_sha256: str, unit_paths: list[str], out: str
     from ffsplit.profiling.stats import summary
     from ffsplit.selection import neuron_scores, order_by_score
 
+    model_sha256 = model.sha256
     target = Path(out)
-    cached = cache.read_json(target / SUMMARY_FILE)
-    if cached is not None:
-        return {**cached, "path": out, "cached": True, "seconds": 0.0}
     started = time.perf_counter()
     set_task_threads()
     merged = merge_unit_stats(unit_paths)
@@ -67,7 +88,7 @@ def aggregate_job(model: str, model_sha256: str, unit_paths: list[str], out: str
     calibration["units"] = len(unit_paths)
     merged.meta["calibration"] = calibration
     merged.meta.pop("unit", None)
-    net, _, _ = base_model(model, model_sha256)
+    net, _, _ = base_model(model.name, model_sha256)
     adapter = get_adapter(net)
     tensors = {}
     layers: dict[str, Any] = {}
@@ -95,11 +116,11 @@ def aggregate_job(model: str, model_sha256: str, unit_paths: list[str], out: str
             save_file(tensors, str(tmp / SCORES_FILE))
             (tmp / SUMMARY_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
     except FileExistsError:  # a concurrent run finished the same content-keyed entry first
-        cached = cache.read_json(target / SUMMARY_FILE)
-        if cached is None:
+        done = finished_aggregate(out)
+        if done is None:
             raise
-        return {**cached, "path": out, "cached": True, "seconds": 0.0}
-    return {**record, "path": out, "cached": False, "seconds": time.perf_counter() - started}
+        return done
+    return _record(record, out, cached=False, seconds=time.perf_counter() - started)
 
 
 def stats_file(aggregate_dir: str | Path) -> Path:
@@ -122,23 +143,7 @@ def heavy_sets(aggregate_dir: str | Path, ratio: float) -> dict[int, list[int]]:
     return dict(sorted(out.items()))
 
 
-def aggregate_path(cache_dir: str, unit_keys: list[str]) -> tuple[str, str]:
-    """(key, folder) of the merged statistics of these units."""
-    key = cache.merged_stats_key(unit_keys)
-    return key, str(cache.merged_stats_dir(Path(cache_dir), key))
-
-
-@prefect_task(name="aggregate")
-def aggregate(model: str, model_sha256: str, unit_paths: list[str], out: str) -> dict[str, Any]:
-    """Prefect task: merge unit statistics and rank neurons, on Ray (cached by content)."""
-    cached = cache.read_json(Path(out) / SUMMARY_FILE)
-    if cached is not None:
-        return {**cached, "path": out, "cached": True, "seconds": 0.0}
-    return run_remote(
-        aggregate_job,
-        model,
-        model_sha256,
-        unit_paths,
-        out,
-        resources=task_resources(cpus=1, gpu=False),
-    )
+def aggregate_path(cache_dir: str, unit_paths: list[str]) -> str:
+    """Where the merged statistics of these units live in the cache."""
+    keys = [Path(p).name.removesuffix(".safetensors") for p in unit_paths]
+    return str(cache.merged_stats_dir(Path(cache_dir), cache.merged_stats_key(keys)))

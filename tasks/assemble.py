@@ -1,7 +1,9 @@
-"""Assemble stage: swap every shard's split modules into the base model and write the variant folder.
+"""Assemble stage: every shard's split modules into the base model, and the variant folder written.
 
-The folder is written atomically (ffsplit.variant.io.save_variant), so an interrupted assembly
-leaves nothing that looks finished; its path is content-keyed by the base model and the shards.
+The body is the library's own step (ffsplit.compress.recipe.apply_layers, then save_variant), so
+the folder is what `ffsplit compress` writes for the same layers. It is written atomically, so an
+interrupted assembly leaves nothing that looks finished; its path is content-keyed by the base
+model and the shards.
 """
 
 from __future__ import annotations
@@ -11,62 +13,55 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ffsplit.config import Recipe
 from ffsplit.errors import FFSplitError
-from tasks.runtime import base_model, prefect_task, run_remote, set_task_threads, task_resources
+from tasks import cache
+from tasks.records import BaseModel, VariantFolder, read_variant
+from tasks.runtime import base_model, set_task_threads, task_resources
+from tasks.stage import stage
 
 
-def variant_summary(folder: str | Path) -> dict[str, Any]:
-    """What the flows need of a finished variant folder, from its manifest alone."""
-    from ffsplit.config import Recipe
-    from ffsplit.variant.manifest import read_manifest
-
-    manifest = read_manifest(folder)
-    sizes = manifest["sizes"]
-    summary = {
-        "path": str(folder),
-        "label": Recipe.from_dict(manifest["recipe"]).label,
-        "ffn_reduction": sizes["ffn_reduction"],
-        "dense_ffn_bytes": sizes["dense_ffn_bytes"],
-        "ffn_bytes": sizes["ffn_bytes"],
-        "compression_seconds": manifest.get("compression_seconds"),
-    }
-    heal = manifest.get("heal")
-    if isinstance(heal, dict):  # a healed variant (tasks/heal.py): what healing did
-        summary["heal"] = {k: heal.get(k) for k in ("loss", "steps", "before", "after", "seconds")}
-    return summary
+def variant_path(cache_dir: str, model: BaseModel, shard_keys: list[str]) -> str:
+    """Where the variant assembled from these shards lives in the cache."""
+    return str(cache.variant_dir(Path(cache_dir), cache.variant_key(model.sha256, shard_keys)))
 
 
-def assemble_job(
-    model: str,
-    model_sha256: str,
+def finished_variant(out: str, **_: Any) -> VariantFolder | None:
+    """The record of a variant folder already written, else None."""
+    from ffsplit.variant.manifest import MANIFEST
+
+    if not (Path(out) / MANIFEST).is_file():
+        return None
+    return read_variant(out, cached=True, seconds=0.0)
+
+
+@stage("assemble", done=finished_variant, resources=lambda **_: task_resources(cpus=1, gpu=False))
+def assemble(
+    *,
+    model: BaseModel,
     recipe: dict[str, Any],
     shard_paths: list[str],
     out: str,
     calibration: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Ray task body: base model + shards -> variant folder (atomic)."""
+) -> VariantFolder:
+    """Base model + shards -> variant folder (apply_layers, save_variant; atomic)."""
     from ffsplit.adapters import get_adapter
-    from ffsplit.compress.results import CompressionReport
-    from ffsplit.split.apply import swap_ffn
+    from ffsplit.compress.recipe import apply_layers
     from ffsplit.variant.io import save_variant
-    from ffsplit.variant.manifest import MANIFEST
     from ffsplit.variant.shards import load_shard
 
-    target = Path(out)
-    if (target / MANIFEST).is_file():
-        return {**variant_summary(target), "cached": True, "seconds": 0.0}
     started = time.perf_counter()
     set_task_threads()
-    cached_net, tokenizer, ref = base_model(model, model_sha256)
+    config = Recipe.from_dict(recipe)
+    cached_net, tokenizer, ref = base_model(model.name, model.sha256)
     net = copy.deepcopy(cached_net)  # swapping modules must not touch the worker's shared copy
     adapter = get_adapter(net)
-    handles = {h.layer: h for h in adapter.ffns(net)}
     layers: dict[int, Any] = {}
     compress_seconds = 0.0
     for path in shard_paths:
         shard = load_shard(path)
-        if shard.recipe != recipe:
+        if Recipe.from_dict(shard.recipe) != config:
             raise FFSplitError(
                 f"{path}: shard was compressed by another recipe than this variant's"
             )
@@ -74,26 +69,16 @@ def assemble_job(
         for index, result in shard.layers.items():
             if index in layers:
                 raise FFSplitError(f"{path}: layer {index} is in more than one shard")
-            if index not in handles:
-                raise FFSplitError(f"{path}: layer {index} does not exist in model {model!r}")
-            swap_ffn(net, adapter, handles[index], result.modules)
             layers[index] = result
-    missing = sorted(set(handles) - set(layers))
-    if missing:
-        raise FFSplitError(f"assemble: no shard holds layers {missing}; every FFN needs one")
-    reports = [layers[i].report for i in sorted(layers)]
-    report = CompressionReport(
-        recipe=recipe,
-        layers=reports,
-        dense_ffn_bytes=sum(r.dense_bytes for r in reports),
-        ffn_bytes=sum(r.bytes for r in reports),
-        seconds=compress_seconds,
-    )
+    try:
+        report = apply_layers(net, layers, config, adapter=adapter, seconds=compress_seconds)
+    except FFSplitError as exc:
+        raise FFSplitError(f"assemble {model.name!r}: {exc}") from None
     try:
         save_variant(
             net,
             tokenizer,
-            target,
+            out,
             adapter=adapter,
             base_model=ref.to_dict(),
             report=report,
@@ -102,48 +87,8 @@ def assemble_job(
             extra=extra,
         )
     except (FileExistsError, FFSplitError):  # a concurrent run assembled the same variant first
-        if not (target / MANIFEST).is_file():
+        done = finished_variant(out)
+        if done is None:
             raise
-        return {**variant_summary(target), "cached": True, "seconds": 0.0}
-    return {**variant_summary(target), "cached": False, "seconds": time.perf_counter() - started}
-
-
-def run_assemble(
-    model: str,
-    model_sha256: str,
-    recipe: dict[str, Any],
-    shard_paths: list[str],
-    out: str,
-    calibration: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Assemble on Ray; a finished folder returns at once without touching Ray."""
-    from ffsplit.variant.manifest import MANIFEST
-
-    if (Path(out) / MANIFEST).is_file():
-        return {**variant_summary(out), "cached": True, "seconds": 0.0}
-    return run_remote(
-        assemble_job,
-        model,
-        model_sha256,
-        recipe,
-        shard_paths,
-        out,
-        calibration,
-        extra,
-        resources=task_resources(cpus=1, gpu=False),
-    )
-
-
-@prefect_task(name="assemble")
-def assemble(
-    model: str,
-    model_sha256: str,
-    recipe: dict[str, Any],
-    shard_paths: list[str],
-    out: str,
-    calibration: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Prefect task: the variant folder of a recipe from its shards (cached by content)."""
-    return run_assemble(model, model_sha256, recipe, shard_paths, out, calibration, extra)
+        return done
+    return read_variant(out, cached=False, seconds=time.perf_counter() - started)

@@ -1,7 +1,8 @@
-"""Compress stage: one Ray task per shard of layers, each writing a safetensors shard.
+"""Compress stage: one Ray task per shard of layers, each writing a safetensors shard folder.
 
-`compress_layer` is a pure function of one FFN's weights and statistics, so shards are independent
-and a layer's result does not depend on which worker, or how many, computed it (tasks run a fixed
+The body is the library's own step (ffsplit.compress.recipe.compress_layers) on the worker's
+copy of the base model, so a shard's layers are exactly what `ffsplit compress` computes for them;
+a layer's result does not depend on which worker, or how many, computed it (tasks run a fixed
 number of threads). Shards are groups of consecutive layers fixed by a run parameter.
 """
 
@@ -15,15 +16,15 @@ from typing import Any
 from ffsplit.config import Recipe
 from ffsplit.errors import FFSplitError
 from tasks import cache
+from tasks.records import BaseModel, Shard
 from tasks.runtime import (
     WORKER_CACHES,
     base_model,
-    prefect_task,
-    run_remote,
     set_task_threads,
     task_device,
     task_resources,
 )
+from tasks.stage import stage
 
 _STATS: OrderedDict[str, Any] = OrderedDict()  # merged statistics, one file per worker process
 WORKER_CACHES.append(_STATS)
@@ -38,6 +39,14 @@ def layer_shards(num_layers: int, shards: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(shards)]
 
 
+def shard_path(
+    cache_dir: str, model: BaseModel, stats_key: str | None, recipe: Recipe, layers: list[int]
+) -> str:
+    """Where a shard of this recipe lives in the cache (its key: everything it depends on)."""
+    key = cache.shard_key(model.sha256, stats_key, recipe.key_dict(), layers)
+    return str(cache.shard_dir(Path(cache_dir), key))
+
+
 def _stats(path: str) -> Any:
     from ffsplit.profiling import load_stats
 
@@ -47,22 +56,45 @@ def _stats(path: str) -> Any:
     return _STATS[path]
 
 
-def compress_shard_job(
-    model: str,
-    model_sha256: str,
+def finished_shard(out: str, **_: Any) -> Shard | None:
+    """The record of a shard folder already written, else None."""
+    from ffsplit.variant.shards import read_shard_spec
+
+    if not Path(out).is_dir():
+        return None
+    return _record(read_shard_spec(out), out, cached=True, seconds=0.0)
+
+
+def _record(spec: dict[str, Any], out: str, cached: bool, seconds: float) -> Shard:
+    reports = [entry["report"] for entry in spec["layers"].values()]
+    return Shard(
+        path=out,
+        layers=tuple(sorted(int(k) for k in spec["layers"])),
+        cached=cached,
+        seconds=seconds,
+        dense_bytes=sum(r["dense_bytes"] for r in reports),
+        bytes=sum(r["bytes"] for r in reports),
+        compress_seconds=spec.get("meta", {}).get("seconds"),
+    )
+
+
+@stage(
+    "compress-shard",
+    done=finished_shard,
+    resources=lambda **_: task_resources(cpus=1),
+)
+def compress_shard(
+    *,
+    model: BaseModel,
     stats_path: str | None,
     recipe: dict[str, Any],
     layers: list[int],
     out: str,
-) -> dict[str, Any]:
-    """Ray task body: compress `layers` of the base model by the recipe and write one shard."""
-    from ffsplit.adapters import get_adapter
-    from ffsplit.compress.recipe import compress_layer, needs_statistics
+) -> Shard:
+    """Compress `layers` of the base model by the recipe (compress_layers) and write one shard."""
+    from ffsplit.compress.recipe import compress_layers
     from ffsplit.variant.shards import read_shard_spec, save_shard
 
-    target = Path(out)
-    if target.is_dir():
-        return {**_summary(read_shard_spec(target)), "path": out, "cached": True, "seconds": 0.0}
     started = time.perf_counter()
     threads = set_task_threads()
     device = task_device()
@@ -70,108 +102,20 @@ def compress_shard_job(
     stats = None
     if stats_path is not None:
         stats = _stats(stats_path)
-        if stats.meta.get("model_sha256") != model_sha256:
+        if stats.meta.get("model_sha256") != model.sha256:
             raise FFSplitError(f"{stats_path}: statistics of another model; clear the stale cache")
-    elif needs_statistics(config):
-        raise FFSplitError(f"recipe '{config.label}' needs calibration statistics; none were given")
-    net, _, _ = base_model(model, model_sha256, device)
-    adapter = get_adapter(net)
-    handles = {h.layer: h for h in adapter.ffns(net)}
-    results = {}
-    for layer in layers:
-        if layer not in handles:
-            raise FFSplitError(
-                f"model {model!r} has no FFN layer {layer} (has 0..{len(handles) - 1})"
-            )
-        weights = adapter.weights(net, handles[layer])
-        layer_stats = None if stats is None else stats.layers.get(layer)
-        if stats is not None and layer_stats is None:
-            raise FFSplitError(f"{stats_path}: no statistics for layer {layer}")
-        results[layer] = compress_layer(weights, layer_stats, config, layer)
-    seconds = time.perf_counter() - started
+    net, _, _ = base_model(model.name, model.sha256, device)
     try:
-        save_shard(
-            results,
-            target,
-            recipe=config.to_dict(),
-            meta={
-                "model_sha256": model_sha256,
-                "seconds": seconds,
-                "device": device,
-                "threads": threads,
-            },
-        )
+        results = compress_layers(net, stats, config, layers)
+    except FFSplitError as exc:
+        raise FFSplitError(f"model {model.name!r}: {exc}") from None
+    seconds = time.perf_counter() - started
+    meta = {"model_sha256": model.sha256, "seconds": seconds, "device": device, "threads": threads}
+    try:
+        save_shard(results, out, recipe=config.to_dict(), meta=meta)
     except (FileExistsError, FFSplitError):  # a concurrent run wrote the same shard first
-        if not target.is_dir():
+        done = finished_shard(out)
+        if done is None:
             raise
-        return {**_summary(read_shard_spec(target)), "path": out, "cached": True, "seconds": 0.0}
-    return {
-        **_summary(read_shard_spec(target)),
-        "path": out,
-        "cached": False,
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _summary(spec: dict[str, Any]) -> dict[str, Any]:
-    reports = [entry["report"] for entry in spec["layers"].values()]
-    return {
-        "layers": sorted(int(k) for k in spec["layers"]),
-        "dense_bytes": sum(r["dense_bytes"] for r in reports),
-        "bytes": sum(r["bytes"] for r in reports),
-        "compress_seconds": spec.get("meta", {}).get("seconds"),
-    }
-
-
-def shard_plan(
-    model_sha256: str,
-    stats_key: str | None,
-    recipe: dict[str, Any],
-    shards: list[list[int]],
-    cache_dir: str,
-) -> list[dict[str, Any]]:
-    """Key and output folder of every shard of a recipe."""
-    root = Path(cache_dir)
-    plan = []
-    for layers in shards:
-        key = cache.shard_key(model_sha256, stats_key, recipe, layers)
-        plan.append({"layers": layers, "key": key, "path": str(cache.shard_dir(root, key))})
-    return plan
-
-
-def run_shard(
-    model: str,
-    model_sha256: str,
-    stats_path: str | None,
-    recipe: dict[str, Any],
-    layers: list[int],
-    out: str,
-) -> dict[str, Any]:
-    """One shard on Ray; a cache hit returns at once without touching Ray."""
-    from ffsplit.variant.shards import read_shard_spec
-
-    if Path(out).is_dir():
-        return {**_summary(read_shard_spec(out)), "path": out, "cached": True, "seconds": 0.0}
-    return run_remote(
-        compress_shard_job,
-        model,
-        model_sha256,
-        stats_path,
-        recipe,
-        layers,
-        out,
-        resources=task_resources(cpus=1),
-    )
-
-
-@prefect_task(name="compress-shard")
-def compress_shard(
-    model: str,
-    model_sha256: str,
-    stats_path: str | None,
-    recipe: dict[str, Any],
-    layers: list[int],
-    out: str,
-) -> dict[str, Any]:
-    """Prefect task: one shard of compressed layers, computed on Ray (cached by content)."""
-    return run_shard(model, model_sha256, stats_path, recipe, layers, out)
+        return done
+    return _record(read_shard_spec(out), out, cached=False, seconds=time.perf_counter() - started)

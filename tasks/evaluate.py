@@ -1,9 +1,9 @@
 """Evaluate stage: quality (perplexity on the evaluation split, fixed token budget), size, and CPU/GPU
-latency raced against the dense base in one run (ffsplit.jobs.evaluate_job).
+latency raced against the dense base in one run (ffsplit.jobs.evaluate_job), and the MLflow
+metrics an evaluation record gives.
 
-An evaluation asks for all the CPUs of a node (a GPU when the cluster has them) so that its latency
-is not measured beside other work. Records are JSON, written atomically and keyed by the variant
-and the evaluation settings, so a resumed run does not evaluate a finished variant again.
+Records are JSON, written atomically and keyed by the variant and the evaluation settings
+(EvalConfig), so a resumed run does not evaluate a finished variant again.
 """
 
 from __future__ import annotations
@@ -14,108 +14,59 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ffsplit.errors import FFSplitError
+from ffsplit.config import EvalConfig
 from tasks import cache
+from tasks.records import Evaluation
 from tasks.runtime import (
     node_cpus,
-    prefect_task,
     release_worker_caches,
-    run_remote,
     set_task_threads,
     task_device,
     task_resources,
 )
-
-# The default latency workload: that of ffsplit.jobs.latency_against_base (recorded with results).
-LATENCY_WORKLOAD = {"prompt_tokens": 128, "decode_tokens": 32, "repeats": 5}
+from tasks.stage import stage
 
 
-def eval_params(
-    max_tokens: int = 16384,
-    window: int = 512,
-    corpus: str = "wikipedia",
-    latency: bool = True,
-    prompt_tokens: int = LATENCY_WORKLOAD["prompt_tokens"],
-    decode_tokens: int = LATENCY_WORKLOAD["decode_tokens"],
-    repeats: int = LATENCY_WORKLOAD["repeats"],
-) -> dict[str, Any]:
-    """The settings an evaluation depends on (part of its cache key), validated.
-
-    prompt_tokens / decode_tokens / repeats: the latency race's workload (prefill of a prompt, then
-    greedy decode steps, dense and variant interleaved, median of `repeats` rounds).
-    """
-    checks = (
-        ("eval_tokens", max_tokens, 2),
-        ("eval_window", window, 2),
-        ("latency_prompt_tokens", prompt_tokens, 1),
-        ("latency_decode_tokens", decode_tokens, 0),
-        ("latency_repeats", repeats, 1),
-    )
-    for name, value, low in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise FFSplitError(f"{name} must be an integer >= {low}, got {value!r}")
-    if max_tokens < window:
-        raise FFSplitError(f"eval_tokens ({max_tokens}) must be at least one window ({window})")
-    workload = {"prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "repeats": repeats}
-    return {
-        "max_tokens": max_tokens,
-        "window": window,
-        "corpus": corpus,
-        "latency": bool(latency),
-        "split": "evaluation",
-        **(workload if latency else {}),
-    }
+def evaluation_path(cache_dir: str, subject_key: str, config: EvalConfig) -> str:
+    """Where the evaluation of a variant key (or a base model's sha256) lives in the cache."""
+    return str(cache.eval_path(Path(cache_dir), cache.eval_key(subject_key, config.key_dict())))
 
 
-def evaluate_job(subject: str, params: dict[str, Any], out: str) -> dict[str, Any]:
-    """Ray task body: evaluate a variant folder (or a base model) and write the JSON record.
+def finished_evaluation(out: str, **_: Any) -> Evaluation | None:
+    """The record of an evaluation already written, else None."""
+    record = cache.read_json(Path(out))
+    return None if record is None else Evaluation(path=out, cached=True, record=record)
 
-    Quality, size and the latency race (with the workload of `params`) by ffsplit.jobs.evaluate_job,
-    on one load of the subject.
+
+@stage("evaluate", done=finished_evaluation, resources=lambda **_: task_resources(cpus=node_cpus()))
+def evaluate(*, subject: str, config: dict[str, Any], out: str) -> Evaluation:
+    """Quality, size and the latency race (ffsplit.jobs.evaluate_job, on one load of the
+    subject: a variant folder or a base model) written as one JSON record.
+
+    Asks for all the CPUs of a node (a GPU when the cluster has them), so that its latency is not
+    measured beside other work.
     """
     from ffsplit.files import write_text_atomic
-    from ffsplit.jobs import evaluate_job as library_evaluate
+    from ffsplit.jobs import evaluate_job
 
-    target = Path(out)
-    cached = cache.read_json(target)
-    if cached is not None:
-        return {**cached, "cached": True, "record_path": out}
+    settings = EvalConfig.from_dict(config, where="evaluation settings")
     started = time.perf_counter()
     release_worker_caches()  # this worker may hold a base model and statistics from other stages
     threads = set_task_threads()
-    device = task_device()
-    # one load of the subject for quality and the latency race (as the library's own job does)
-    workload = {k: params[k] for k in LATENCY_WORKLOAD if k in params}
-    result = library_evaluate(
+    result = evaluate_job(
         subject,
-        corpus=params["corpus"],
-        max_tokens=params["max_tokens"],
-        window=params["window"],
-        latency=bool(params["latency"]),
-        latency_workload=workload,
-        device=device,
+        corpus=settings.corpus,
+        max_tokens=settings.tokens,
+        window=settings.window,
+        latency=settings.latency,
+        latency_workload=settings.workload,
+        device=task_device(),
     )
     result["seconds"] = time.perf_counter() - started
     result["threads"] = threads
-    result["params"] = params
-    write_text_atomic(target, json.dumps(result, indent=1, sort_keys=True))
-    return {**result, "cached": False, "record_path": out}
-
-
-def run_evaluate(subject: str, params: dict[str, Any], out: str) -> dict[str, Any]:
-    """Evaluate on Ray with a whole node's CPUs; a finished record returns at once."""
-    cached = cache.read_json(Path(out))
-    if cached is not None:
-        return {**cached, "cached": True, "record_path": out}
-    return run_remote(
-        evaluate_job, subject, params, out, resources=task_resources(cpus=node_cpus())
-    )
-
-
-@prefect_task(name="evaluate")
-def evaluate(subject: str, params: dict[str, Any], out: str) -> dict[str, Any]:
-    """Prefect task: quality, size and speed of a variant or base model (cached by content)."""
-    return run_evaluate(subject, params, out)
+    result["params"] = settings.key_dict()
+    write_text_atomic(out, json.dumps(result, indent=1, sort_keys=True))
+    return Evaluation(path=out, cached=False, record=result)
 
 
 def metrics(record: dict[str, Any], dense: dict[str, Any] | None = None) -> dict[str, float]:

@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from ffsplit.errors import FFSplitError
+from tasks.records import ObservationRecord
 from tasks.runtime import (
     check_model_sha,
     node_cpus,
-    prefect_task,
     release_worker_caches,
-    run_remote,
     set_task_threads,
     task_device,
     task_resources,
 )
+from tasks.stage import stage
 
 RECORD = "observation.json"
 SETTINGS = "settings.json"  # in a flow's record folder: the model and parameters that made it
@@ -237,60 +237,37 @@ def _settings(model: str, model_sha256: str | None, params: Mapping[str, Any]) -
     return {"model": model, "weights_sha256": model_sha256, "params": dict(params)}
 
 
-def _summary(record: Mapping[str, Any], out: str, cached: bool) -> dict[str, Any]:
-    return {
-        "model": record["model"]["name"],
-        "record_dir": out,
-        "cached": cached,
-        "seconds": float((record.get("seconds") or {}).get("total", 0.0)),
-        "top1_share": record["observation"]["mean"]["top1_share"],
-        "ablation": {
-            k: record["ablation"].get(k) for k in ("metric", "dense", "top", "random_mean")
-        },
-    }
+def _summary(record: Mapping[str, Any], out: str, cached: bool) -> ObservationRecord:
+    ablation = record["ablation"]
+    return ObservationRecord(
+        path=out,
+        model=record["model"]["name"],
+        cached=cached,
+        seconds=float((record.get("seconds") or {}).get("total", 0.0)),
+        top1_share=record["observation"]["mean"]["top1_share"],
+        ablation={k: ablation.get(k) for k in ("metric", "dense", "top", "random_mean")},
+    )
 
 
-def observation_worker(
-    model: str, model_sha256: str | None, params: dict[str, Any], out: str, command: str
-) -> dict[str, Any]:
-    """Ray task body: observation_job on this worker's device and threads, then the folder."""
+def finished_observation(
+    model: str, model_sha256: str | None, params: dict[str, Any], out: str, **_: Any
+) -> ObservationRecord | None:
+    """The record of a complete folder made with the same model, weights and parameters."""
+    record = _complete(Path(out), _settings(model, model_sha256, params))
+    return None if record is None else _summary(record, out, True)
+
+
+@stage("observe", done=finished_observation, resources=lambda **_: task_resources(cpus=node_cpus()))
+def observe(
+    *, model: str, model_sha256: str | None, params: dict[str, Any], out: str, command: str
+) -> ObservationRecord:
+    """The observation of one base model (ffsplit.jobs.observation_job) as a record folder, on
+    this worker's device and threads (a whole node's CPUs, or a GPU)."""
     from ffsplit.jobs import observation_job
 
-    target = Path(out)
-    settings = _settings(model, model_sha256, params)
-    record = _complete(target, settings)
-    if record is not None:
-        return _summary(record, out, True)
     release_worker_caches()  # base models and statistics of other stages: this job loads its own
     set_task_threads()
     record = observation_job(model, device=task_device(), command=command, **params)
     check_model_sha(model, str(record["model"].get("weights_sha256", "")), model_sha256)
-    write_record_dir(record, target, settings)
+    write_record_dir(record, Path(out), _settings(model, model_sha256, params))
     return _summary(record, out, False)
-
-
-def run_observation(
-    model: str, model_sha256: str | None, params: dict[str, Any], out: str, command: str
-) -> dict[str, Any]:
-    """The observation of one model on Ray (a whole node's CPUs, or a GPU); a complete folder
-    returns at once (made with the same model, weights and parameters)."""
-    record = _complete(Path(out), _settings(model, model_sha256, params))
-    if record is not None:
-        return _summary(record, out, True)
-    return run_remote(
-        observation_worker,
-        model,
-        model_sha256,
-        params,
-        out,
-        command,
-        resources=task_resources(cpus=node_cpus()),
-    )
-
-
-@prefect_task(name="observe")
-def observe(
-    model: str, model_sha256: str | None, params: dict[str, Any], out: str, command: str
-) -> dict[str, Any]:
-    """Prefect task: the observation record folder of one base model (ffsplit.jobs.observation_job)."""
-    return run_observation(model, model_sha256, params, out, command)

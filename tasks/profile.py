@@ -20,18 +20,17 @@ from typing import Any
 from ffsplit.config import ProfileConfig
 from ffsplit.errors import FFSplitError
 from tasks import cache
+from tasks.records import BaseModel, UnitStats
 from tasks.runtime import (
     base_model,
     check_model_sha,
     node_cpus,
-    prefect_task,
     run_remote,
     set_task_threads,
-    submit,
     task_device,
     task_resources,
-    wait,
 )
+from tasks.stage import stage
 
 MODES = ("units", "layer_groups")
 
@@ -64,42 +63,58 @@ def check_memory_cap(bytes_held: int, cap_mb: float | None, what: str) -> None:
         )
 
 
-def profile_unit_job(
-    model: str,
-    model_sha256: str,
+def unit_resources(units: int, **_: Any) -> dict[str, Any]:
+    """Ray options of one profile unit: a GPU each where there are GPUs, else a fair share of a
+    node's CPUs (one unit on a 2-core machine runs 2 threads: no second model load, no merge)."""
+    return task_resources(cpus=max(1, node_cpus() // max(1, units)))
+
+
+def finished_unit(unit: int, out: str, **_: Any) -> UnitStats | None:
+    """The record of a unit's statistics file already written, else None."""
+    return UnitStats(path=out, unit=unit, cached=True) if Path(out).is_file() else None
+
+
+@stage(
+    "profile-unit",
+    done=finished_unit,
+    resources=unit_resources,
+    task_run_name="profile-unit-{unit}",
+)
+def profile_unit(
+    *,
+    model: BaseModel,
     profile: dict[str, Any],
     unit: int,
     units: int,
     out: str,
     memory_cap_mb: float | None = None,
-) -> dict[str, Any]:
-    """Ray task body: statistics of one calibration unit with the whole model in this worker."""
+) -> UnitStats:
+    """Statistics of one calibration unit with the whole model in this worker."""
     from ffsplit.profiling import profile_model, save_stats
 
-    target = Path(out)
-    if target.is_file():
-        return {"unit": unit, "path": out, "cached": True, "seconds": 0.0}
     started = time.perf_counter()
     threads = set_task_threads()
     device = task_device()
     config = ProfileConfig.from_dict(profile)
-    net, tokenizer, ref = base_model(model, model_sha256, device)
-    check_memory_cap(_weights_bytes(net), memory_cap_mb, f"model {model!r}")
+    net, tokenizer, ref = base_model(model.name, model.sha256, device)
+    check_memory_cap(_weights_bytes(net), memory_cap_mb, f"model {model.name!r}")
     if tokenizer is None:
-        raise FFSplitError(f"model {model!r} has no tokenizer files; cannot cut calibration text")
+        raise FFSplitError(
+            f"model {model.name!r} has no tokenizer files; cannot cut calibration text"
+        )
     windows, calibration = unit_windows(tokenizer, config, unit, units)
     meta = {"model_sha256": ref.weights_sha256, "calibration": calibration, "unit": [unit, units]}
     stats = profile_model(net, windows, config, meta=meta)
-    save_stats(stats, target)
-    return {
-        "unit": unit,
-        "path": out,
-        "cached": False,
-        "tokens": int(windows.numel()),
-        "seconds": time.perf_counter() - started,
-        "device": device,
-        "threads": threads,
-    }
+    save_stats(stats, out)
+    return UnitStats(
+        path=out,
+        unit=unit,
+        cached=False,
+        seconds=time.perf_counter() - started,
+        tokens=int(windows.numel()),
+        device=device,
+        threads=threads,
+    )
 
 
 def capture_job(
@@ -194,27 +209,33 @@ def join_groups_job(group_paths: list[str], meta: dict[str, Any], out: str) -> d
     return {"path": out, "tokens": joined.tokens}
 
 
+@stage(
+    "profile-unit",
+    done=finished_unit,
+    # The chain's own task only waits on its steps (each asks for its own resources).
+    resources=lambda **_: {"num_cpus": 0, "num_gpus": 0},
+    task_run_name="profile-unit-{unit}",
+)
 def profile_unit_by_layer_groups(
-    model: str,
-    model_sha256: str,
+    *,
+    model: BaseModel,
     profile: dict[str, Any],
     unit: int,
     units: int,
     out: str,
     group_size: int,
     memory_cap_mb: float | None = None,
-) -> dict[str, Any]:
+) -> UnitStats:
     """One unit as a chain of Ray tasks (capture, then each layer group in order), then a join.
 
     Hand-off files live in a work folder beside `out` and are removed once the unit is done.
     """
     from ffsplit.profiling.sequential import count_layers, layer_groups
 
+    model_sha256 = model.sha256
     target = Path(out)
-    if target.is_file():
-        return {"unit": unit, "path": out, "cached": True, "seconds": 0.0}
     started = time.perf_counter()
-    groups = layer_groups(count_layers(model), group_size)
+    groups = layer_groups(count_layers(model.name), group_size)
     work = target.with_name(f".{target.stem}.work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -224,7 +245,7 @@ def profile_unit_by_layer_groups(
     try:
         inputs = str(work / f"inputs-{groups[0][0]}.safetensors")
         captured = run_remote(
-            capture_job, model, model_sha256, profile, unit, units, inputs, resources=resources
+            capture_job, model.name, model_sha256, profile, unit, units, inputs, resources=resources
         )
         parts = []
         steps = []
@@ -236,7 +257,7 @@ def profile_unit_by_layer_groups(
             steps.append(
                 run_remote(
                     layer_group_job,
-                    model,
+                    model.name,
                     profile,
                     first,
                     last,
@@ -259,122 +280,39 @@ def profile_unit_by_layer_groups(
         run_remote(join_groups_job, parts, meta, out, resources=resources)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {
-        "unit": unit,
-        "path": out,
-        "cached": False,
-        "tokens": captured["tokens"],
-        "seconds": time.perf_counter() - started,
-        "groups": [[s["first"], s["last"]] for s in steps],
-        "max_group_weights_mb": max(s["weights_mb"] for s in steps),
-    }
-
-
-def unit_plan(
-    model_sha256: str,
-    profile: dict[str, Any],
-    units: int,
-    cache_dir: str,
-    mode: str = "units",
-    group_size: int | None = None,
-) -> list[dict[str, Any]]:
-    """Key and output path of every unit (what the fan-out submits, and the cache it checks)."""
-    if mode not in MODES:
-        raise FFSplitError(f"profile_mode must be one of {', '.join(MODES)}, got {mode!r}")
-    root = Path(cache_dir)
-    plan = []
-    for unit in range(units):
-        key = cache.unit_stats_key(
-            model_sha256, profile, unit, units, mode, group_size if mode == "layer_groups" else None
-        )
-        plan.append({"unit": unit, "key": key, "path": str(cache.unit_stats_path(root, key))})
-    return plan
-
-
-def unit_resources(units: int) -> dict[str, Any]:
-    """Ray options of one profile unit: a GPU each where there are GPUs, else a fair share of a
-    node's CPUs (one unit on a 2-core machine runs 2 threads: no second model load, no merge)."""
-    return task_resources(cpus=max(1, node_cpus() // max(1, units)))
-
-
-def run_unit(
-    model: str,
-    model_sha256: str,
-    profile: dict[str, Any],
-    unit: int,
-    units: int,
-    out: str,
-    mode: str = "units",
-    group_size: int | None = None,
-    memory_cap_mb: float | None = None,
-) -> dict[str, Any]:
-    """Statistics of one unit on Ray (a cache hit returns at once without touching Ray)."""
-    if Path(out).is_file():
-        return {"unit": unit, "path": out, "cached": True, "seconds": 0.0}
-    if mode == "layer_groups":
-        if group_size is None:
-            raise FFSplitError("profile_mode 'layer_groups' needs layer_group_size")
-        return profile_unit_by_layer_groups(
-            model, model_sha256, profile, unit, units, out, group_size, memory_cap_mb
-        )
-    return run_remote(
-        profile_unit_job,
-        model,
-        model_sha256,
-        profile,
-        unit,
-        units,
-        out,
-        memory_cap_mb,
-        resources=unit_resources(units),
+    return UnitStats(
+        path=out,
+        unit=unit,
+        cached=False,
+        seconds=time.perf_counter() - started,
+        tokens=captured["tokens"],
+        groups=tuple((s["first"], s["last"]) for s in steps),
+        max_group_weights_mb=max(s["weights_mb"] for s in steps),
     )
 
 
-def run_units(
-    model: str,
-    model_sha256: str,
-    profile: dict[str, Any],
-    plan: list[dict[str, Any]],
-    memory_cap_mb: float | None = None,
-) -> list[dict[str, Any]]:
-    """All units of the 'units' mode as parallel Ray tasks (for callers outside a Prefect flow)."""
-    units = len(plan)
-    refs = [
-        None
-        if Path(p["path"]).is_file()
-        else submit(
-            profile_unit_job,
-            model,
-            model_sha256,
-            profile,
-            p["unit"],
-            units,
-            p["path"],
-            memory_cap_mb,
-            resources=unit_resources(units),
-        )
-        for p in plan
-    ]
-    done = iter(wait([r for r in refs if r is not None]))
-    return [
-        {"unit": p["unit"], "path": p["path"], "cached": True, "seconds": 0.0}
-        if r is None
-        else next(done)
-        for p, r in zip(plan, refs, strict=True)
-    ]
-
-
-@prefect_task(name="profile-unit", task_run_name="profile-unit-{unit}")
-def profile_unit(
-    model: str,
-    model_sha256: str,
-    profile: dict[str, Any],
-    unit: int,
+def unit_paths(
+    cache_dir: str,
+    model: BaseModel,
+    profile: ProfileConfig,
     units: int,
-    out: str,
     mode: str = "units",
     group_size: int | None = None,
-    memory_cap_mb: float | None = None,
-) -> dict[str, Any]:
-    """Prefect task: one calibration unit's statistics file, computed on Ray (cached by content)."""
-    return run_unit(model, model_sha256, profile, unit, units, out, mode, group_size, memory_cap_mb)
+) -> list[str]:
+    """Where each unit's statistics live in the cache (what the fan-out writes and checks)."""
+    if mode not in MODES:
+        raise FFSplitError(f"profile_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    root = Path(cache_dir)
+    groups = group_size if mode == "layer_groups" else None
+    keys = [
+        cache.unit_stats_key(model.sha256, profile.to_dict(), unit, units, mode, groups)
+        for unit in range(units)
+    ]
+    return [str(cache.unit_stats_path(root, key)) for key in keys]
+
+
+def unit_stage(mode: str) -> Any:
+    """The stage that profiles one unit in this mode (whole model, or layer groups)."""
+    if mode not in MODES:
+        raise FFSplitError(f"profile_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return profile_unit if mode == "units" else profile_unit_by_layer_groups

@@ -1,14 +1,18 @@
 """Apply a recipe to FFNs: order neurons, solve the budget, compress blocks, swap split modules.
 
-`compress_layer` is a function of one FFN's weights and statistics (no model), so layer shards can
-be compressed independently by workers; `compress_model` runs it over a whole model in place.
+The one path every caller takes (the CLI's job, the pipeline's compress and assemble tasks, the
+benchmarks): `compress_layers` compresses a set of FFN layers of a model without touching it
+(so layer shards are independent work for any worker), `apply_layers` swaps their split modules
+into a model and builds the report; `compress_model` is the two in a row. `compress_layer` is a
+function of one FFN's weights and statistics. Compressors register against their method config
+type (PLANNERS), as torchao binds configs to handlers.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,24 +30,20 @@ from ffsplit.compress.budget import (
 from ffsplit.compress.lowrank import svd_factors, whitened_svd
 from ffsplit.compress.quant import gptq_quantize, quantize_groups
 from ffsplit.compress.results import CompressedLayer, CompressionReport, LayerReport
-from ffsplit.config import Recipe
+from ffsplit.config import (
+    LowRankConfig,
+    MethodConfig,
+    PruneConfig,
+    QuantConfig,
+    Recipe,
+    SplitOnlyConfig,
+)
 from ffsplit.errors import FFSplitError
 from ffsplit.profiling.stats import LayerStats, ModelStats
 from ffsplit.selection import heavy_count, neuron_scores, order_by_score, random_order
 from ffsplit.split.apply import BlockParts, build_split, dense_block, swap_ffn
 from ffsplit.split.parts import LowRankLinear, QuantizedLinear, to_storage
 from ffsplit.split.qformat import pick_group_size
-
-
-def needs_statistics(recipe: Recipe) -> bool:
-    """Score selection, activation-aware SVD and GPTQ read calibration statistics."""
-    if recipe.method == "none":
-        return recipe.selection == "score" and recipe.heavy_ratio > 0
-    if recipe.selection == "score" and (recipe.heavy_ratio > 0 or recipe.method == "prune"):
-        return True
-    if recipe.method == "lowrank" and recipe.lowrank.whiten:
-        return True
-    return recipe.method == "quant" and recipe.quant.gptq
 
 
 def neuron_order(
@@ -56,13 +56,13 @@ def neuron_order(
     """
     m = weights.neurons
     if recipe.selection == "random":
-        return random_order(m, recipe.heavy_ratio, recipe.seed, layer)
-    if recipe.heavy_ratio == 0 and recipe.method != "prune":
+        return random_order(m, recipe.heavy, recipe.seed, layer)
+    if recipe.selection == "none":
         return torch.empty(0, dtype=torch.long), torch.arange(m)
     if stats is None:
         raise FFSplitError(f"layer {layer}: score selection needs profiling statistics")
     order = order_by_score(neuron_scores(stats, weights.down)).cpu()
-    k = heavy_count(m, recipe.heavy_ratio)
+    k = heavy_count(m, recipe.heavy)
     return order[:k], order[k:]
 
 
@@ -81,18 +81,16 @@ def _light_gram(
 
 
 def _lowrank_block(
-    rank: int, stats: LayerStats | None, recipe: Recipe, notes: list[str]
+    rank: int, stats: LayerStats | None, config: LowRankConfig, notes: list[str]
 ) -> Callable[[FFNWeights, Tensor], BlockParts]:
     def factor(weight: Tensor, gram: Tensor | None, bias: Tensor | None) -> LowRankLinear:
         r = min(rank, *weight.shape)
-        if recipe.lowrank.whiten:
+        if config.whiten:
             if gram is None or stats is None:
                 raise FFSplitError(
                     "activation-aware low-rank needs Gram matrices: profile with collect_grams=true"
                 )
-            result = whitened_svd(
-                weight, r, gram.to(weight.device), stats.tokens, recipe.lowrank.damp
-            )
+            result = whitened_svd(weight, r, gram.to(weight.device), stats.tokens, config.damp)
             if result.fallback:
                 notes.append(f"plain SVD fallback: {result.fallback}")
             a, b = result.a, result.b
@@ -113,7 +111,7 @@ def _lowrank_block(
 
 
 def _quant_block(
-    bits: int, group_size: int, stats: LayerStats | None, recipe: Recipe
+    bits: int, group_size: int, stats: LayerStats | None, config: QuantConfig
 ) -> Callable[[FFNWeights, Tensor], BlockParts]:
     if bits == DENSE_BITS:
         return dense_block
@@ -124,7 +122,7 @@ def _quant_block(
         return quantize_groups(weight.float(), bits, group_size)
 
     def compress(block: FFNWeights, neurons: Tensor) -> BlockParts:
-        gptq = recipe.quant.gptq
+        gptq = config.gptq
         up = QuantizedLinear(quantize_rows(block.up, gptq), False, block.up_bias)
         gate = None
         if block.gate is not None:
@@ -139,7 +137,21 @@ def _quant_block(
 Block = tuple[Tensor, Callable[[FFNWeights, Tensor], BlockParts]]
 Planner = Callable[[FFNShape, Tensor, Tensor, LayerStats | None, Recipe, LayerReport], list[Block]]
 
+# Compressors register against their method config type (style.md 5): one planner per type.
+PLANNERS: dict[type[MethodConfig], Planner] = {}
 
+
+def planner(config_type: type[MethodConfig]) -> Callable[[Planner], Planner]:
+    """Register the planner of a method config type."""
+
+    def register(fn: Planner) -> Planner:
+        PLANNERS[config_type] = fn
+        return fn
+
+    return register
+
+
+@planner(SplitOnlyConfig)
 def _plan_none(
     shape: FFNShape,
     heavy: Tensor,
@@ -152,6 +164,7 @@ def _plan_none(
     return [(heavy, dense_block), (light, dense_block)]
 
 
+@planner(PruneConfig)
 def _plan_prune(
     shape: FFNShape,
     heavy: Tensor,
@@ -160,13 +173,14 @@ def _plan_prune(
     recipe: Recipe,
     report: LayerReport,
 ) -> list[Block]:
-    """Keep the first neurons in score order (heavy first) that fit the budget, drop the rest."""
+    """Keep the first neurons of the order (score, or random) that fit the budget, drop the rest."""
     kept = solve_kept_neurons(shape, recipe.ffn_reduction)
     report.kept = kept
     report.heavy = min(report.heavy, kept)
     return [(torch.cat([heavy, light])[:kept], dense_block)]
 
 
+@planner(LowRankConfig)
 def _plan_lowrank(
     shape: FFNShape,
     heavy: Tensor,
@@ -183,10 +197,12 @@ def _plan_lowrank(
     report.rank = rank
     blocks: list[Block] = [(heavy, dense_block)]
     if rank > 0:  # rank 0: the budget leaves nothing for the light part, which is dropped
-        blocks.append((light, _lowrank_block(rank, stats, recipe, report.notes)))
+        config: LowRankConfig = recipe.method  # type: ignore[assignment]
+        blocks.append((light, _lowrank_block(rank, stats, config, report.notes)))
     return blocks
 
 
+@planner(QuantConfig)
 def _plan_quant(
     shape: FFNShape,
     heavy: Tensor,
@@ -196,31 +212,18 @@ def _plan_quant(
     report: LayerReport,
 ) -> list[Block]:
     """Heavy at heavy_bits; light neurons in order over two adjacent bit widths of the ladder."""
-    group = pick_group_size(shape.d, preferred=recipe.quant.group_size)
+    config: QuantConfig = recipe.method  # type: ignore[assignment]
+    group = pick_group_size(shape.d, preferred=config.group_size)
     counts = solve_light_bits(
-        shape,
-        int(heavy.numel()),
-        recipe.quant.heavy_bits,
-        recipe.ffn_reduction,
-        group,
-        recipe.quant.ladder,
+        shape, int(heavy.numel()), config.heavy_bits, recipe.ffn_reduction, group, config.ladder
     )
     report.bits = counts
-    blocks: list[Block] = [(heavy, _quant_block(recipe.quant.heavy_bits, group, stats, recipe))]
+    blocks: list[Block] = [(heavy, _quant_block(config.heavy_bits, group, stats, config))]
     start = 0
     for bits, count in counts.items():  # higher bits first: the more important light neurons
-        blocks.append((light[start : start + count], _quant_block(bits, group, stats, recipe)))
+        blocks.append((light[start : start + count], _quant_block(bits, group, stats, config)))
         start += count
     return blocks
-
-
-# Compressors register against the recipe's method (style.md, 5): one planner per method.
-METHODS: dict[str, Planner] = {
-    "none": _plan_none,
-    "prune": _plan_prune,
-    "lowrank": _plan_lowrank,
-    "quant": _plan_quant,
-}
 
 
 def compress_layer(
@@ -237,12 +240,81 @@ def compress_layer(
         stats = stats.to_device(weights.up.device)
     heavy, light = neuron_order(weights, stats, recipe, layer)
     report = LayerReport(layer, shape.m, int(heavy.numel()), dense_ffn_bytes(shape), 0)
-    plan = METHODS[recipe.method]
+    plan = PLANNERS[type(recipe.method)]
     blocks = plan(shape, heavy, light, stats, recipe, report)
     modules = build_split(weights, blocks)
     report.bytes = sum(m.nbytes() for m in modules if m is not None)
     order = torch.cat([b[0] for b in blocks if b[0].numel()])
     return CompressedLayer(layer, modules, heavy.cpu(), order.cpu(), report)
+
+
+def compress_layers(
+    model: nn.Module,
+    stats: ModelStats | None,
+    recipe: Recipe,
+    layers: Sequence[int] | None = None,
+    *,
+    adapter: Adapter | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[int, CompressedLayer]:
+    """Compress FFN `layers` (every FFN by default) of `model` by the recipe; the model is only
+    read, so shards of layers can be compressed by any worker holding the base model."""
+    adapter = adapter or get_adapter(model)
+    if recipe.needs_statistics and stats is None:
+        raise FFSplitError(
+            f"recipe '{recipe.label}' needs calibration statistics: run `ffsplit profile` first "
+            "or pass --calib-tokens"
+        )
+    handles = {h.layer: h for h in adapter.ffns(model)}
+    wanted = sorted(handles) if layers is None else list(layers)
+    unknown = [layer for layer in wanted if layer not in handles]
+    if unknown:
+        raise FFSplitError(
+            f"the model has no FFN layer {', '.join(map(str, unknown))} "
+            f"(it has 0..{len(handles) - 1})"
+        )
+    if stats is not None:
+        missing = [layer for layer in wanted if layer not in stats.layers]
+        if missing:
+            raise FFSplitError(
+                f"statistics lack layers {missing}: they cover {sorted(stats.layers)}"
+            )
+    results: dict[int, CompressedLayer] = {}
+    for done, layer in enumerate(wanted, 1):
+        weights = adapter.weights(model, handles[layer])
+        layer_stats = None if stats is None else stats.layers[layer]
+        results[layer] = compress_layer(weights, layer_stats, recipe, layer)
+        if progress is not None:
+            progress(done, len(wanted))
+    return results
+
+
+def apply_layers(
+    model: nn.Module,
+    results: Mapping[int, CompressedLayer],
+    recipe: Recipe,
+    *,
+    adapter: Adapter | None = None,
+    seconds: float = 0.0,
+    every_layer: bool = True,
+) -> CompressionReport:
+    """Swap each result's split modules into `model` (in place) and build the whole report.
+
+    every_layer: every FFN of the model must have a result (a variant is never partly compressed).
+    """
+    adapter = adapter or get_adapter(model)
+    handles = {h.layer: h for h in adapter.ffns(model)}
+    unknown = sorted(set(results) - set(handles))
+    if unknown:
+        raise FFSplitError(f"the model has no FFN layer(s) {unknown}; results of another model?")
+    missing = sorted(set(handles) - set(results))
+    if every_layer and missing:
+        raise FFSplitError(f"no shard holds layers {missing}; every FFN needs one")
+    for layer in sorted(results):
+        swap_ffn(model, adapter, handles[layer], results[layer].modules)
+    return CompressionReport.of(
+        recipe.to_dict(), [results[i].report for i in sorted(results)], seconds
+    )
 
 
 def compress_model(
@@ -254,36 +326,16 @@ def compress_model(
     layers: Sequence[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[CompressionReport, dict[int, CompressedLayer]]:
-    """Compress every FFN (or `layers`) of `model` in place; returns the report and per-layer results."""
+    """Compress every FFN (or `layers`) of `model` in place; the report and per-layer results."""
     adapter = adapter or get_adapter(model)
-    if needs_statistics(recipe) and stats is None:
-        raise FFSplitError(
-            f"recipe '{recipe.label}' needs calibration statistics: run `ffsplit profile` first "
-            "or pass --calib-tokens"
-        )
-    handles = adapter.ffns(model)
-    wanted = [h for h in handles if layers is None or h.layer in set(layers)]
-    if stats is not None:
-        missing = [h.layer for h in wanted if h.layer not in stats.layers]
-        if missing:
-            raise FFSplitError(
-                f"statistics lack layers {missing}: they cover {sorted(stats.layers)}"
-            )
     started = time.perf_counter()
-    results: dict[int, CompressedLayer] = {}
-    for done, handle in enumerate(wanted, 1):
-        weights = adapter.weights(model, handle)
-        layer_stats = None if stats is None else stats.layers[handle.layer]
-        result = compress_layer(weights, layer_stats, recipe, handle.layer)
-        swap_ffn(model, adapter, handle, result.modules)
-        results[handle.layer] = result
-        if progress is not None:
-            progress(done, len(wanted))
-    report = CompressionReport(
-        recipe=recipe.to_dict(),
-        layers=[r.report for r in results.values()],
-        dense_ffn_bytes=sum(r.report.dense_bytes for r in results.values()),
-        ffn_bytes=sum(r.report.bytes for r in results.values()),
+    results = compress_layers(model, stats, recipe, layers, adapter=adapter, progress=progress)
+    report = apply_layers(
+        model,
+        results,
+        recipe,
+        adapter=adapter,
         seconds=time.perf_counter() - started,
+        every_layer=layers is None,
     )
     return report, results

@@ -45,6 +45,19 @@ class CompressionReport:
     ffn_bytes: int
     seconds: float
 
+    @classmethod
+    def of(
+        cls, recipe: dict[str, Any], layers: list[LayerReport], seconds: float
+    ) -> CompressionReport:
+        """The whole model's report from its layers' reports (bytes summed exactly)."""
+        return cls(
+            recipe=recipe,
+            layers=layers,
+            dense_ffn_bytes=sum(r.dense_bytes for r in layers),
+            ffn_bytes=sum(r.bytes for r in layers),
+            seconds=seconds,
+        )
+
     @property
     def ffn_reduction(self) -> float:
         """Achieved FFN reduction by bytes, exact (never rounded to the target)."""

@@ -47,7 +47,7 @@ def test_ffsplit_lowrank_beats_uniform_at_30_percent(smollm2, stats):
     results = {}
     for name, recipe in {
         "ffsplit": Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3),
-        "uniform": Recipe(method="lowrank", heavy_ratio=0.0, ffn_reduction=0.3),
+        "uniform": Recipe(method="lowrank", ffn_reduction=0.3, selection="none"),
     }.items():
         model, _, _ = load_model("smollm2-135m")
         report, _ = compress_model(model, stats, recipe)

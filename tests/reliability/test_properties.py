@@ -20,7 +20,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ffsplit.config import METHODS, SELECTIONS, LowRankConfig, ProfileConfig, QuantConfig, Recipe
+from ffsplit.config import (
+    METHOD_CONFIGS,
+    SELECTIONS,
+    LowRankConfig,
+    ProfileConfig,
+    QuantConfig,
+    Recipe,
+)
 from ffsplit.data.corpora import SPLITS
 from ffsplit.data.windows import CorpusRef
 from ffsplit.errors import FFSplitError
@@ -85,9 +92,9 @@ QUANT = {
     "gptq": st.booleans(),
 }
 RECIPE = {
-    "version": st.sampled_from([1, 2]),
-    "method": st.sampled_from([*METHODS, "zip"]),
-    "heavy_ratio": fractions,
+    "version": st.sampled_from([1, 2, 3]),
+    "method": st.sampled_from([*METHOD_CONFIGS, "zip"]),
+    "heavy_ratio": fractions | st.none(),
     "ffn_reduction": fractions,
     "selection": st.sampled_from([*SELECTIONS, "best"]),
     "seed": st.integers(-3, 100) | st.integers(),
@@ -204,7 +211,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     report, layers = compress_model(
         model,
         stats,
-        Recipe(heavy_ratio=0.1, ffn_reduction=0.3, lowrank=LowRankConfig(whiten=False)),
+        Recipe(method=LowRankConfig(whiten=False), heavy_ratio=0.1, ffn_reduction=0.3),
     )
     variant = save_variant(
         model,

@@ -83,32 +83,61 @@ def test_row_from_run_reads_recipe_setting_and_heal() -> None:
     )
     assert r.setting == "" and not r.healed and r.git_commit == "abc"
     for recipe, series in (
-        (Recipe(method="quant", heavy_ratio=0.0), "uniform-quant"),
+        (Recipe(method="quant", selection="none"), "uniform-quant"),
         (Recipe(method="quant", selection="random"), "random-quant"),
-        (Recipe(method="prune", heavy_ratio=0.0), "prune"),
-        (Recipe(method="none", heavy_ratio=0.0, ffn_reduction=0.0), "dense"),
+        (Recipe(method="prune"), "prune"),
+        (Recipe(method="prune", selection="random"), "prune-random"),
+        (Recipe(method="none", selection="none", ffn_reduction=0.0), "dense"),
+        (Recipe(method="none", heavy_ratio=0.2, ffn_reduction=0.0), "split"),  # not a reference
     ):
         got = results.row_from_run(
             model="lm", run_id="r", run_name="", params=flat(recipe), metrics={}, tags={}
         )
-        assert got.series == series
-    # Options other than the grid make the setting; healing is read from params defensively.
-    params["recipe.quant.gptq"] = "True"
-    params["recipe.profile.tokens"] = "16384"
-    params["recipe.heal.steps"] = "200"
+        assert (got.series, got.label, got.heavy_ratio) == (series, recipe.label, recipe.heavy)
+    # Options other than the grid make the setting; healing comes from the recipe.
+    quant = Recipe.from_dict(
+        {
+            "method": "quant",
+            "quant": {"gptq": True},
+            "ffn_reduction": 0.3,
+            "profile": {"tokens": 16384},
+            "heal": {"steps": 200},
+        }
+    )
     r = results.row_from_run(
-        model="lm", run_id="r", run_name="", params=params, metrics={}, tags={}
+        model="lm", run_id="r", run_name="", params=flat(quant), metrics={}, tags={}
     )
     assert r.heal_steps == 200 and r.healed
     assert r.setting == "heal.steps=200, profile.tokens=16384, quant.gptq=True"
-    assert results.heal_steps_of({"heal.steps": "7"}) == 7
-    assert results.heal_steps_of({"recipe.heal.steps": "oops"}) == 0
-    params["recipe.heal.steps"] = "0"
-    params["recipe.heal.lr"] = "0.5"  # healing off: its other options do not split the setting
+    # Healing off: its other options do not split the setting.
+    off = quant.replace(heal=quant.heal.replace(steps=0, lr=0.5))
     r = results.row_from_run(
-        model="lm", run_id="r", run_name="", params=params, metrics={}, tags={}
+        model="lm", run_id="r", run_name="", params=flat(off), metrics={}, tags={}
     )
     assert not r.healed and r.setting == "profile.tokens=16384, quant.gptq=True"
+
+
+def test_recipe_params_round_trip_and_unreadable_ones_name_the_run() -> None:
+    recipes = [
+        Recipe(),
+        Recipe(method="quant", selection="none", ffn_reduction=0.5),
+        Recipe.from_dict({"method": "quant", "quant": {"ladder": [4, 2], "gptq": True}}),
+        Recipe(method="lowrank", selection="random", seed=3, heavy_ratio=0.25),
+        Recipe.from_dict({"method": "lowrank", "heal": {"steps": 20, "loss": "local", "lr": 1e-3}}),
+        Recipe(method="prune", selection="random"),
+        Recipe(method="none", selection="none", ffn_reduction=0.0),
+    ]
+    for recipe in recipes:
+        assert results.recipe_from_params(flat(recipe)) == recipe
+    assert results.recipe_from_params({"git_commit": "abc"}) is None
+    # A version-1 recipe (heavy ratio 0 = uniform) migrates; a newer one is refused, naming the run.
+    old = {"recipe.version": "1", "recipe.method": "quant", "recipe.heavy_ratio": "0.0"}
+    assert results.recipe_from_params(old) == Recipe(method="quant", selection="none")
+    newer = flat(Recipe()) | {"recipe.version": "3"}
+    with pytest.raises(FFSplitError, match=r"run r9 \(v\) of lm: .*version 3"):
+        results.row_from_run(
+            model="lm", run_id="r9", run_name="v", params=newer, metrics={}, tags={}
+        )
 
 
 def test_dedupe_keeps_the_latest_run_of_a_variant() -> None:
@@ -353,9 +382,9 @@ def test_registered_variants_come_back_as_rows_and_a_page(
 
     base = unique_name  # its own experiment ffsplit/<base> in the shared session store
     specs = [
-        ("dense", Recipe(method="none", heavy_ratio=0.0, ffn_reduction=0.0), 0, {}, "dense"),
+        ("dense", Recipe(method="none", selection="none", ffn_reduction=0.0), 0, {}, "dense"),
         ("ffs", Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.5), 0, {"perplexity_change_pct": 4.0}, "k-ffs"),
-        ("uni", Recipe(method="lowrank", heavy_ratio=0.0, ffn_reduction=0.5), 0, {"perplexity_change_pct": 9.0}, "k-uni"),
+        ("uni", Recipe(method="lowrank", selection="none", ffn_reduction=0.5), 0, {"perplexity_change_pct": 9.0}, "k-uni"),
         # the same variant key registered twice (two sweeps): the later run counts, once
         ("q0", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.5), 0, {"perplexity_change_pct": 2.0}, "k-q"),
         ("q1", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.5), 1, {"perplexity_change_pct": 1.5}, "k-q"),
@@ -604,9 +633,9 @@ def test_test_set_size_comes_from_the_metric_else_the_record_artifact(
     record.write_text(json.dumps({"accuracy": 0.6, "eval": {"corpus": "tweets", "test": 1200}}))
     specs = [
         # (name, recipe, metrics beyond accuracy, artifacts)
-        ("dense", Recipe(method="none", heavy_ratio=0.0, ffn_reduction=0.0), {"accuracy_test_examples": 1500.0}, {"eval/record.json": record}),
+        ("dense", Recipe(method="none", selection="none", ffn_reduction=0.0), {"accuracy_test_examples": 1500.0}, {"eval/record.json": record}),
         ("ffs", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.3), {}, {"eval/record.json": record}),
-        ("uni", Recipe(method="quant", heavy_ratio=0.0, ffn_reduction=0.3), {}, {}),
+        ("uni", Recipe(method="quant", selection="none", ffn_reduction=0.3), {}, {}),
     ]  # fmt: skip
     run_of = {}
     for seed, (name, recipe, extra, artifacts) in enumerate(specs):
@@ -673,7 +702,7 @@ def test_observation_runs_get_their_section_and_leave_the_variant_tables_alone(
 
     base = unique_name
     for name, recipe, change in (
-        ("dense", Recipe(method="none", heavy_ratio=0.0, ffn_reduction=0.0), 0.0),
+        ("dense", Recipe(method="none", selection="none", ffn_reduction=0.0), 0.0),
         ("ffs", Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.5), 4.0),
     ):
         folder = make_variant(tmp_path / "variants" / name, base, recipe)

@@ -12,19 +12,11 @@ from ffsplit.adapters import get_adapter
 from ffsplit.config import ProfileConfig
 from ffsplit.errors import FFSplitError
 from ffsplit.models.loading import load_model
-from ffsplit.models.registry import resolve_model
 from ffsplit.profiling import load_stats
 from ffsplit.selection import heavy_count, neuron_scores, order_by_score
-from tasks.aggregate import (
-    SUMMARY_FILE,
-    aggregate,
-    aggregate_job,
-    aggregate_path,
-    heavy_sets,
-    stats_file,
-)
-from tasks.profile import run_units, unit_plan
-from tasks.runtime import run_remote, task_resources
+from tasks.aggregate import SUMMARY_FILE, aggregate, aggregate_path, heavy_sets, stats_file
+from tasks.profile import profile_unit, unit_paths
+from tasks.records import BaseModel
 
 PROFILE = ProfileConfig(tokens=512, window=64, batch_size=2)
 
@@ -32,32 +24,30 @@ PROFILE = ProfileConfig(tokens=512, window=64, batch_size=2)
 @pytest.fixture(scope="module")
 def units(tiny_lm: str, ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("agg-cache")
-    sha = resolve_model(tiny_lm).weights_sha256
-    plan = unit_plan(sha, PROFILE.to_dict(), 3, str(root))
-    run_units(tiny_lm, sha, PROFILE.to_dict(), plan)
-    return {"sha": sha, "plan": plan, "root": str(root)}
+    base = BaseModel.resolve(tiny_lm)
+    plan = unit_paths(str(root), base, PROFILE, 3)
+    profile_unit.run_many(
+        [
+            {"model": base, "profile": PROFILE.to_dict(), "unit": i, "units": 3, "out": out}
+            for i, out in enumerate(plan)
+        ]
+    )
+    return {"base": base, "plan": plan, "root": str(root)}
 
 
 def _aggregate(tiny_lm: str, units: dict) -> tuple[str, dict]:
-    key, out = aggregate_path(units["root"], [p["key"] for p in units["plan"]])
-    record = run_remote(
-        aggregate_job,
-        tiny_lm,
-        units["sha"],
-        [p["path"] for p in units["plan"]],
-        out,
-        resources=task_resources(),
-    )
+    out = aggregate_path(units["root"], units["plan"])
+    record = aggregate.run(model=units["base"], unit_paths=units["plan"], out=out)
     return out, record
 
 
 def test_merge_is_the_left_fold_in_unit_order(tiny_lm: str, units: dict) -> None:
     out, record = _aggregate(tiny_lm, units)
-    parts = [load_stats(p["path"]) for p in units["plan"]]
+    parts = [load_stats(p) for p in units["plan"]]
     expected = parts[0].merged(parts[1]).merged(parts[2])
     merged = load_stats(stats_file(out))
-    assert merged.tokens == record["tokens"] == 512
-    assert record["units"] == 3 and record["calibration"]["units"] == 3
+    assert merged.tokens == record.tokens == 512
+    assert record.units == 3 and record.calibration["units"] == 3
     assert "shard" not in merged.meta["calibration"]
     for i, layer in expected.layers.items():
         for field in ("sum_sq", "max_abs", "hits", "gram_in", "gram_hidden"):
@@ -85,18 +75,13 @@ def test_heavy_sets_are_the_top_scores(tiny_lm: str, units: dict) -> None:
 def test_second_run_is_a_cache_hit(tiny_lm: str, units: dict) -> None:
     out, _ = _aggregate(tiny_lm, units)
     stamp = stats_file(out).stat().st_mtime_ns
-    again = aggregate.fn(tiny_lm, units["sha"], [p["path"] for p in units["plan"]], out)
-    assert again["cached"] and stats_file(out).stat().st_mtime_ns == stamp
+    again = aggregate.task.fn(model=units["base"], unit_paths=units["plan"], out=out)
+    assert again.cached and stats_file(out).stat().st_mtime_ns == stamp
 
 
 def test_statistics_of_another_model_are_refused(tiny_lm: str, units: dict, tmp_path: Path) -> None:
     with pytest.raises(FFSplitError, match="collected on model"):
-        run_remote(
-            aggregate_job,
-            tiny_lm,
-            "f" * 64,
-            [p["path"] for p in units["plan"]],
-            str(tmp_path / "agg"),
-            resources=task_resources(),
-        )
+        base = units["base"]
+        other = BaseModel(base.name, "f" * 64, base.layers, base.path)
+        aggregate.run(model=other, unit_paths=units["plan"], out=str(tmp_path / "agg"))
     assert not (tmp_path / "agg").exists()

@@ -9,26 +9,24 @@ import torch
 
 from ffsplit.config import ProfileConfig, QuantConfig, Recipe
 from ffsplit.errors import FFSplitError
-from ffsplit.models.registry import resolve_model
 from ffsplit.profiling import load_stats
 from ffsplit.variant.shards import load_shard
 from tasks import cache
-from tasks.aggregate import aggregate_job, aggregate_path, heavy_sets, stats_file
-from tasks.compress import compress_shard_job, layer_shards, run_shard, shard_plan
-from tasks.profile import profile_unit_job, unit_plan
-from tasks.runtime import run_many, run_remote
+from tasks.aggregate import aggregate, aggregate_path, heavy_sets, stats_file
+from tasks.compress import compress_shard, layer_shards, shard_path
+from tasks.profile import profile_unit, unit_paths
+from tasks.records import BaseModel
 
 PROFILE = ProfileConfig(tokens=512, window=64, batch_size=2)
 RECIPES = [
     Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3, profile=PROFILE),
     Recipe(
-        method="quant",
+        method=QuantConfig(group_size=32, gptq=True),
         heavy_ratio=0.1,
         ffn_reduction=0.5,
         profile=PROFILE,
-        quant=QuantConfig(group_size=32, gptq=True),
     ),
-    Recipe(method="prune", heavy_ratio=0.0, ffn_reduction=0.3, profile=PROFILE),
+    Recipe(method="prune", ffn_reduction=0.3, profile=PROFILE),
 ]
 UNITS = 4
 
@@ -48,42 +46,34 @@ def test_layer_shards_partition_in_order() -> None:
 
 def _pipeline(model: str, root: Path, slot: str) -> dict:
     """Profile units, aggregate, compress every recipe's shards with at most 1 or 3 tasks at once."""
-    sha = resolve_model(model).weights_sha256
+    base = BaseModel.resolve(model)
     resources = {"num_cpus": 1, "resources": {slot: 1}}
-    plan = unit_plan(sha, PROFILE.to_dict(), UNITS, str(root))
-    units = run_many(
-        profile_unit_job,
+    paths = unit_paths(str(root), base, PROFILE, UNITS)
+    units = profile_unit.run_many(
         [
-            {
-                "model": model,
-                "model_sha256": sha,
-                "profile": PROFILE.to_dict(),
-                "unit": p["unit"],
-                "units": UNITS,
-                "out": p["path"],
-            }
-            for p in plan
+            {"model": base, "profile": PROFILE.to_dict(), "unit": i, "units": UNITS, "out": out}
+            for i, out in enumerate(paths)
         ],
         resources=resources,
     )
-    key, out = aggregate_path(str(root), [p["key"] for p in plan])
-    run_remote(aggregate_job, model, sha, [p["path"] for p in plan], out, resources=resources)
+    out = aggregate_path(str(root), paths)
+    merged = aggregate.run(model=base, unit_paths=paths, out=out)
     shards = {}
     calls = []
     for recipe in RECIPES:
-        for p in shard_plan(sha, key, recipe.to_dict(), layer_shards(4, 3), str(root)):
+        for layers in layer_shards(4, 3):
+            path = shard_path(str(root), base, merged.key, recipe, layers)
             calls.append(
                 {
-                    "model": model,
-                    "model_sha256": sha,
+                    "model": base,
                     "stats_path": str(stats_file(out)),
                     "recipe": recipe.to_dict(),
-                    "layers": p["layers"],
-                    "out": p["path"],
+                    "layers": layers,
+                    "out": path,
                 }
             )
-            shards[(recipe.label, tuple(p["layers"]))] = p["path"]
-    results = run_many(compress_shard_job, calls, resources=resources)
+            shards[(recipe.label, tuple(layers))] = path
+    results = compress_shard.run_many(calls, resources=resources)
     return {"units": units, "aggregate": out, "shards": shards, "results": results}
 
 
@@ -92,7 +82,7 @@ def test_one_worker_and_three_workers_give_identical_results(
 ) -> None:
     one = _pipeline(tiny_lm, tmp_path / "one", "one_worker")
     three = _pipeline(tiny_lm, tmp_path / "three", "three_workers")
-    assert not any(r["cached"] for r in one["results"] + three["results"])
+    assert not any(r.cached for r in one["results"] + three["results"])
     for ratio in (0.1, 0.3):
         assert heavy_sets(one["aggregate"], ratio) == heavy_sets(three["aggregate"], ratio)
     a, b = load_stats(stats_file(one["aggregate"])), load_stats(stats_file(three["aggregate"]))
@@ -121,25 +111,28 @@ def test_one_worker_and_three_workers_give_identical_results(
 def test_shards_are_cached_and_need_statistics(
     tiny_lm: str, ray_cluster: dict, tmp_path: Path
 ) -> None:
-    sha = resolve_model(tiny_lm).weights_sha256
+    base = BaseModel.resolve(tiny_lm)
     uniform = Recipe(
-        method="quant",
-        heavy_ratio=0.0,
-        ffn_reduction=0.5,
-        profile=PROFILE,
-        quant=QuantConfig(group_size=32),
+        method=QuantConfig(group_size=32), selection="none", ffn_reduction=0.5, profile=PROFILE
     )
-    [p] = shard_plan(sha, None, uniform.to_dict(), [[0, 1, 2, 3]], str(tmp_path))
-    first = run_shard(tiny_lm, sha, None, uniform.to_dict(), p["layers"], p["path"])
-    stamp = (Path(p["path"]) / "shard.safetensors").stat().st_mtime_ns
-    again = run_shard(tiny_lm, sha, None, uniform.to_dict(), p["layers"], p["path"])
-    assert not first["cached"] and again["cached"]
-    assert again["bytes"] == first["bytes"] < first["dense_bytes"]
-    assert (Path(p["path"]) / "shard.safetensors").stat().st_mtime_ns == stamp
+    layers = [0, 1, 2, 3]
+    path = shard_path(str(tmp_path), base, None, uniform, layers)
+
+    def shard(recipe: dict, layers: list[int], out: str):  # noqa: ANN202
+        return compress_shard.run(
+            model=base, stats_path=None, recipe=recipe, layers=layers, out=out
+        )
+
+    first = shard(uniform.to_dict(), layers, path)
+    stamp = (Path(path) / "shard.safetensors").stat().st_mtime_ns
+    again = shard(uniform.to_dict(), layers, path)
+    assert not first.cached and again.cached
+    assert again.bytes == first.bytes < first.dense_bytes
+    assert (Path(path) / "shard.safetensors").stat().st_mtime_ns == stamp
     scored = RECIPES[0].to_dict()
     out = cache.shard_dir(tmp_path, "x")
     with pytest.raises(FFSplitError, match="needs calibration statistics"):
-        run_shard(tiny_lm, sha, None, scored, [0], str(out))
+        shard(scored, [0], str(out))
     with pytest.raises(FFSplitError, match="no FFN layer 7"):
-        run_shard(tiny_lm, sha, None, uniform.to_dict(), [7], str(out))
+        shard(uniform.to_dict(), [7], str(out))
     assert not out.exists()

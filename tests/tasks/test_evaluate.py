@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import eval_params, evaluate_job, metrics
+from ffsplit.config import EvalConfig
+from tasks.evaluate import evaluate, metrics
 
 SIZE = {"total_params": 1000, "total_bytes": 2000, "ffn_bytes": 1200, "ffn_params": 600}
 
@@ -62,12 +63,14 @@ def test_task_body_loads_the_subject_once_and_races_with_the_asked_workload(
     monkeypatch.setattr(
         ffsplit.jobs, "load_any", lambda *a, **k: loads.append(a) or real_load(*a, **k)
     )
-    params = eval_params(256, 128, latency=True, prompt_tokens=16, decode_tokens=2, repeats=1)
+    config = EvalConfig(tokens=256, window=128, prompt_tokens=16, decode_tokens=2, repeats=1)
     out = tmp_path / "eval.json"
-    record = evaluate_job(str(folder), params, str(out))
-    assert len(loads) == 1 and not record["cached"]
+    result = evaluate(subject=str(folder), config=config.to_dict(), out=str(out))
+    record = result.record
+    assert len(loads) == 1 and not result.cached
     assert record["latency"]["workload"]["prompt_tokens"] == 16
     assert record["latency"]["workload"]["decode_tokens"] == 2
     assert math.isfinite(record["perplexity"])
-    assert json.loads(out.read_text())["params"] == params
-    assert evaluate_job(str(folder), params, str(out))["cached"] and len(loads) == 1
+    assert json.loads(out.read_text())["params"] == config.key_dict()
+    again = evaluate(subject=str(folder), config=config.to_dict(), out=str(out))
+    assert again.cached and len(loads) == 1

@@ -12,16 +12,15 @@ from safetensors.torch import load_file
 from ffsplit.config import HealConfig, ProfileConfig, Recipe
 from ffsplit.errors import FFSplitError
 from ffsplit.jobs import heal_job
-from ffsplit.models.registry import resolve_model
 from ffsplit.variant import read_manifest
 from ffsplit.variant.manifest import WEIGHTS
 from tasks import cache
-from tasks.aggregate import aggregate_job, aggregate_path, stats_file
-from tasks.assemble import run_assemble
-from tasks.compress import layer_shards, run_shard, shard_plan
-from tasks.heal import run_heal, unhealed
-from tasks.profile import run_units, unit_plan
-from tasks.runtime import run_remote, task_resources
+from tasks.aggregate import aggregate, aggregate_path, stats_file
+from tasks.assemble import assemble, variant_path
+from tasks.compress import compress_shard, layer_shards, shard_path
+from tasks.heal import heal_variant
+from tasks.profile import profile_unit, unit_paths
+from tasks.records import BaseModel
 
 PROFILE = ProfileConfig(tokens=512, window=64, batch_size=2)
 HEAL = HealConfig(steps=6, loss="local", lr=1e-3, tokens=512, window=64, batch_size=2)
@@ -32,27 +31,44 @@ RECIPE = Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.4, profile=PR
 def assembled(tiny_lm: str, ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The unhealed variant of RECIPE, made by the pipeline's stages (profile .. assemble)."""
     root = tmp_path_factory.mktemp("heal-cache")
-    sha = resolve_model(tiny_lm).weights_sha256
-    plan = unit_plan(sha, PROFILE.to_dict(), 2, str(root))
-    run_units(tiny_lm, sha, PROFILE.to_dict(), plan)
-    key, agg = aggregate_path(str(root), [p["key"] for p in plan])
-    record = run_remote(
-        aggregate_job, tiny_lm, sha, [p["path"] for p in plan], agg, resources=task_resources()
+    base = BaseModel.resolve(tiny_lm)
+    plan = unit_paths(str(root), base, PROFILE, 2)
+    profile_unit.run_many(
+        [
+            {"model": base, "profile": PROFILE.to_dict(), "unit": i, "units": 2, "out": out}
+            for i, out in enumerate(plan)
+        ]
     )
-    compression = unhealed(RECIPE).to_dict()
-    shards = shard_plan(sha, key, compression, layer_shards(4, 2), str(root))
-    for p in shards:
-        run_shard(tiny_lm, sha, str(stats_file(agg)), compression, p["layers"], p["path"])
-    variant_key = cache.variant_key(sha, [p["key"] for p in shards])
-    out = cache.variant_dir(root, variant_key)
-    run_assemble(
-        tiny_lm, sha, compression, [p["path"] for p in shards], str(out), record["calibration"]
+    agg = aggregate_path(str(root), plan)
+    record = aggregate.run(model=base, unit_paths=plan, out=agg)
+    compression = RECIPE.unhealed()
+    shards = [
+        compress_shard.run(
+            model=base,
+            stats_path=str(stats_file(agg)),
+            recipe=compression.to_dict(),
+            layers=layers,
+            out=shard_path(str(root), base, record.key, compression, layers),
+        )
+        for layers in layer_shards(4, 2)
+    ]
+    out = variant_path(str(root), base, [s.key for s in shards])
+    assemble.run(
+        model=base,
+        recipe=compression.to_dict(),
+        shard_paths=[s.path for s in shards],
+        out=out,
+        calibration=record.calibration,
     )
-    return {"sha": sha, "root": root, "key": variant_key, "path": str(out)}
+    return {"base": base, "root": root, "key": Path(out).name, "path": out}
+
+
+def run_heal(base: BaseModel, variant: str, heal: dict, out: str):  # noqa: ANN201
+    return heal_variant.run(model=base, variant=variant, heal=heal, out=out)
 
 
 def test_unhealed_recipe_is_the_compression_alone() -> None:
-    plain = unhealed(RECIPE)
+    plain = RECIPE.unhealed()
     assert not plain.heal.enabled and plain.replace(heal=HEAL) == RECIPE
     assert plain.label == "lowrank-h0.10-r0.4" and RECIPE.label == "lowrank-h0.10-r0.4-heal6-local"
 
@@ -72,9 +88,9 @@ def test_heal_stage_equals_the_library_job_and_is_cached(
 ) -> None:
     key = cache.heal_key(assembled["key"], HEAL.to_dict())
     out = cache.healed_dir(assembled["root"], key)
-    result = run_heal(tiny_lm, assembled["sha"], assembled["path"], HEAL.to_dict(), str(out))
-    assert not result["cached"] and result["label"] == RECIPE.label
-    assert result["heal"]["steps"] == 6 and result["heal"]["after"] < result["heal"]["before"]
+    result = run_heal(assembled["base"], assembled["path"], HEAL.to_dict(), str(out))
+    assert not result.cached and result.label == RECIPE.label
+    assert result.heal["steps"] == 6 and result.heal["after"] < result.heal["before"]
     manifest = read_manifest(out)
     assert Recipe.from_dict(manifest["recipe"]) == RECIPE
     assert manifest["heal"]["from_variant"]["path"] == assembled["path"]
@@ -91,22 +107,19 @@ def test_heal_stage_equals_the_library_job_and_is_cached(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a re-run is a cache hit: nothing is healed or written again
     stamp = (out / WEIGHTS).stat().st_mtime_ns
-    again = run_heal(tiny_lm, assembled["sha"], assembled["path"], HEAL.to_dict(), str(out))
-    assert again["cached"] and again["heal"] == result["heal"]
+    again = run_heal(assembled["base"], assembled["path"], HEAL.to_dict(), str(out))
+    assert again.cached and again.heal == result.heal
     assert (out / WEIGHTS).stat().st_mtime_ns == stamp
 
 
 def test_heal_stage_refuses_a_wrong_base_or_a_bad_config(
     tiny_lm: str, assembled: dict, tmp_path: Path
 ) -> None:
+    base = assembled["base"]
+    other = BaseModel(base.name, "0" * 64, base.layers, base.path)
     with pytest.raises(FFSplitError, match="differ from"):
-        run_heal(tiny_lm, "0" * 64, assembled["path"], HEAL.to_dict(), str(tmp_path / "a"))
+        run_heal(other, assembled["path"], HEAL.to_dict(), str(tmp_path / "a"))
     with pytest.raises(FFSplitError, match="heal.loss must be one of"):
-        run_heal(
-            tiny_lm,
-            assembled["sha"],
-            assembled["path"],
-            {**HEAL.to_dict(), "loss": "mse"},
-            str(tmp_path / "b"),
-        )
+        bad = {**HEAL.to_dict(), "loss": "mse"}
+        run_heal(base, assembled["path"], bad, str(tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -20,8 +20,10 @@ LAYERS = 4  # tests/tasks/conftest.py's tiny Llama
 def record_dir(tiny_lm: str, ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama's observation, computed on Ray by the task body (once per module)."""
     out = tmp_path_factory.mktemp("observation") / "tiny-llama"
-    result = obs.run_observation(tiny_lm, None, PARAMS, str(out), "test command")
-    assert result["cached"] is False and result["model"] == "tiny-llama"
+    result = obs.observe.run(
+        model=tiny_lm, model_sha256=None, params=PARAMS, out=str(out), command="test command"
+    )
+    assert result.cached is False and result.model == "tiny-llama"
     return out
 
 
@@ -47,8 +49,10 @@ def test_the_ray_task_writes_a_complete_folder_and_reuses_it(record_dir: Path) -
     assert len(record["observation"]["layers"]) == LAYERS
     assert not list(record_dir.parent.glob(".*.tmp"))  # the atomic folder left no temp behind
     settings = json.loads((record_dir / obs.SETTINGS).read_text())
-    again = obs.run_observation(settings["model"], None, PARAMS, str(record_dir), "x")
-    assert again["cached"] is True and again["model"] == "tiny-llama"
+    again = obs.observe.run(
+        model=settings["model"], model_sha256=None, params=PARAMS, out=str(record_dir), command="x"
+    )
+    assert again.cached is True and again.model == "tiny-llama"
     # other parameters or another model's weights do not count as done
     assert obs._complete(record_dir, {**settings, "params": {**PARAMS, "seed": 1}}) is None
     assert obs._complete(record_dir, {**settings, "weights_sha256": "0" * 64}) is None

@@ -27,8 +27,9 @@ def test_prefect_tasks_are_built_on_first_use() -> None:
 
     from tasks.profile import profile_unit
 
-    assert isinstance(profile_unit, PrefectTask)
-    assert profile_unit.__name__ == "profile_unit" and "calibration unit" in profile_unit.__doc__
-    built = profile_unit.with_options(task_run_name="x")
+    task = profile_unit.task
+    assert isinstance(task, PrefectTask)
+    assert task.__name__ == "profile_unit" and "calibration unit" in task.__doc__
+    built = task.with_options(task_run_name="x")
     assert isinstance(built, Task) and built.name == "profile-unit"
-    assert profile_unit.fn.__name__ == "profile_unit"
+    assert task.fn.__name__ == "profile_unit"

@@ -39,8 +39,10 @@ LAYERS = 4  # tests/tasks/conftest.py's tiny Llama
 def record_dir(tiny_lm: str, ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama's observation, computed on Ray by the task body (once per module)."""
     out = tmp_path_factory.mktemp("observation") / "tiny-llama"
-    result = obs.run_observation(tiny_lm, None, PARAMS, str(out), "test command")
-    assert result["cached"] is False and result["model"] == "tiny-llama"
+    result = obs.observe.run(
+        model=tiny_lm, model_sha256=None, params=PARAMS, out=str(out), command="test command"
+    )
+    assert result.cached is False and result.model == "tiny-llama"
     return out
 
 

@@ -788,11 +788,7 @@ def test_smollm2_variant_served_from_registry(
     except FFSplitError as exc:
         pytest.skip(f"SmolLM2 not available offline: {exc}")
     recipe = Recipe(
-        method="lowrank",
-        heavy_ratio=0.1,
-        ffn_reduction=0.2,
-        selection="random",
-        lowrank=LowRankConfig(whiten=False),
+        method=LowRankConfig(whiten=False), heavy_ratio=0.1, ffn_reduction=0.2, selection="random"
     )
     report, layers = compress_model(model, None, recipe)
     variant = save_variant(

@@ -33,18 +33,11 @@ def _compressed(architecture, recipe):
     "recipe",
     [
         Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3),
-        Recipe(method="lowrank", heavy_ratio=0.0, ffn_reduction=0.3),
+        Recipe(method="lowrank", ffn_reduction=0.3, selection="none"),
         Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3, selection="random"),
-        Recipe(
-            method="quant", heavy_ratio=0.1, ffn_reduction=0.5, quant=QuantConfig(group_size=32)
-        ),
-        Recipe(
-            method="quant",
-            heavy_ratio=0.1,
-            ffn_reduction=0.6,
-            quant=QuantConfig(heavy_bits=8, group_size=32),
-        ),
-        Recipe(method="prune", heavy_ratio=0.1, ffn_reduction=0.3),
+        Recipe(method=QuantConfig(group_size=32), heavy_ratio=0.1, ffn_reduction=0.5),
+        Recipe(method=QuantConfig(heavy_bits=8, group_size=32), heavy_ratio=0.1, ffn_reduction=0.6),
+        Recipe(method="prune", ffn_reduction=0.3),
     ],
     ids=lambda r: r.label,
 )

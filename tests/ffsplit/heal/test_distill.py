@@ -141,9 +141,7 @@ def test_teacher_logits_are_the_dense_models_own(setup: dict) -> None:
 
 
 def test_quantized_codes_are_not_trained(setup: dict) -> None:
-    recipe = Recipe(
-        method="quant", heavy_ratio=0.1, ffn_reduction=0.5, quant=QuantConfig(group_size=32)
-    )
+    recipe = Recipe(method=QuantConfig(group_size=32), heavy_ratio=0.1, ffn_reduction=0.5)
     student = _compressed(setup, recipe)
     codes = {k: v.clone() for k, v in student.state_dict().items() if "packed" in k}
     report = heal(
@@ -191,9 +189,9 @@ def test_bad_configs_are_refused() -> None:
     with pytest.raises(FFSplitError, match="method 'none' compresses nothing"):
         Recipe(method="none", heavy_ratio=0.1, ffn_reduction=0.0, heal=on)
     with pytest.raises(FFSplitError, match="nothing to train for method 'quant'"):
-        Recipe(method="quant", heavy_ratio=0.0, heal=on)
+        Recipe(method="quant", heal=on, selection="none")
     with pytest.raises(FFSplitError, match="nothing to train for method 'quant'"):
-        Recipe(method="quant", quant=QuantConfig(heavy_bits=8), heal=on)
+        Recipe(method=QuantConfig(heavy_bits=8), heal=on)
     with pytest.raises(FFSplitError, match="nothing to train for method 'prune'"):
         Recipe(method="prune", heal=on.replace(train_dense=False))
     with pytest.raises(FFSplitError, match=r"recipe\.heal: heal\.loss must be one of"):

@@ -26,11 +26,9 @@ from ffsplit.variant.shards import (
 
 RECIPES = {
     "lowrank": Recipe(method="lowrank", heavy_ratio=0.25, ffn_reduction=0.4),
-    "quant": Recipe(
-        method="quant", heavy_ratio=0.1, ffn_reduction=0.5, quant=QuantConfig(group_size=8)
-    ),
-    "prune": Recipe(method="prune", heavy_ratio=0.0, ffn_reduction=0.3),
-    "uniform": Recipe(method="lowrank", heavy_ratio=0.0, ffn_reduction=0.3),
+    "quant": Recipe(method=QuantConfig(group_size=8), heavy_ratio=0.1, ffn_reduction=0.5),
+    "prune": Recipe(method="prune", ffn_reduction=0.3),
+    "uniform": Recipe(method="lowrank", ffn_reduction=0.3, selection="none"),
 }
 
 
@@ -84,10 +82,7 @@ def test_assembling_shards_equals_compressing_in_place(tmp_path: Path, architect
     stats = _stats(model) if architecture != "BertModel" else None
     if stats is None:
         recipe = Recipe(
-            method="lowrank",
-            heavy_ratio=0.0,
-            ffn_reduction=0.4,
-            lowrank=recipe.lowrank.replace(whiten=False),
+            method=recipe.method.replace(whiten=False), ffn_reduction=0.4, selection="none"
         )
     reference, _ = tiny_model(architecture)
     compress_model(reference, stats, recipe)

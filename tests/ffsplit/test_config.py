@@ -1,0 +1,131 @@
+"""Recipes say what they are: a typed method config, an explicit selection, one place for every
+rule; version-1 dicts (heavy_ratio 0 = uniform, every method's settings riding along) migrate."""
+
+from __future__ import annotations
+
+import pytest
+
+from ffsplit.config import (
+    DEFAULT_HEAVY_RATIO,
+    METHOD_CONFIGS,
+    EvalConfig,
+    LowRankConfig,
+    ProfileConfig,
+    PruneConfig,
+    QuantConfig,
+    Recipe,
+    SplitOnlyConfig,
+)
+from ffsplit.errors import FFSplitError
+
+V1 = {"version": 1, "ffn_reduction": 0.3, "seed": 0, "lowrank": {"whiten": True, "damp": 0.01}}
+V1_QUANT = {"heavy_bits": 16, "ladder": [8, 4, 3, 2], "group_size": 64, "gptq": False}
+
+
+@pytest.mark.parametrize(
+    ("old", "label", "series", "baseline"),
+    [
+        ({"method": "lowrank", "heavy_ratio": 0.1}, "lowrank-h0.10-r0.3", "ffsplit-lowrank", None),
+        (
+            {"method": "lowrank", "heavy_ratio": 0.0},
+            "lowrank-uniform-r0.3",
+            "uniform-lowrank",
+            "uniform",
+        ),
+        ({"method": "quant", "heavy_ratio": 0.0}, "quant-uniform-r0.3", "uniform-quant", "uniform"),
+        (
+            {"method": "quant", "heavy_ratio": 0.1, "selection": "random"},
+            "quant-random-h0.10-r0.3",
+            "random-quant",
+            "random",
+        ),
+        ({"method": "prune", "heavy_ratio": 0.1}, "prune-r0.3", "prune", "prune"),
+        ({"method": "prune", "heavy_ratio": 0.0}, "prune-r0.3", "prune", "prune"),
+        (
+            {"method": "prune", "heavy_ratio": 0.1, "selection": "random"},
+            "prune-random-r0.3",
+            "prune-random",
+            "prune",
+        ),
+        ({"method": "none", "heavy_ratio": 0.0, "ffn_reduction": 0.0}, "dense", "dense", None),
+        (
+            {"method": "none", "heavy_ratio": 0.2, "ffn_reduction": 0.0},
+            "split-h0.20",
+            "split",
+            None,
+        ),
+    ],
+)
+def test_version_1_recipes_migrate_to_what_they_were(
+    old: dict, label: str, series: str, baseline: str | None
+) -> None:
+    recipe = Recipe.from_dict({**V1, "quant": V1_QUANT, **old})
+    assert (recipe.label, recipe.series, recipe.baseline) == (label, series, baseline)
+    assert recipe.version == 2 and Recipe.from_dict(recipe.to_dict()) == recipe
+    assert type(recipe.method) is METHOD_CONFIGS[old["method"]]
+    others = {"lowrank", "quant"} - {old["method"]}
+    assert not others & set(recipe.to_dict())  # only the method's own settings are kept
+
+
+def test_the_same_pruned_model_is_one_recipe_and_one_key() -> None:
+    """The CLI kept heavy_ratio 0.1 for pruning, the sweep 0.0: two dicts, two cache keys."""
+    cli = Recipe.from_dict({**V1, "method": "prune", "heavy_ratio": 0.1})
+    sweep = Recipe.from_dict({**V1, "method": "prune", "heavy_ratio": 0.0})
+    assert cli == sweep == Recipe(method="prune", ffn_reduction=0.3)
+    assert cli.key_dict() == sweep.key_dict()
+
+
+def test_keys_depend_only_on_what_changes_the_artifact() -> None:
+    rtn = Recipe(method=QuantConfig(), selection="none", ffn_reduction=0.5)
+    assert not rtn.needs_statistics and "profile" not in rtn.key_dict()
+    assert rtn.key_dict() == rtn.replace(profile=ProfileConfig(tokens=1024)).key_dict()
+    assert rtn.key_dict() == rtn.replace(seed=7).key_dict()  # no random set to seed
+    random = Recipe(method="quant", selection="random", ffn_reduction=0.5)
+    assert random.key_dict() != random.replace(seed=7).key_dict()
+    scored = Recipe(method="lowrank")
+    assert scored.key_dict() != scored.replace(profile=ProfileConfig(tokens=1024)).key_dict()
+    assert "heal" not in scored.key_dict() and "quant" not in scored.key_dict()
+
+
+def test_defaults_and_heavy_ratio_rules() -> None:
+    assert Recipe().heavy_ratio == DEFAULT_HEAVY_RATIO and Recipe().label == "lowrank-h0.10-r0.3"
+    assert Recipe(method="prune").heavy_ratio is None
+    assert Recipe(selection="none").heavy_ratio is None
+    with pytest.raises(FFSplitError, match="heavy_ratio must be unset.*pruning"):
+        Recipe(method="prune", heavy_ratio=0.1)
+    with pytest.raises(FFSplitError, match="heavy_ratio must be unset.*selection 'none'"):
+        Recipe(method="quant", selection="none", heavy_ratio=0.1)
+    with pytest.raises(FFSplitError, match=r"heavy_ratio must be in \(0, 1\)"):
+        Recipe(method="quant", heavy_ratio=0.0)
+    with pytest.raises(FFSplitError, match="prune keeps neurons in an order"):
+        Recipe(method="prune", selection="none")
+    with pytest.raises(FFSplitError, match="ffn_reduction must be 0 for method 'none'"):
+        Recipe(method=SplitOnlyConfig(), ffn_reduction=0.3)
+
+
+def test_methods_are_config_types_and_other_methods_settings_are_refused() -> None:
+    assert Recipe(method="quant").method == QuantConfig()
+    assert isinstance(Recipe(method=PruneConfig()).method, PruneConfig)
+    with pytest.raises(FFSplitError, match="recipe.method must be one of"):
+        Recipe(method="zip")
+    with pytest.raises(FFSplitError, match=r"unknown key\(s\) 'lowrank' \(settings of method"):
+        Recipe.from_dict({"method": "quant", "lowrank": {"whiten": False}})
+    with pytest.raises(FFSplitError, match="format version 3"):
+        Recipe.from_dict({"version": 3, "method": "quant"})
+
+
+def test_cross_field_rules_live_in_the_recipe() -> None:
+    no_grams = ProfileConfig(collect_grams=False)
+    with pytest.raises(FFSplitError, match="lowrank.whiten needs Gram matrices"):
+        Recipe(method=LowRankConfig(), profile=no_grams)
+    with pytest.raises(FFSplitError, match="quant.gptq needs Gram matrices"):
+        Recipe(method=QuantConfig(gptq=True), profile=no_grams)
+    Recipe(method=LowRankConfig(whiten=False), profile=no_grams)  # plain SVD needs none
+
+
+def test_eval_config_keys_the_workload_only_when_the_race_runs() -> None:
+    race, quiet = EvalConfig(), EvalConfig(latency=False)
+    assert "repeats" in race.key_dict() and "repeats" not in quiet.key_dict()
+    assert quiet.key_dict() == quiet.replace(repeats=9).key_dict()
+    with pytest.raises(FFSplitError, match="eval_tokens"):
+        EvalConfig(tokens=8, window=512)

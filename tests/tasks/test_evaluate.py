@@ -54,14 +54,14 @@ def test_task_body_loads_the_subject_once_and_races_with_the_asked_workload(
 ) -> None:
     """Quality and the latency race on one load of the subject (the library job's path), with
     the workload the pipeline asked for; the record is written atomically and then reused."""
-    import ffsplit.jobs
+    import ffsplit.jobs.evaluate
     from ffsplit.models.tiny import save_tiny_lm
 
     folder = save_tiny_lm(tmp_path / "tiny", layers=2)
     loads = []
-    real_load = ffsplit.jobs.load_any
+    real_load = ffsplit.jobs.evaluate.load_any
     monkeypatch.setattr(
-        ffsplit.jobs, "load_any", lambda *a, **k: loads.append(a) or real_load(*a, **k)
+        ffsplit.jobs.evaluate, "load_any", lambda *a, **k: loads.append(a) or real_load(*a, **k)
     )
     config = EvalConfig(tokens=256, window=128, prompt_tokens=16, decode_tokens=2, repeats=1)
     out = tmp_path / "eval.json"

@@ -100,9 +100,17 @@ def metrics(record: dict[str, Any], dense: dict[str, Any] | None = None) -> dict
     latency = record.get("latency") or {}
     speedup = latency.get("speedup")
     if speedup is not None:
-        out[registry.PREFILL_SPEEDUP] = float(speedup["prefill"])
-        if "decode" in speedup:
-            out[registry.DECODE_SPEEDUP] = float(speedup["decode"])
+        for metric, key in (
+            (registry.PREFILL_SPEEDUP, "prefill"),
+            (registry.DECODE_SPEEDUP, "decode"),
+        ):
+            if key not in speedup:
+                continue
+            out[metric] = float(speedup[key])
+            interval = (latency.get("speedup_interval") or {}).get(key)  # older records: none
+            if interval:
+                out[f"{metric}_low"] = float(interval["low"])
+                out[f"{metric}_high"] = float(interval["high"])
         variant = latency.get("variant") or {}
         out["prefill_ms"] = float(variant.get("prefill_ms_median", math.nan))
         if variant.get("decode_ms_per_token_median") is not None:

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 COMPLETE_TAG = "ffsplit.complete"
 CONTENT_TAG = "ffsplit.content_sha256"
 ROLE_TAG = "ffsplit.role"  # "dense" for the reference, "variant" otherwise
+SERIES_TAG = "ffsplit.series"  # the recipe's series: ffsplit-<method>, or which baseline
 ERROR_TAG = "ffsplit.error"
 SKIPPED_TAG = "ffsplit.params_skipped"
 MODEL_ARTIFACT = "model"
@@ -673,7 +674,9 @@ def _register_once(
             _log_artifact(client, run_id, name, path)
         progress("model")
         with tempfile.TemporaryDirectory(prefix="ffsplit-model-") as tmp:
-            save_pyfunc(folder, Path(tmp) / MODEL_ARTIFACT)
+            save_pyfunc(
+                folder, Path(tmp) / MODEL_ARTIFACT, run_id=run_id, artifact_path=MODEL_ARTIFACT
+            )
             variant_in_model = variant_path_in_model(Path(tmp) / MODEL_ARTIFACT)
             client.log_artifacts(
                 run_id, str(Path(tmp) / MODEL_ARTIFACT), artifact_path=MODEL_ARTIFACT
@@ -811,24 +814,10 @@ def set_alias(
     )
 
 
-def quality_loss(candidate: Mapping[str, Any]) -> float | None:
-    """Quality lost in %: the perplexity increase, else minus the accuracy change; None if unknown."""
-    for key, sign in ((PERPLEXITY_CHANGE, 1.0), (ACCURACY_CHANGE, -1.0)):
-        value = candidate.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return sign * float(value) if math.isfinite(value) else None
-    return None
-
-
 def _finite(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
-
-
-def _speed(candidate: Mapping[str, Any]) -> float | None:
-    decode = _finite(candidate.get(DECODE_SPEEDUP))
-    return decode if decode is not None else _finite(candidate.get(PREFILL_SPEEDUP))
 
 
 def _identity(candidate: Mapping[str, Any]) -> tuple[float, str]:
@@ -844,38 +833,17 @@ def choose_champion(
     quality_budget_pct: float,
     objective: Literal["speed", "size"] = "speed",
 ) -> Mapping[str, Any] | None:
-    """The champion under the alias policy, or None when no candidate is within the budget.
+    """The champion under the policy of tracking.champion (speed or size within the quality
+    budget; ties inside the measurement noise go to fewer bytes; a baseline wins only outside
+    the noise), or None when no candidate is within the budget; a bad policy is a RegistryError."""
+    from tracking import champion
 
-    Eligible: quality loss (quality_loss: perplexity_change_pct, else -accuracy_change_pct) is
-    finite and <= quality_budget_pct, and the objective's metric is finite. objective "speed" picks
-    the highest decode_speedup (prefill_speedup for encoders, which do not decode); "size" the
-    fewest bytes. Ties go to the smaller quality loss, then the other objective (fewer bytes /
-    faster), then the lower version number, then the name: deterministic for any input order.
-    The dense reference competes like any candidate if passed (callers normally leave it out).
-    """
-    budget = _finite(quality_budget_pct)
-    if budget is None or budget < 0:
-        raise RegistryError(
-            f"quality budget must be a finite percentage >= 0, got {quality_budget_pct!r}"
-        )
-    if objective not in ("speed", "size"):
-        raise RegistryError(f"objective must be 'speed' or 'size', got {objective!r}")
-    ranked = []
-    for c in candidates:
-        loss = quality_loss(c)
-        speed, size = _speed(c), _finite(c.get(BYTES))
-        if loss is None or loss > budget:
-            continue
-        if objective == "speed" and speed is not None:
-            key = (-speed, loss, size if size is not None else math.inf, *_identity(c))
-        elif objective == "size" and size is not None:
-            key = (size, loss, -speed if speed is not None else math.inf, *_identity(c))
-        else:
-            continue
-        ranked.append((key, c))
-    if not ranked:
-        return None
-    return min(ranked, key=lambda item: item[0])[1]
+    try:
+        return champion.choose_champion(candidates, quality_budget_pct, objective)
+    except RegistryError:
+        raise
+    except FFSplitError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -909,6 +877,7 @@ def registered_candidates(
                     "version": str(mv.version),
                     "run_id": mv.run_id,
                     "role": run.data.tags.get(ROLE_TAG, "variant"),
+                    "series": run.data.tags.get(SERIES_TAG),
                 }
             )
         return sorted(out, key=_identity)

@@ -7,8 +7,11 @@ share one implementation.
 from ffsplit.eval.latency import (
     LatencyResult,
     LayerLatency,
+    Speedup,
     ffn_layer_latency,
     measure_latency,
+    paired_speedup,
+    speedup_intervals,
     speedups,
 )
 from ffsplit.eval.perplexity import PerplexityResult, model_device, perplexity, sequence_nll
@@ -21,15 +24,18 @@ __all__ = [
     "PerplexityResult",
     "ProbeResult",
     "SizeReport",
+    "Speedup",
     "embed",
     "ffn_layer_latency",
     "linear_probe",
     "measure_latency",
     "model_device",
     "model_size",
+    "paired_speedup",
     "perplexity",
     "probe_accuracy",
     "sequence_nll",
     "size_reduction",
+    "speedup_intervals",
     "speedups",
 ]

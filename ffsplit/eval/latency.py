@@ -230,6 +230,60 @@ def measure_latency(
     return results
 
 
+@dataclass(frozen=True)
+class Speedup:
+    """How much faster a model ran than the reference, with the noise of the measurement.
+
+    Rounds are interleaved, so round i of both models saw the same machine state: the speedup of
+    round i is reference_i / model_i, and `low`..`high` is a distribution-free interval for the
+    median of those paired ratios (order statistics of the binomial sign test), at `confidence`
+    (the coverage the repeats allow: with 5 rounds the interval is [min, max], 93.75%). A busy
+    machine widens it; two models whose intervals overlap did not differ beyond the noise.
+    """
+
+    median: float
+    low: float
+    high: float
+    confidence: float
+    rounds: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+# The interval aimed at; fewer rounds give less (reported as `confidence`).
+SPEEDUP_CONFIDENCE = 0.95
+
+
+def _median_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(low, high, coverage): the widest symmetric order-statistic interval whose coverage of the
+    median reaches SPEEDUP_CONFIDENCE, or [min, max] when the rounds cannot reach it."""
+    from math import comb
+
+    x = sorted(values)
+    n = len(x)
+    best = (x[0], x[-1], 1.0 - 2.0 * 0.5**n)
+    for k in range(1, n // 2 + 1):  # drop k-1 from each end: interval [x_(k), x_(n-k+1)]
+        tail = sum(comb(n, i) for i in range(k)) / 2.0**n
+        coverage = 1.0 - 2.0 * tail
+        if coverage < SPEEDUP_CONFIDENCE:
+            break
+        best = (x[k - 1], x[n - k], coverage)
+    return best
+
+
+def paired_speedup(reference: Sequence[float], model: Sequence[float]) -> Speedup:
+    """Speedup of `model` over `reference` from paired, interleaved timings (see Speedup)."""
+    if len(reference) != len(model) or not reference:
+        raise FFSplitError(
+            f"paired_speedup: need the same number (>= 1) of rounds, got {len(reference)} and "
+            f"{len(model)}"
+        )
+    ratios = [r / m for r, m in zip(reference, model, strict=True)]
+    low, high, coverage = _median_interval(ratios)
+    return Speedup(float(np.median(ratios)), low, high, coverage, len(ratios))
+
+
 def speedups(
     results: Mapping[str, LatencyResult], reference: str = "dense"
 ) -> dict[str, dict[str, float]]:
@@ -244,6 +298,25 @@ def speedups(
         entry = {"prefill": base.prefill_ms_median / result.prefill_ms_median}
         if base.decode_ms_per_token_median and result.decode_ms_per_token_median:
             entry["decode"] = base.decode_ms_per_token_median / result.decode_ms_per_token_median
+        out[name] = entry
+    return out
+
+
+def speedup_intervals(
+    results: Mapping[str, LatencyResult], reference: str = "dense"
+) -> dict[str, dict[str, Speedup]]:
+    """The paired-round Speedup (median and interval) of every model over the reference, for
+    prefill and, where both decoded, decode."""
+    if reference not in results:
+        raise FFSplitError(
+            f"speedup_intervals: reference '{reference}' is not among the results {sorted(results)}"
+        )
+    base = results[reference]
+    out: dict[str, dict[str, Speedup]] = {}
+    for name, result in results.items():
+        entry = {"prefill": paired_speedup(base.prefill_ms, result.prefill_ms)}
+        if base.decode_ms_per_token and result.decode_ms_per_token:
+            entry["decode"] = paired_speedup(base.decode_ms_per_token, result.decode_ms_per_token)
         out[name] = entry
     return out
 

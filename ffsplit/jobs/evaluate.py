@@ -108,7 +108,7 @@ def latency_against_base(
     repeats: int = 5,
 ) -> dict[str, Any]:
     """Prefill and decode latency of the dense base and this model, interleaved in one run."""
-    from ffsplit.eval import measure_latency, speedups
+    from ffsplit.eval import measure_latency, speedup_intervals, speedups
     from ffsplit.models.loading import is_causal_lm, load_model
 
     models = {"dense": net} if kind == "base" else {}
@@ -126,6 +126,8 @@ def latency_against_base(
     out: dict[str, Any] = {name: r.to_dict() for name, r in results.items()}
     if "variant" in results:
         out["speedup"] = speedups(results, reference="dense")["variant"]
+        intervals = speedup_intervals(results, reference="dense")["variant"]
+        out["speedup_interval"] = {key: value.to_dict() for key, value in intervals.items()}
     out["workload"] = {
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode,

@@ -31,7 +31,7 @@ from reports.results.rows import (
     Row,
     finite,
 )
-from tracking.registry import quality_loss
+from tracking.champion import quality_loss
 
 # ------------------------------------------------------------------------------ dense reference
 

@@ -131,8 +131,8 @@ FRESH = textwrap.dedent(
     texts = json.loads(sys.argv[2])
     logits = model.unwrap_python_model().logits(texts)
     save_file({f"t{i}": t.contiguous() for i, t in enumerate(logits)}, sys.argv[3] + "/logits.safetensors")
-    scored = model.predict(texts)
-    made = model.predict(texts[:1], params={"task": "generate", "max_new_tokens": 6})
+    scored = model.predict([{"text": t} for t in texts])
+    made = model.predict([{"text": texts[0]}], params={"task": "generate", "max_new_tokens": 6})
     out = {"score": scored.to_dict(orient="list"), "generate": made.to_dict(orient="list"),
            "modules": sorted(m for m in sys.modules if m.startswith("ffsplit"))[:3]}
     (open(sys.argv[3] + "/out.json", "w")).write(json.dumps(out))
@@ -353,13 +353,15 @@ def test_champion_budget_is_inclusive_and_improvements_count() -> None:
 
 
 def test_champion_ties_are_deterministic_in_any_order() -> None:
+    """Equal speeds tie; issue 13: a tie goes to fewer bytes, then to less quality loss."""
     rows = [
-        cand(4, perplexity_change_pct=1.0, decode_speedup=1.5, bytes=500),
-        cand(3, perplexity_change_pct=0.5, decode_speedup=1.5, bytes=600),  # same speed, less loss
-        cand(2, perplexity_change_pct=0.5, decode_speedup=1.5, bytes=550),  # ... and fewer bytes
+        cand(4, perplexity_change_pct=1.0, decode_speedup=1.5, bytes=560),
+        cand(3, perplexity_change_pct=0.5, decode_speedup=1.5, bytes=600),
+        cand(2, perplexity_change_pct=0.5, decode_speedup=1.5, bytes=550),  # fewest bytes
         cand(
             7, perplexity_change_pct=0.5, decode_speedup=1.5, bytes=550
         ),  # identical: lower version
+        cand(5, perplexity_change_pct=0.9, decode_speedup=1.5, bytes=550),  # same bytes, more loss
     ]
     for seed in range(6):
         random.Random(seed).shuffle(rows)
@@ -478,17 +480,19 @@ def test_token_id_input_for_variants_without_tokenizer(
         with torch.inference_mode():
             want = ref(input_ids=torch.tensor([seq])).logits[0]
         assert out["last_logits"][i] == want[-1].tolist()
-    assert loaded.predict(ids)["tokens"].tolist() == [4, 2]
-    made = loaded.predict({"input_ids": ids[:1]}, params={"task": "generate", "max_new_tokens": 3})
+    assert loaded.predict([{"input_ids": seq} for seq in ids])["tokens"].tolist() == [4, 2]
+    made = loaded.predict(
+        pd.DataFrame({"input_ids": ids[:1]}), params={"task": "generate", "max_new_tokens": 3}
+    )
     assert len(made["generated_ids"][0]) == 3 and made["generated_text"][0] is None
-    single = loaded.predict([[5]])
+    single = loaded.predict([{"input_ids": [5]}])
     assert math.isnan(single["nll"][0])
     with pytest.raises(MlflowException, match="no tokenizer"):
-        loaded.predict(["some text"])
+        loaded.predict([{"text": "some text"}])
     with pytest.raises(MlflowException, match="outside"):
-        loaded.predict([[5, 999]])
+        loaded.predict([{"input_ids": [5, 999]}])
     with pytest.raises(MlflowException, match="task"):
-        loaded.predict(ids, params={"task": "translate"})
+        loaded.predict(pd.DataFrame({"input_ids": ids}), params={"task": "translate"})
 
 
 def test_reregistering_same_variant_returns_existing_version(

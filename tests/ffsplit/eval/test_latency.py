@@ -178,3 +178,18 @@ def test_gpu_latency_eager_and_cuda_graph(tiny_llama):
     for graph in (False, True):
         layer = ffn_layer_latency(dense, copy.deepcopy(dense), d=256, cuda_graph=graph, repeats=9)
         assert all(0.5 < r.speedup < 2.0 for r in layer)
+
+
+def test_paired_speedup_interval_holds_the_median_of_round_ratios() -> None:
+    from ffsplit.eval import paired_speedup
+
+    dense = [10.0, 11.0, 30.0, 10.5, 10.0]  # round 3: the machine was busy for both
+    variant = [5.0, 5.5, 15.0, 5.25, 6.0]
+    s = paired_speedup(dense, variant)
+    assert s.median == pytest.approx(2.0) and s.rounds == 5
+    assert (s.low, s.high) == (pytest.approx(10 / 6), pytest.approx(2.0))  # 5 rounds: min, max
+    assert s.confidence == pytest.approx(1 - 2 * 0.5**5)
+    many = paired_speedup([10.0] * 20, [5.0 + 0.1 * i for i in range(20)])
+    assert many.confidence >= 0.95 and many.low > min(10 / (5.0 + 0.1 * i) for i in range(20))
+    with pytest.raises(FFSplitError, match="same number"):
+        paired_speedup([1.0], [1.0, 2.0])

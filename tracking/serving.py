@@ -1,21 +1,27 @@
-"""Serve an ffsplit variant as an MLflow pyfunc model: score texts or generate from them.
+"""Serve an ffsplit variant as an MLflow pyfunc model: score texts or token ids, or generate.
 
 The logged model holds the variant folder as an artifact (safetensors + JSON, sha256-checked at load)
 and a two-line "models from code" script that instantiates FFSplitVariantModel, so nothing is pickled:
 not the torch module, not even the Python model object. Loading needs this project installed
-(`ffsplit` and `tasks` importable), like any code model; `mlflow models serve` therefore runs with
-`--env-manager local`.
+(`ffsplit` and `tracking` importable), like any code model; `mlflow models serve` therefore runs
+with `--env-manager local`.
 
-predict(model_input, params) takes texts (a str, a list of str, or a DataFrame / dict with a "text"
-column) or token ids (a list of int lists, or a DataFrame / dict with an "input_ids" column), one
-row per sequence, and returns a pandas DataFrame with one row per input:
-
-- params["task"] == "score" (default), causal LMs: ``tokens`` (int), ``nll`` (mean negative
+The contract (the logged signature says it too; README "Serve the champion" shows requests):
+- Input: a table, one row per sequence, with a ``text`` column (string) or an ``input_ids`` column
+  (list of int); a row holds one of the two. Texts are tokenized by the variant's tokenizer
+  (without one, only ``input_ids`` work). Over HTTP: ``{"dataframe_records": [{"text": "..."}]}``
+  or ``{"dataframe_split": {"columns": ["input_ids"], "data": [[[1, 2, 3]]]}}``. MLflow drops
+  unnamed columns, so a bare list of texts arrives empty: name the column.
+- params: ``task`` "score" (default) or "generate"; ``max_new_tokens`` (1..4096, default 32).
+- Output, one row per input. score, causal LMs: ``tokens`` (int), ``nll`` (mean negative
   log-likelihood in nats of tokens 2..n given their prefix; NaN for one-token inputs),
-  ``perplexity`` (exp(nll)), ``last_logits`` (list of float: next-token logits after the input,
-  vocabulary-sized). Encoders: ``tokens`` and ``embedding`` (mean-pooled last hidden state).
-- params["task"] == "generate", causal LMs: greedy decoding of params["max_new_tokens"] tokens:
-  ``generated_ids`` (list of int) and ``generated_text`` (None without a tokenizer).
+  ``perplexity`` (exp(nll)), ``last_logits`` (list of float: the next-token logits after the
+  input, vocabulary-sized, the float32 values of ffsplit.load_variant's model exactly). score,
+  encoders: ``tokens`` and ``embedding`` (mean-pooled last hidden state). generate, causal LMs:
+  greedy decoding, ``generated_ids`` (list of int) and ``generated_text`` (None without a
+  tokenizer).
+- Bad input (no column, both or neither in a row, ids outside the vocabulary, too long, unknown
+  params) raises MlflowException INVALID_PARAMETER_VALUE with one line saying what: HTTP 400.
 
 Each sequence runs alone (no padding), so its logits equal those of ffsplit.load_variant exactly.
 """
@@ -30,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types import ParamSchema, ParamSpec
+from mlflow.models import Model, ModelSignature
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array
 
 from ffsplit.variant import load_variant
 
@@ -41,18 +49,40 @@ VARIANT_ARTIFACT = "variant"
 TASKS = ("score", "generate")
 DEFAULT_PARAMS: dict[str, Any] = {"task": "score", "max_new_tokens": 32}
 MAX_NEW_TOKENS = 4096
+TEXT, INPUT_IDS = "text", "input_ids"
 
-# No input schema: inputs are texts or token ids, checked by predict itself. The params schema is
-# what makes MLflow pass `params` through at all (undeclared params are dropped with a warning).
-SIGNATURE = ModelSignature(
-    inputs=None,
-    params=ParamSchema(
-        [
-            ParamSpec("task", "string", DEFAULT_PARAMS["task"]),
-            ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
-        ]
-    ),
+# Inputs: one row per sequence, a text or its token ids (each column optional, one per row).
+INPUT_SCHEMA = Schema(
+    [
+        ColSpec(DataType.string, TEXT, required=False),
+        ColSpec(Array(DataType.long), INPUT_IDS, required=False),
+    ]
 )
+# The params schema is also what makes MLflow pass `params` through at all.
+PARAMS_SCHEMA = ParamSchema(
+    [
+        ParamSpec("task", DataType.string, DEFAULT_PARAMS["task"]),
+        ParamSpec("max_new_tokens", DataType.long, DEFAULT_PARAMS["max_new_tokens"]),
+    ]
+)
+# Outputs by task; columns are optional because each task fills its own.
+CAUSAL_OUTPUTS = Schema(
+    [
+        ColSpec(DataType.long, "tokens", required=False),
+        ColSpec(DataType.double, "nll", required=False),
+        ColSpec(DataType.double, "perplexity", required=False),
+        ColSpec(Array(DataType.double), "last_logits", required=False),
+        ColSpec(Array(DataType.long), "generated_ids", required=False),
+        ColSpec(DataType.string, "generated_text", required=False),
+    ]
+)
+ENCODER_OUTPUTS = Schema(
+    [
+        ColSpec(DataType.long, "tokens"),
+        ColSpec(Array(DataType.double), "embedding"),
+    ]
+)
+EXAMPLE_TEXT = "The heavy hitters hold most of the output norm."
 
 CODE_FILE = "ffsplit_variant_model.py"
 _CODE = (
@@ -69,10 +99,10 @@ def _bad_input(message: str) -> MlflowException:
 
 
 class FFSplitVariantModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around ffsplit.load_variant (see the module docstring for the I/O schema)."""
+    """pyfunc wrapper around ffsplit.load_variant (see the module docstring for the contract)."""
 
-    # MLflow 3 turns predict's type hints into input validation (and warns when there are none);
-    # this model takes several input shapes and checks them itself (token_ids).
+    # The signature is declared explicitly (signature_for); predict's pd.DataFrame hint is one MLflow
+    # infers nothing from, so it neither warns nor wraps predict in its own validation.
     _skip_type_hint_validation = True
 
     def __init__(self) -> None:
@@ -100,10 +130,10 @@ class FFSplitVariantModel(mlflow.pyfunc.PythonModel):
             raise MlflowException("FFSplitVariantModel used before load_context/load")
         return self.model
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """Score (default) or generate; one output row per input sequence."""
-        import pandas as pd
-
         task, max_new_tokens = _check_params(params)
         sequences = self.token_ids(model_input)
         if task == "generate":
@@ -112,15 +142,16 @@ class FFSplitVariantModel(mlflow.pyfunc.PythonModel):
 
     def token_ids(self, model_input: Any) -> list[list[int]]:
         """Token id lists of the inputs: texts are tokenized with the variant's tokenizer."""
-        texts, ids = _split_input(model_input)
-        if texts is not None:
-            if self.tokenizer is None:
-                raise _bad_input(
-                    "this variant has no tokenizer: pass token ids (an 'input_ids' column) instead "
-                    "of text"
-                )
-            ids = [list(self.tokenizer(t)["input_ids"]) for t in texts]
-        assert ids is not None
+        ids = []
+        for row, item in enumerate(_rows(model_input)):
+            if isinstance(item, str):
+                if self.tokenizer is None:
+                    raise _bad_input(
+                        f"input row {row}: this variant has no tokenizer; pass token ids (an "
+                        "'input_ids' column) instead of text"
+                    )
+                item = list(self.tokenizer(item)["input_ids"])
+            ids.append(item)
         limit = getattr(self._model().config, "max_position_embeddings", None)
         vocab = self._model().config.vocab_size
         for row, seq in enumerate(ids):
@@ -202,6 +233,8 @@ def _check_params(params: dict[str, Any] | None) -> tuple[str, int]:
     if task not in TASKS:
         raise _bad_input(f"params.task must be one of {', '.join(TASKS)}, got {task!r}")
     count = merged["max_new_tokens"]
+    if hasattr(count, "item") and not isinstance(count, str):
+        count = count.item()  # numpy scalars from MLflow's params schema
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_NEW_TOKENS:
         raise _bad_input(
             f"params.max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {count!r}"
@@ -209,54 +242,87 @@ def _check_params(params: dict[str, Any] | None) -> tuple[str, int]:
     return task, count
 
 
-def _is_id_list(value: Any) -> bool:
+def _missing(value: Any) -> bool:
+    """An empty cell of an optional column (None, NaN, pandas NA)."""
+    if value is None:
+        return True
     try:
-        items = list(value)
-    except TypeError:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists and arrays are values
         return False
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in _plain(items))
 
 
-def _plain(items: list[Any]) -> list[Any]:
-    """numpy scalars to Python numbers (DataFrame cells arrive as numpy arrays of int64)."""
-    return [v.item() if hasattr(v, "item") and not isinstance(v, str) else v for v in items]
+def _id_list(value: Any) -> list[int] | None:
+    """value as a list of int token ids, or None if it is not one (numpy arrays included)."""
+    if isinstance(value, str | bytes | dict) or not hasattr(value, "__iter__"):
+        return None
+    items = [v.item() if hasattr(v, "item") else v for v in value]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        return items
+    return None
 
 
-def _split_input(model_input: Any) -> tuple[list[str] | None, list[list[int]] | None]:
-    """(texts, None) or (None, token id lists) from the accepted input shapes."""
-    import numpy as np
-    import pandas as pd
+def _rows(model_input: Any) -> list[str | list[int]]:
+    """One text or one token id list per input row.
 
+    The logged signature makes MLflow hand over a DataFrame with 'text' and/or 'input_ids'
+    columns. Direct calls (FFSplitVariantModel.predict, models logged before the signature) may
+    also pass a text, a list of texts or a list of token id lists."""
     data = model_input
     if isinstance(data, dict):
         data = pd.DataFrame(data)
     if isinstance(data, pd.Series):
         data = data.tolist()
     if isinstance(data, pd.DataFrame):
-        if "input_ids" in data.columns:
-            data = data["input_ids"].tolist()
-        elif "text" in data.columns:
-            data = data["text"].tolist()
-        elif len(data.columns) == 1:
-            data = data.iloc[:, 0].tolist()
-        else:
-            raise _bad_input(
-                f"expected a 'text' or an 'input_ids' column, got columns {list(data.columns)}"
-            )
-    if isinstance(data, np.ndarray):
+        return _frame_rows(data)
+    if hasattr(data, "tolist") and not isinstance(data, str):
         data = data.tolist()
     if isinstance(data, str):
         data = [data]
     if not isinstance(data, list | tuple) or not data:
         raise _bad_input(
-            f"expected texts or token id lists, got {type(model_input).__name__} "
-            f"{'(empty)' if isinstance(data, list | tuple) else ''}".strip()
+            "expected rows with a 'text' or an 'input_ids' column, got "
+            f"{'no rows' if isinstance(data, list | tuple) else type(model_input).__name__}"
         )
-    if all(isinstance(t, str) for t in data):
-        return list(data), None
-    if all(_is_id_list(seq) for seq in data):
-        return None, [[int(v) for v in _plain(list(seq))] for seq in data]
-    raise _bad_input("expected every input row to be a text or a list of integer token ids")
+    rows: list[str | list[int]] = []
+    for row, item in enumerate(data):
+        ids = None if isinstance(item, str) else _id_list(item)
+        if not isinstance(item, str) and ids is None:
+            raise _bad_input(f"input row {row}: expected a text or a list of integer token ids")
+        rows.append(item if isinstance(item, str) else ids)  # type: ignore[arg-type]
+    return rows
+
+
+def _frame_rows(frame: pd.DataFrame) -> list[str | list[int]]:
+    columns = [c for c in (TEXT, INPUT_IDS) if c in frame.columns]
+    if not columns:
+        if len(frame.columns) == 1:  # a model logged without the signature, one unnamed column
+            return _rows(frame.iloc[:, 0].tolist())
+        raise _bad_input(
+            f"expected a 'text' or an 'input_ids' column, got columns {list(frame.columns)} (MLflow "
+            "drops unnamed columns: send records like {'text': ...} or {'input_ids': [...]})"
+        )
+    if frame.empty:
+        raise _bad_input("expected rows with a 'text' or an 'input_ids' column, got no rows")
+    rows: list[str | list[int]] = []
+    for row, record in enumerate(frame[columns].to_dict("records")):
+        given = {c: v for c, v in record.items() if not _missing(v)}
+        if len(given) != 1:
+            raise _bad_input(
+                f"input row {row}: give exactly one of 'text' and 'input_ids', got "
+                f"{sorted(given) or 'neither'}"
+            )
+        [(column, value)] = given.items()
+        if column == TEXT:
+            if not isinstance(value, str):
+                raise _bad_input(f"input row {row}: 'text' must be a string")
+            rows.append(value)
+            continue
+        ids = _id_list(value)
+        if ids is None:
+            raise _bad_input(f"input row {row}: 'input_ids' must be a list of integers")
+        rows.append(ids)
+    return rows
 
 
 def pip_requirements() -> list[str]:
@@ -272,34 +338,78 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def save_pyfunc(variant_dir: str | Path, out: str | Path) -> Path:
+def _variant_is_causal(variant_dir: Path) -> bool:
+    """Causal LM or encoder, from the variant's config.json (without loading weights)."""
+    from transformers import AutoConfig
+
+    from ffsplit.models.loading import is_causal_lm
+
+    try:
+        config = AutoConfig.from_pretrained(str(variant_dir))
+    except (OSError, ValueError) as exc:
+        raise MlflowException(f"{variant_dir}: unreadable config.json ({exc})") from None
+    return is_causal_lm(config)
+
+
+def signature_for(variant_dir: str | Path) -> ModelSignature:
+    """The logged signature: the input table and params of every variant, the outputs of its kind."""
+    causal = _variant_is_causal(Path(variant_dir))
+    return ModelSignature(
+        inputs=INPUT_SCHEMA,
+        outputs=CAUSAL_OUTPUTS if causal else ENCODER_OUTPUTS,
+        params=PARAMS_SCHEMA,
+    )
+
+
+def input_example_for(variant_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A request that works on this variant: a text when it has a tokenizer, else token ids."""
+    folder = Path(variant_dir)
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        frame = pd.DataFrame({TEXT: [EXAMPLE_TEXT]})
+    else:
+        frame = pd.DataFrame({INPUT_IDS: [[1, 2, 3, 4]]})
+    return frame, {"task": "score"}
+
+
+def save_pyfunc(
+    variant_dir: str | Path,
+    out: str | Path,
+    *,
+    run_id: str | None = None,
+    artifact_path: str | None = None,
+) -> Path:
     """Write an MLflow pyfunc model folder for a variant (out must not exist or be empty).
 
     The variant folder is copied in as the 'variant' artifact; the model code is a generated
     script importing FFSplitVariantModel (MLflow 'models from code'), so no object is pickled.
+    run_id and artifact_path (where the folder is logged in that run) are recorded in MLmodel, as
+    log_model would: a loaded model's metadata.run_id names its run.
+    Saving runs no prediction: the input example is only checked against the signature.
     """
     out = Path(out)
+    variant_dir = Path(variant_dir).resolve()
     with tempfile.TemporaryDirectory(prefix="ffsplit-pyfunc-") as tmp:
         code = Path(tmp) / CODE_FILE
         code.write_text(_CODE)
         with warnings.catch_warnings():
-            # No input example: deliberate (see SIGNATURE); MLflow would run predict to use one.
-            warnings.filterwarnings("ignore", message=r".*input example", category=UserWarning)
-            # predict's hints are deliberately not an MLflow schema (_skip_type_hint_validation).
-            warnings.filterwarnings("ignore", message=r".*from type hint", category=UserWarning)
+            # MLflow 3.17 compares an example's columns with range() when writing it, which
+            # pandas 3 deprecates (mlflow/models/utils.py _convert_dataframe_to_split_dict).
+            warnings.filterwarnings(
+                "ignore", message=r"Operation with range is deprecated", module=r"mlflow\."
+            )
             mlflow.pyfunc.save_model(
                 path=str(out),
                 python_model=str(code),
-                artifacts={VARIANT_ARTIFACT: str(Path(variant_dir).resolve())},
-                signature=SIGNATURE,
+                artifacts={VARIANT_ARTIFACT: str(variant_dir)},
+                signature=signature_for(variant_dir),
+                input_example=input_example_for(variant_dir),
                 pip_requirements=pip_requirements(),
+                mlflow_model=Model(run_id=run_id, artifact_path=artifact_path),
             )
     return out
 
 
 def variant_path_in_model(model_dir: str | Path) -> str:
     """Where save_pyfunc put the variant inside a model folder (relative, e.g. 'artifacts/v1')."""
-    from mlflow.models import Model
-
     flavor = Model.load(str(model_dir)).flavors["python_function"]
     return str(flavor["artifacts"][VARIANT_ARTIFACT]["path"])

@@ -109,19 +109,26 @@ def test_stop_kills_group_and_escaped_children_but_nothing_else(tmp_path: Path) 
     """A service whose child left the process group (like Ray workers) is still stopped, through
     the inherited token; a process of the same kind that is not ours survives."""
     token = "t" + os.urandom(8).hex()
-    script = "trap '' TERM; setsid sleep 300 & sleep 300 & wait"  # ignores SIGTERM: needs SIGKILL
+    escaped = tmp_path / "escaped.pid"
+    # The escaped child reports its pid only after setsid() (setsid runs sh in the new session):
+    # listing before that would still find it in the group. Ignores SIGTERM: needs SIGKILL.
+    report = 'echo $$ > "$0.tmp" && mv "$0.tmp" "$0"; exec sleep 300'
+    script = f"trap '' TERM; setsid sh -c '{report}' {shlex.quote(str(escaped))} & sleep 300 & wait"
     service = subprocess.Popen(
         ["bash", "-c", script], env={**os.environ, TOKEN_VAR: token}, start_new_session=True
     )
     bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
         rec = ServiceRecord(name="ray", url="-", pid=service.pid, pgid=service.pid, token=token)
-        deadline = time.monotonic() + 10
-        while len(service_processes(rec)) < 3 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while not escaped.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+        escaped_pid = int(escaped.read_text())
+        assert os.getpgid(escaped_pid) == escaped_pid != service.pid  # left the group
+        while len(service_processes(rec)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # bash, its plain child and the escaped one
         procs = service_processes(rec)
-        assert len(procs) == 3
-        assert any(os.getpgid(p.pid) != service.pid for p in procs)  # the setsid child
+        assert len(procs) == 3 and escaped_pid in {p.pid for p in procs}
         state = {"version": 1, "services": {"ray": rec.to_dict()}}
         (tmp_path / "stack.json").write_text(json.dumps(state))
         t0 = time.monotonic()

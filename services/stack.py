@@ -2,7 +2,7 @@
 process worker and a Ray head.
 
 Each service runs in its own process group (it outlives SIGTERM for a while, see
-../shared/docs/stack.md), is recorded in STATE/stack.json (pid, process group, port, log, startup
+docs/stack-notes.md), is recorded in STATE/stack.json (pid, process group, port, log, startup
 time) and is stopped by process group: SIGTERM, a grace period, SIGKILL. Services bind to
 127.0.0.1 (Ray excepted: it always advertises a routable address). A PREFECT_API_URL or
 MLFLOW_TRACKING_URI already set is honoured: nothing is started for it, it is only checked.
@@ -850,6 +850,33 @@ def local_stack(
 # ------------------------------------------------------------------------------------------- CLI
 
 
+def _port_notes(state: StackState, config: StackConfig) -> list[str]:
+    """A line per service this call started on another port than the one asked for (busy)."""
+    asked = {"prefect": config.prefect_port, "mlflow": config.mlflow_port, "ray": config.ray_port}
+    notes = []
+    for name in state.started:
+        rec = state.services[name]
+        want = asked.get(name)
+        if want and rec.port is not None and rec.port != want:
+            notes.append(
+                f"note: port {want} was busy, so {name} listens on port {rec.port}; clients find "
+                f'it through the exported variables (`eval "$(python -m flows.stack env)"`)'
+            )
+    return notes
+
+
+def _env_notes(home: Path, records: Mapping[str, ServiceRecord]) -> list[str]:
+    """Why `env` exports no server, or one that does not answer (a client would silently start a
+    temporary Prefect server instead)."""
+    if not records:
+        return [f"note: no services recorded in {home}: start them with `python -m flows.stack up`"]
+    return [
+        f"note: {name} at {rec.url} does not answer: restart with `python -m flows.stack up`"
+        for name, rec in records.items()
+        if not _healthy(rec)
+    ]
+
+
 def _exports(env: Mapping[str, str]) -> str:
     import shlex
 
@@ -913,6 +940,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 print(f"{name}: {rec.url} ({how}; log {rec.log})", file=sys.stderr)
+            for line in _port_notes(state, config):
+                print(line, file=sys.stderr)
             print(_exports(state.env()))
         elif args.command == "down":
             stopped = stop_stack(home)
@@ -921,6 +950,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(stack_status(home), indent=2))
         else:
             records = load_records(home)
+            for line in _env_notes(home, records):
+                print(line, file=sys.stderr)
             print(_exports(StackState(home=home, services=records).env()))
     except FFSplitError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -145,6 +145,18 @@ def test_stop_kills_group_and_escaped_children_but_nothing_else(tmp_path: Path) 
             os.killpg(service.pid, signal.SIGKILL)
 
 
+def test_env_without_services_says_so(tmp_path: Path) -> None:
+    """`env` on a state dir with nothing recorded exports only the offline settings and says why
+    (a Prefect client would otherwise start a temporary server without a word)."""
+    env = _cli("env", "--home", str(tmp_path), timeout=60)
+    assert env.returncode == 0, env.stderr
+    assert "PREFECT_API_URL" not in env.stdout and "export HF_HUB_OFFLINE=1" in env.stdout
+    assert env.stderr.strip() == (
+        f"note: no services recorded in {tmp_path.resolve()}: start them with "
+        "`python -m flows.stack up`"
+    )
+
+
 # ---------------------------------------------------------------------------- real services
 
 MLFLOW_LOG = textwrap.dedent(
@@ -225,6 +237,42 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         env=env,
     )
+
+
+@pytest.mark.pipeline
+def test_cli_says_when_a_busy_port_was_replaced_and_env_reaches_it(tmp_path: Path) -> None:
+    """`up` on a busy --mlflow-port picks another and says so; `eval "$(... env)"` in a new shell
+    then reaches that server."""
+    home = str(tmp_path / "state")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        try:
+            up = _cli("up", "--home", home, "--no-prefect", "--mlflow-port", str(taken))
+            assert up.returncode == 0, up.stderr
+            port = load_records(Path(home))["mlflow"].port
+            assert port != taken
+            assert f"note: port {taken} was busy, so mlflow listens on port {port}" in up.stderr
+            shell = subprocess.run(
+                [
+                    "bash",
+                    "-c",
+                    f'eval "$({shlex.quote(sys.executable)} -m flows.stack env --home '
+                    f'{shlex.quote(home)})" && echo "$MLFLOW_TRACKING_URI"',
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=REPO,
+                env={k: v for k, v in os.environ.items() if k not in OUTER_VARS},
+            )
+            assert shell.returncode == 0 and shell.stderr == "", shell.stderr
+            url = shell.stdout.strip()
+            assert url == f"http://127.0.0.1:{port}" and _get(url + "/health")[0] == 200
+        finally:
+            down = _cli("down", "--home", home)
+    assert down.returncode == 0, down.stderr
 
 
 @pytest.mark.pipeline

@@ -25,11 +25,11 @@ from ffsplit.errors import FFSplitError
 from flows.run import (
     DEFAULT_MODEL,
     Run,
-    pipeline_settings,
     provenance_tags,
     register_version,
     registered_name,
     score_plot,
+    settings_from,
     start_run,
     write_json,
 )
@@ -132,23 +132,7 @@ def compress(
     """
     started = time.perf_counter()
     parsed = parse_recipe(recipe, calib_tokens)
-    settings = pipeline_settings(
-        cache_dir,
-        EvalConfig(
-            tokens=eval_tokens,
-            window=eval_window,
-            latency=latency,
-            prompt_tokens=latency_prompt_tokens,
-            decode_tokens=latency_decode_tokens,
-            repeats=latency_repeats,
-        ),
-        profile_units=profile_units,
-        compress_shards=compress_shards,
-        profile_mode=profile_mode,
-        layer_group_size=layer_group_size,
-        memory_cap_mb=memory_cap_mb,
-        ray_cpus=ray_cpus,
-    )
+    settings = settings_from(locals())
     run = start_run(
         "compress",
         model,

@@ -77,6 +77,29 @@ def _slug(name: str) -> str:
     return slug(Path(name).name if Path(name).is_dir() else name)
 
 
+def _log_records(record: Any) -> dict[str, Any]:
+    """Log existing record folders (e.g. bench/observation.py's) as MLflow runs, computing nothing."""
+    from tasks.observation import read_record
+    from tracking.observation import log_observation_task
+
+    folders = _record_dirs(record)
+    records = [read_record(f) for f in folders]  # missing keys: one line, file and key
+    services = check_services(True)
+    tags = _provenance(None)
+    logged = []
+    for folder, rec in zip(folders, records, strict=True):
+        result = log_observation_task.with_options(
+            task_run_name=f"log-{_slug(rec['model']['name'])}"
+        ).submit(folder, {**tags, "ffsplit.record_dir": str(Path(folder).resolve())})
+        logged.append({"record_dir": folder, **result.result()})
+    for item in logged:
+        print(
+            f"{item['model']}: run {item['run_id']} (experiment {item['experiment_id']})"
+            + (", already logged" if item["reused"] else "")
+        )
+    return {"flow": "observation", "logged": logged, "services": services}
+
+
 @flow(
     name="observation",
     task_runner=ThreadPoolTaskRunner(max_workers=TASK_RUNNER_THREADS),
@@ -105,7 +128,7 @@ def observation(
     """
     started = time.perf_counter()
     # ---- validation: everything before any work
-    from tasks.observation import observe, read_record
+    from tasks.observation import observe
     from tracking.observation import log_observation_task
 
     if record is not None:
@@ -113,22 +136,7 @@ def observation(
             raise FFSplitError(
                 "give models (compute and log) or record (log existing record folders), not both"
             )
-        folders = _record_dirs(record)
-        records = [read_record(f) for f in folders]  # missing keys: one line, file and key
-        services = check_services(True)
-        tags = _provenance(None)
-        logged = []
-        for folder, rec in zip(folders, records, strict=True):
-            result = log_observation_task.with_options(
-                task_run_name=f"log-{_slug(rec['model']['name'])}"
-            ).submit(folder, {**tags, "ffsplit.record_dir": str(Path(folder).resolve())})
-            logged.append({"record_dir": folder, **result.result()})
-        for item in logged:
-            print(
-                f"{item['model']}: run {item['run_id']} (experiment {item['experiment_id']})"
-                + (", already logged" if item["reused"] else "")
-            )
-        return {"flow": "observation", "logged": logged, "services": services}
+        return _log_records(record)
 
     names = _model_names(DEFAULT_MODELS if models is None else models)
     params = observation_params(

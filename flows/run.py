@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,11 +182,34 @@ def start_run(
     return Run(kind, base, settings, services, folder, started, time.perf_counter() - started)
 
 
-def pipeline_settings(
-    cache_dir: str | None, eval_config: EvalConfig, **how: Any
-) -> PipelineSettings:
-    """PipelineSettings with the cache root resolved (FFSPLIT_HOME/cache by default)."""
-    return PipelineSettings(cache_dir=str(cache.cache_root(cache_dir)), eval=eval_config, **how)
+# The parameters every pipeline flow (compress, sweep) takes for how its stages run.
+HOW_PARAMETERS = (
+    "profile_units",
+    "compress_shards",
+    "profile_mode",
+    "layer_group_size",
+    "memory_cap_mb",
+    "ray_cpus",
+)
+
+
+def settings_from(params: Mapping[str, Any]) -> PipelineSettings:
+    """PipelineSettings from a pipeline flow's parameters (its locals() at the start): how the
+    stages run, the evaluation and its latency race, the cache root (FFSPLIT_HOME/cache by
+    default). Validated; one place for both flows."""
+    evaluation = EvalConfig(
+        tokens=params["eval_tokens"],
+        window=params["eval_window"],
+        latency=params["latency"],
+        prompt_tokens=params["latency_prompt_tokens"],
+        decode_tokens=params["latency_decode_tokens"],
+        repeats=params["latency_repeats"],
+    )
+    return PipelineSettings(
+        cache_dir=str(cache.cache_root(params["cache_dir"])),
+        eval=evaluation,
+        **{name: params[name] for name in HOW_PARAMETERS},
+    )
 
 
 def provenance_tags(kind: str, folder: Path) -> dict[str, str]:

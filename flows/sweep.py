@@ -43,15 +43,16 @@ from ffsplit.errors import FFSplitError
 from flows.run import (
     DEFAULT_MODEL,
     Run,
-    pipeline_settings,
     provenance_tags,
     register_version,
     registered_name,
     score_plot,
+    settings_from,
     start_run,
     write_json,
 )
 from flows.stages import TASK_RUNNER_THREADS, Stages, VariantRun, run_metrics
+from tasks.records import Statistics
 from tasks.runtime import check_prefect_api, ray_session
 
 SWEEP_METHODS = ("lowrank", "quant")
@@ -355,6 +356,97 @@ def _set_aliases(model_name: str, rows: list[dict[str, Any]], policy: dict[str, 
     return champion
 
 
+def _start(
+    model: str,
+    variants: int,
+    profile: ProfileConfig | None,
+    settings: Any,
+    register_as: str | None,
+    run_dir: str | None,
+    started: float,
+) -> tuple[Run, str]:
+    """The run's checks (flows.run.start_run) and its registered model name."""
+    run = start_run(
+        "sweep", model, settings, profile, register=True, run_dir=run_dir, started=started
+    )
+    print(
+        f"sweep {run.base.name}: {variants} variants + dense; cache {settings.cache_dir}; "
+        f"run folder {run.folder}"
+    )
+    return run, registered_name(run.base, register_as)
+
+
+def _results(
+    run: Run,
+    model_name: str,
+    policy: dict[str, Any],
+    champion: Any,
+    rows: list[dict[str, Any]],
+    stats: Statistics | None,
+    stages: Stages,
+    cluster: dict[str, Any],
+    calib_tokens: int,
+) -> dict[str, Any]:
+    """results.json of a finished sweep."""
+    return {
+        "flow": "sweep",
+        "model": run.base.to_dict(),
+        "registered_name": model_name,
+        "policy": policy,
+        "champion": champion and {"version": champion["version"], "label": champion["label"]},
+        "dense_version": rows[0]["version"],
+        "rows": rows,
+        "stats": stats
+        and {"key": stats.key, "cached": stats.cached, "units": [u.to_dict() for u in stats.units]},
+        "stage_seconds": stages.seconds,
+        "seconds": time.perf_counter() - run.started,
+        "cluster": cluster,
+        "services": run.services,
+        "settings": {
+            "profile_units": stages.settings.profile_units,
+            "compress_shards": stages.settings.compress_shards,
+            "calib_tokens": calib_tokens,
+            "eval": stages.settings.eval.key_dict(),
+            "cache_dir": stages.settings.cache_dir,
+        },
+        "run_dir": str(run.folder),
+        "pareto": str(run.folder / "pareto.png"),
+    }
+
+
+def _charts(
+    stages: Stages,
+    run: Run,
+    runs: list[VariantRun],
+    metrics: list[dict[str, float]],
+    scores: Any,
+) -> dict[str, str]:
+    """The sweep's charts (Pareto; neuron scores when profiled), logged with every version."""
+    from reports.plots import pareto_plot
+
+    run.folder.mkdir(parents=True, exist_ok=True)
+    with stages.timed("report"):
+        title = f"{run.base.name}: perplexity change vs FFN reduction"
+        table = [_row(r, m) for r, m in zip(runs, metrics, strict=True)]
+        pareto = pareto_plot(table, run.folder / "pareto.png", title=title)
+        artifacts = {"plots/pareto.png": str(pareto)}
+        if scores is not None:
+            artifacts["plots/scores.png"] = scores.result()
+    return artifacts
+
+
+def _write_results(
+    run: Run, policy: dict[str, Any], rows: list[dict[str, Any]], results: dict[str, Any]
+) -> None:
+    """results.json and results.md in the run folder, and the table on the console."""
+    write_json(run.folder / "results.json", results)
+    (run.folder / "results.md").write_text(
+        f"# sweep of {run.base.name}\n\nChampion policy: {policy['text']}.\n\n"
+        + markdown_table(rows)
+    )
+    print_results(results)
+
+
 # ------------------------------------------------------------------------------------------- flow
 
 
@@ -410,43 +502,14 @@ def sweep(
         recipe_defaults,
     )
     policy = _policy(quality_budget_pct, champion_objective)
-    settings = pipeline_settings(
-        cache_dir,
-        EvalConfig(
-            tokens=eval_tokens,
-            window=eval_window,
-            latency=latency,
-            prompt_tokens=latency_prompt_tokens,
-            decode_tokens=latency_decode_tokens,
-            repeats=latency_repeats,
-        ),
-        profile_units=profile_units,
-        compress_shards=compress_shards,
-        profile_mode=profile_mode,
-        layer_group_size=layer_group_size,
-        memory_cap_mb=memory_cap_mb,
-        ray_cpus=ray_cpus,
+    settings = settings_from(locals())
+    needs_stats = any(r.needs_statistics for r in grid)
+    run, model_name = _start(
+        model, len(grid), profile if needs_stats else None, settings, register_as, run_dir, started
     )
     dense_recipe = Recipe(
         method=SplitOnlyConfig(), selection="none", ffn_reduction=0, profile=profile
     )
-    needs_stats = any(r.needs_statistics for r in grid)
-    run = start_run(
-        "sweep",
-        model,
-        settings,
-        profile if needs_stats else None,
-        register=True,
-        run_dir=run_dir,
-        started=started,
-    )
-    model_name = registered_name(run.base, register_as)
-    print(
-        f"sweep {run.base.name}: {len(grid)} variants + dense; cache {settings.cache_dir}; "
-        f"run folder {run.folder}"
-    )
-    from reports.plots import pareto_plot
-
     ray_started = time.perf_counter()
     with ray_session(num_cpus=ray_cpus) as cluster:
         stages = Stages(run.base, settings)
@@ -457,53 +520,14 @@ def sweep(
             None if stats is None else score_plot.submit(stats, run.base.name, settings.cache_dir)
         )
         runs, metrics = _evaluated(stages, dense_recipe, grid, stats)
-        run.folder.mkdir(parents=True, exist_ok=True)
-        with stages.timed("report"):
-            title = f"{run.base.name}: perplexity change vs FFN reduction"
-            table = [_row(r, m) for r, m in zip(runs, metrics, strict=True)]
-            pareto = pareto_plot(table, run.folder / "pareto.png", title=title)
-            artifacts = {"plots/pareto.png": str(pareto)}
-            if scores is not None:
-                artifacts["plots/scores.png"] = scores.result()
+        artifacts = _charts(stages, run, runs, metrics, scores)
         with stages.timed("register"):
             rows = _register_all(run, runs, metrics, model_name, artifacts)
             champion = _set_aliases(model_name, rows, policy)
-    results = {
-        "flow": "sweep",
-        "model": run.base.to_dict(),
-        "registered_name": model_name,
-        "policy": policy,
-        "champion": None
-        if champion is None
-        else {"version": champion["version"], "label": champion["label"]},
-        "dense_version": rows[0]["version"],
-        "rows": rows,
-        "stats": None
-        if stats is None
-        else {
-            "key": stats.key,
-            "cached": stats.cached,
-            "units": [u.to_dict() for u in stats.units],
-        },
-        "stage_seconds": stages.seconds,
-        "seconds": time.perf_counter() - started,
-        "cluster": cluster,
-        "services": run.services,
-        "settings": {
-            "profile_units": profile_units,
-            "compress_shards": compress_shards,
-            "calib_tokens": calib_tokens,
-            "eval": settings.eval.key_dict(),
-            "cache_dir": settings.cache_dir,
-        },
-        "run_dir": str(run.folder),
-        "pareto": str(pareto),
-    }
-    write_json(run.folder / "results.json", results)
-    (run.folder / "results.md").write_text(
-        f"# sweep of {run.base.name}\n\nChampion policy: {policy['text']}.\n\n"
-        + markdown_table(rows)
+    results = _results(
+        run, model_name, policy, champion, rows, stats, stages, cluster, calib_tokens
     )
+    _write_results(run, policy, rows, results)
     print_results(results)
     return results
 

@@ -18,28 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ffsplit.errors import FFSplitError
-from ffsplit.files import atomic_path
+from reports.figures import pyplot, save_figure
 
 SHARE_COLORS = {1: "tab:red", 5: "tab:orange", 10: "tab:blue"}
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, out_png: str | Path) -> Path:
-    out = Path(out_png)
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        _pyplot().close(fig)
-    return out
 
 
 def _column(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
@@ -60,6 +41,88 @@ def _model_name(result: Mapping[str, Any]) -> str:
     return str(model.get("name") or model.get("path") or "model")
 
 
+def _pair(
+    ax: Any,
+    layers: list[float],
+    measured: list[float],
+    expected: list[float] | None,
+    color: str,
+    label: str,
+    marker: str = "o-",
+    expected_label: str | None = None,
+) -> None:
+    """A measured series (solid, markers) and what chance gives (dashed, same colour)."""
+    ax.plot(layers, measured, marker, color=color, ms=3.5, lw=1.4, label=label)
+    if expected is not None:
+        ax.plot(layers, expected, "--", color=color, lw=1, alpha=0.7, label=expected_label)
+
+
+def _shares_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    layers = _column(rows, "layer")
+    for p, color in SHARE_COLORS.items():
+        share = [100 * v for v in _column(rows, f"top{p}_share")]
+        _pair(ax, layers, share, None, color, f"top {p}% of neurons")
+        ax.axhline(p, color=color, ls="--", lw=1, alpha=0.7)
+    ax.plot([], [], "k--", lw=1, alpha=0.7, label="uniform spread")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("share of sum of squared neuron output norms")
+    ax.set_title("output norm held by the top neurons")
+
+
+def _hits_panel(ax: Any, result: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+    ratio = 100 * float(result["observation"]["heavy_ratio"])
+    corpus_a = (result.get("corpora") or {}).get("a", "corpus A")
+    pct = lambda values: [100 * v for v in values]  # noqa: E731
+    _pair(
+        ax,
+        _column(rows, "layer"),
+        pct(_column(rows, "heavy_slot_share")),
+        pct(_column(rows, "uniform_slot_share")),
+        "tab:red",
+        f"{corpus_a}: top-k slots taken by heavy set",
+        expected_label="same, random neurons",
+    )
+    coverage = result.get("coverage")
+    if coverage:
+        cov_rows = coverage["layers"]
+        _pair(
+            ax,
+            _column(cov_rows, "layer"),
+            pct(_column(cov_rows, "covered_rate")),
+            pct(_column(cov_rows, "random_covered_rate")),
+            "tab:purple",
+            f"{coverage.get('corpus', 'other corpus')}: tokens with heavy in top-k",
+            marker="s-",
+            expected_label="same, random neurons",
+        )
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("percent")
+    k = rows[0].get("hit_top_k")
+    ax.set_title(f"hit frequency of the heavy {ratio:g}% ({corpus_a} scores; k={k} in layer 0)")
+
+
+def _stability_panel(ax: Any, result: Mapping[str, Any]) -> None:
+    stability = result["stability"]
+    for key in sorted(stability, key=lambda s: float(stability[s]["ratio"])):
+        block = stability[key]
+        p = round(100 * float(block["ratio"]))
+        srows = block["layers"]
+        _pair(
+            ax,
+            _column(srows, "layer"),
+            _column(srows, "jaccard"),
+            _column(srows, "random_jaccard"),
+            SHARE_COLORS.get(p, "tab:gray"),
+            f"heavy {p}%",
+        )
+    ax.plot([], [], "k--", lw=1, alpha=0.7, label="random sets (expected)")
+    ax.set_ylim(0, 1.02)
+    corpora = result.get("corpora") or {}
+    pair = f"{corpora.get('a', 'corpus A')} vs {corpora.get('b', 'corpus B')}"
+    ax.set_ylabel("Jaccard of heavy sets")
+    ax.set_title(f"heavy-set stability, {pair}")
+
+
 def observation_figure(
     result: Mapping[str, Any], out_png: str | Path, title: str | None = None
 ) -> Path:
@@ -67,106 +130,14 @@ def observation_figure(
     heavy set (in-corpus top-k slot share and, if measured, per-token coverage on the other
     corpus); Jaccard of the heavy sets of two corpora at 1/5/10%. Dashed: uniform / random."""
     _require(result, "observation", "stability")
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     rows = result["observation"]["layers"]
-    layers = _column(rows, "layer")
     fig, (shares, hits, stable) = plt.subplots(1, 3, figsize=(16, 4.8))
-
-    for p, color in SHARE_COLORS.items():
-        shares.plot(
-            layers,
-            [100 * v for v in _column(rows, f"top{p}_share")],
-            "o-",
-            color=color,
-            ms=3.5,
-            lw=1.4,
-            label=f"top {p}% of neurons",
-        )
-        shares.axhline(p, color=color, ls="--", lw=1, alpha=0.7)
-    shares.plot([], [], "k--", lw=1, alpha=0.7, label="uniform spread")
-    shares.set_ylim(0, 100)
-    shares.set_ylabel("share of sum of squared neuron output norms")
-    shares.set_title("output norm held by the top neurons")
-
-    ratio = 100 * float(result["observation"]["heavy_ratio"])
-    corpora = result.get("corpora") or {}
-    corpus_a, corpus_b = corpora.get("a", "corpus A"), corpora.get("b", "corpus B")
-    hits.plot(
-        layers,
-        [100 * v for v in _column(rows, "heavy_slot_share")],
-        "o-",
-        color="tab:red",
-        ms=3.5,
-        lw=1.4,
-        label=f"{corpus_a}: top-k slots taken by heavy set",
-    )
-    hits.plot(
-        layers,
-        [100 * v for v in _column(rows, "uniform_slot_share")],
-        "--",
-        color="tab:red",
-        lw=1,
-        alpha=0.7,
-        label="same, random neurons",
-    )
-    coverage = result.get("coverage")
-    if coverage:
-        cov_rows = coverage["layers"]
-        cov_layers = _column(cov_rows, "layer")
-        hits.plot(
-            cov_layers,
-            [100 * v for v in _column(cov_rows, "covered_rate")],
-            "s-",
-            color="tab:purple",
-            ms=3.5,
-            lw=1.4,
-            label=f"{coverage.get('corpus', 'other corpus')}: tokens with heavy in top-k",
-        )
-        hits.plot(
-            cov_layers,
-            [100 * v for v in _column(cov_rows, "random_covered_rate")],
-            "--",
-            color="tab:purple",
-            lw=1,
-            alpha=0.7,
-            label="same, random neurons",
-        )
-    hits.set_ylim(0, 100)
-    k = rows[0].get("hit_top_k")
-    hits.set_ylabel("percent")
-    hits.set_title(f"hit frequency of the heavy {ratio:g}% ({corpus_a} scores; k={k} in layer 0)")
-
-    stability = result["stability"]
-    for key in sorted(stability, key=lambda s: float(stability[s]["ratio"])):
-        block = stability[key]
-        p = round(100 * float(block["ratio"]))
-        color = SHARE_COLORS.get(p, "tab:gray")
-        srows = block["layers"]
-        stable.plot(
-            _column(srows, "layer"),
-            _column(srows, "jaccard"),
-            "o-",
-            color=color,
-            ms=3.5,
-            lw=1.4,
-            label=f"heavy {p}%",
-        )
-        stable.plot(
-            _column(srows, "layer"),
-            _column(srows, "random_jaccard"),
-            "--",
-            color=color,
-            lw=1,
-            alpha=0.7,
-        )
-    stable.plot([], [], "k--", lw=1, alpha=0.7, label="random sets (expected)")
-    stable.set_ylim(0, 1.02)
-    pair = f"{corpus_a} vs {corpus_b}"
-    stable.set_ylabel("Jaccard of heavy sets")
-    stable.set_title(f"heavy-set stability, {pair}")
-
+    _shares_panel(shares, rows)
+    _hits_panel(hits, result, rows)
+    _stability_panel(stable, result)
     for ax in (shares, hits, stable):
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -184,7 +155,7 @@ def observation_figure(
         fontsize=11,
     )
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _value_text(value: float, higher: bool) -> str:
@@ -225,7 +196,7 @@ def ablation_figure(
     values.append(float(ab["top"]))
     colors.append("tab:red")
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     finite = [v for v in values if math.isfinite(v) and v > 0]
     log = not higher and len(finite) == len(values) and max(finite) / min(finite) > 10
@@ -267,7 +238,7 @@ def ablation_figure(
             fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False
         )
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def observation_plots(record: Mapping[str, Any] | str | Path, out_dir: str | Path) -> list[Path]:

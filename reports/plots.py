@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ffsplit.errors import FFSplitError
-from ffsplit.files import atomic_path
 from ffsplit.profiling.stats import LayerStats, load_stats, summary
+from reports.figures import pyplot, save_figure
 
 SHARES = (1, 5, 10)  # top-% neuron shares of the output norm (method.md's observation)
 LABELS = {
@@ -31,25 +31,6 @@ LABELS = {
     "prefill_speedup": "prefill speedup vs dense (x)",
 }
 _HIGHER_IS_BETTER = ("reduction", "speedup", "accuracy")
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, out_png: str | Path, dpi: int = 120) -> Path:
-    out = Path(out_png)
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    finally:
-        _pyplot().close(fig)
-    return out
 
 
 def down_norms(source: Mapping[int, Tensor] | nn.Module | str | Path) -> dict[int, Tensor]:
@@ -102,7 +83,7 @@ def score_distribution_plot(
         )
     if not stats.layers:
         raise FFSplitError(f"{stats_path}: no layers to plot")
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib import cm, colors
     from matplotlib.ticker import MaxNLocator
 
@@ -159,7 +140,7 @@ def score_distribution_plot(
         fontsize=11,
     )
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _shares_panel(ax: Any, layers: Sequence[int], shares: Mapping[int, Sequence[float]]) -> None:
@@ -228,7 +209,7 @@ def pareto_plot(
         labels.append(str(row.get(series) or row.get("method") or "variant"))
     if not points:
         raise FFSplitError(f"pareto_plot: no row has finite {x!r} and {y!r}")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     names = list(dict.fromkeys(labels))
     cmap = plt.get_cmap("tab10")
@@ -264,7 +245,7 @@ def pareto_plot(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, framealpha=0.9, loc="best")
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # ------------------------------------------------------------------------- the results page's charts
@@ -299,7 +280,7 @@ def loss_chart(
     """Quality loss (symlog: small losses and large ones on one chart) against x, one line per
     curve; `lowest` sets the bottom (negative losses are gains), `goal_pct` draws the quality goal
     and `dense_point` the dense model at the origin."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     viridis = plt.get_cmap("viridis")
     for c in curves:
@@ -318,4 +299,4 @@ def loss_chart(
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc=legend_loc)
-    return _save(fig, out_png, dpi=LOSS_CHART_DPI)
+    return save_figure(fig, out_png, dpi=LOSS_CHART_DPI)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -135,7 +136,23 @@ def _quant_block(
 
 
 Block = tuple[Tensor, Callable[[FFNWeights, Tensor], BlockParts]]
-Planner = Callable[[FFNShape, Tensor, Tensor, LayerStats | None, Recipe, LayerReport], list[Block]]
+
+
+@dataclass
+class LayerPlan:
+    """What a planner decides from: the FFN's shape, its neurons in order (heavy, then light in
+    the order compressors hand out resources), its statistics, the recipe, and the report it fills
+    in (rank, bits, kept neurons, notes)."""
+
+    shape: FFNShape
+    heavy: Tensor
+    light: Tensor
+    stats: LayerStats | None
+    recipe: Recipe
+    report: LayerReport
+
+
+Planner = Callable[[LayerPlan], list[Block]]
 
 # Compressors register against their method config type (style.md 5): one planner per type.
 PLANNERS: dict[type[MethodConfig], Planner] = {}
@@ -152,76 +169,57 @@ def planner(config_type: type[MethodConfig]) -> Callable[[Planner], Planner]:
 
 
 @planner(SplitOnlyConfig)
-def _plan_none(
-    shape: FFNShape,
-    heavy: Tensor,
-    light: Tensor,
-    stats: LayerStats | None,
-    recipe: Recipe,
-    report: LayerReport,
-) -> list[Block]:
+def _plan_none(layer: LayerPlan) -> list[Block]:
     """Identity compressor: the split alone (its exactness is a tested invariant)."""
-    return [(heavy, dense_block), (light, dense_block)]
+    return [(layer.heavy, dense_block), (layer.light, dense_block)]
 
 
 @planner(PruneConfig)
-def _plan_prune(
-    shape: FFNShape,
-    heavy: Tensor,
-    light: Tensor,
-    stats: LayerStats | None,
-    recipe: Recipe,
-    report: LayerReport,
-) -> list[Block]:
+def _plan_prune(layer: LayerPlan) -> list[Block]:
     """Keep the first neurons of the order (score, or random) that fit the budget, drop the rest."""
-    kept = solve_kept_neurons(shape, recipe.ffn_reduction)
-    report.kept = kept
-    report.heavy = min(report.heavy, kept)
-    return [(torch.cat([heavy, light])[:kept], dense_block)]
+    kept = solve_kept_neurons(layer.shape, layer.recipe.ffn_reduction)
+    layer.report.kept = kept
+    layer.report.heavy = min(layer.report.heavy, kept)
+    return [(torch.cat([layer.heavy, layer.light])[:kept], dense_block)]
 
 
 @planner(LowRankConfig)
-def _plan_lowrank(
-    shape: FFNShape,
-    heavy: Tensor,
-    light: Tensor,
-    stats: LayerStats | None,
-    recipe: Recipe,
-    report: LayerReport,
-) -> list[Block]:
+def _plan_lowrank(layer: LayerPlan) -> list[Block]:
     """Heavy dense; each light matrix factored to the largest rank the budget allows."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rank = solve_rank(shape, int(heavy.numel()), recipe.ffn_reduction)
-    report.notes.extend(str(w.message) for w in caught)
-    report.rank = rank
-    blocks: list[Block] = [(heavy, dense_block)]
+        rank = solve_rank(layer.shape, int(layer.heavy.numel()), layer.recipe.ffn_reduction)
+    layer.report.notes.extend(str(w.message) for w in caught)
+    layer.report.rank = rank
+    blocks: list[Block] = [(layer.heavy, dense_block)]
     if rank > 0:  # rank 0: the budget leaves nothing for the light part, which is dropped
-        config: LowRankConfig = recipe.method  # type: ignore[assignment]
-        blocks.append((light, _lowrank_block(rank, stats, config, report.notes)))
+        config: LowRankConfig = layer.recipe.method  # type: ignore[assignment]
+        blocks.append((layer.light, _lowrank_block(rank, layer.stats, config, layer.report.notes)))
     return blocks
 
 
 @planner(QuantConfig)
-def _plan_quant(
-    shape: FFNShape,
-    heavy: Tensor,
-    light: Tensor,
-    stats: LayerStats | None,
-    recipe: Recipe,
-    report: LayerReport,
-) -> list[Block]:
+def _plan_quant(layer: LayerPlan) -> list[Block]:
     """Heavy at heavy_bits; light neurons in order over two adjacent bit widths of the ladder."""
-    config: QuantConfig = recipe.method  # type: ignore[assignment]
-    group = pick_group_size(shape.d, preferred=config.group_size)
+    config: QuantConfig = layer.recipe.method  # type: ignore[assignment]
+    group = pick_group_size(layer.shape.d, preferred=config.group_size)
     counts = solve_light_bits(
-        shape, int(heavy.numel()), config.heavy_bits, recipe.ffn_reduction, group, config.ladder
+        layer.shape,
+        int(layer.heavy.numel()),
+        config.heavy_bits,
+        layer.recipe.ffn_reduction,
+        group,
+        config.ladder,
     )
-    report.bits = counts
-    blocks: list[Block] = [(heavy, _quant_block(config.heavy_bits, group, stats, config))]
+    layer.report.bits = counts
+    blocks: list[Block] = [
+        (layer.heavy, _quant_block(config.heavy_bits, group, layer.stats, config))
+    ]
     start = 0
     for bits, count in counts.items():  # higher bits first: the more important light neurons
-        blocks.append((light[start : start + count], _quant_block(bits, group, stats, config)))
+        blocks.append(
+            (layer.light[start : start + count], _quant_block(bits, group, layer.stats, config))
+        )
         start += count
     return blocks
 
@@ -241,7 +239,7 @@ def compress_layer(
     heavy, light = neuron_order(weights, stats, recipe, layer)
     report = LayerReport(layer, shape.m, int(heavy.numel()), dense_ffn_bytes(shape), 0)
     plan = PLANNERS[type(recipe.method)]
-    blocks = plan(shape, heavy, light, stats, recipe, report)
+    blocks = plan(LayerPlan(shape, heavy, light, stats, recipe, report))
     modules = build_split(weights, blocks)
     report.bytes = sum(m.nbytes() for m in modules if m is not None)
     order = torch.cat([b[0] for b in blocks if b[0].numel()])

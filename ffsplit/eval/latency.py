@@ -146,6 +146,22 @@ class _Runner:
         return (time.perf_counter() - start) * 1000.0 / steps
 
 
+def _common_device(
+    models: Mapping[str, nn.Module], device: str | torch.device | None
+) -> torch.device:
+    """The one device all models run on (moved there when `device` is given)."""
+    if device is not None:
+        target = torch.device(device)
+        for model in models.values():
+            model.to(target)
+    devices = {name: model_device(model) for name, model in models.items()}
+    if len(set(devices.values())) != 1:
+        raise FFSplitError(
+            f"measure_latency: models sit on different devices {devices}; pass device=... to move them"
+        )
+    return next(iter(devices.values()))
+
+
 def measure_latency(
     models: Mapping[str, nn.Module],
     prompt_tokens: int,
@@ -169,16 +185,7 @@ def measure_latency(
             f"repeats >= 1, warmup >= 0; got {prompt_tokens}, {decode_tokens}, {batch_size}, "
             f"{repeats}, {warmup}"
         )
-    if device is not None:
-        target = torch.device(device)
-        for model in models.values():
-            model.to(target)
-    devices = {name: model_device(model) for name, model in models.items()}
-    if len(set(devices.values())) != 1:
-        raise FFSplitError(
-            f"measure_latency: models sit on different devices {devices}; pass device=... to move them"
-        )
-    run_device = next(iter(devices.values()))
+    run_device = _common_device(models, device)
     vocab = min(_vocab_size(model, name) for name, model in models.items())
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(run_device)

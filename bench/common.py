@@ -390,3 +390,97 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------ quant variants
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """A quant variant as the recipe writes it: heavy neurons at ``heavy_bits`` (16 = bf16 kept
+    dense, 8 = int8), light neurons at one width, or two adjacent widths solved from a target
+    FFN reduction (compress/budget.py solve_light_bits, the recipe's ladder); groups along d."""
+
+    name: str
+    heavy_ratio: float
+    heavy_bits: int = 16
+    light_bits: int | None = 4  # one width for every light neuron
+    reduction: float | None = None  # else: solve a two-width mix for this FFN reduction
+    group: int = 64  # QuantConfig's default group size
+
+    def heavy(self, spec: FFNSpec) -> int:
+        return math.ceil(self.heavy_ratio * spec.m)
+
+    def light_counts(self, spec: FFNSpec) -> dict[int, int]:
+        light = spec.m - self.heavy(spec)
+        if self.reduction is None:
+            return {self.light_bits: light} if light else {}
+        from ffsplit.compress.budget import solve_light_bits
+
+        return solve_light_bits(
+            spec.budget_shape, self.heavy(spec), self.heavy_bits, self.reduction, self.group
+        )
+
+    def nbytes(self, spec: FFNSpec) -> int:
+        from ffsplit.compress.budget import quant_bytes
+
+        counts = self.light_counts(spec)
+        return quant_bytes(spec.budget_shape, self.heavy(spec), self.heavy_bits, counts, self.group)
+
+    def describe(self, spec: FFNSpec) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "heavy_ratio": self.heavy_ratio,
+            "heavy": self.heavy(spec),
+            "heavy_bits": self.heavy_bits,
+            "light_bits": {str(b): n for b, n in self.light_counts(spec).items()},
+            "group": self.group,
+            "target_ffn_reduction": self.reduction,
+        }
+
+
+def _random_codes(
+    rows: int, cols: int, bits: int, group: int, device: torch.device
+) -> QuantizedTensor:
+    packed = torch.randint(
+        0, 256, ((rows * cols * bits + 7) // 8,), device=device, dtype=torch.uint8
+    )
+    groups = cols // group
+    scales = torch.full(
+        (rows, groups), 2.0 / (cols**0.5 * (1 << bits)), device=device, dtype=torch.float16
+    )
+    zeros = (-scales.float() * (1 << (bits - 1))).to(torch.float16)
+    return QuantizedTensor(packed, scales, zeros, bits, group, (rows, cols))
+
+
+def quant_split_projections(
+    spec: FFNSpec, recipe: QuantRecipe, device: torch.device, dtype: torch.dtype
+) -> tuple[SplitOutProjection, SplitOutProjection | None, SplitInProjection]:
+    """Split projections of the recipe's structure with random values (valid for speed): heavy
+    rows dense (or int8), then one range per light width, higher widths first (as recipe.py)."""
+    d = spec.d
+    ranges = [(recipe.heavy(spec), recipe.heavy_bits)] if recipe.heavy(spec) else []
+    ranges += sorted(((n, b) for b, n in recipe.light_counts(spec).items()), key=lambda r: -r[1])
+
+    def out_part(n: int, bits: int, bias: bool) -> nn.Module:
+        b = _randn(n, device=device, dtype=dtype, std=0.02) if bias else None
+        if bits == 16:
+            return DenseLinear(_randn(n, d, device=device, dtype=dtype, std=d**-0.5), b)
+        return QuantizedLinear(_random_codes(n, d, bits, recipe.group, device), False, b)
+
+    def down_part(n: int, bits: int) -> nn.Module:
+        if bits == 16:
+            return DenseLinear(_randn(d, n, device=device, dtype=dtype, std=spec.m**-0.5))
+        return QuantizedLinear(_random_codes(n, d, bits, recipe.group, device), True)
+
+    up = SplitOutProjection([out_part(n, b, spec.bias) for n, b in ranges])
+    gate = SplitOutProjection([out_part(n, b, False) for n, b in ranges]) if spec.gated else None
+    bias = _randn(d, device=device, dtype=dtype, std=0.02) if spec.bias else None
+    return up, gate, SplitInProjection([down_part(n, b) for n, b in ranges], bias)
+
+
+def quant_split_mlp(
+    spec: FFNSpec, recipe: QuantRecipe, device: torch.device, dtype: torch.dtype
+) -> MLP:
+    up, gate, down = quant_split_projections(spec, recipe, device, dtype)
+    return MLP(up, gate, down, _ACT[spec.act]).eval()

@@ -40,12 +40,14 @@ from bench.common import (  # noqa: E402
     HBM_BYTES_PER_S,
     RESULTS,
     FFNSpec,
+    QuantRecipe,
     Recipe,
     dense_mlp,
     ffn_flops,
     graph_time_ms,
     machine,
     module_bytes,
+    quant_split_mlp,
     split_mlp,
     write_json,
 )
@@ -387,6 +389,257 @@ def tuned_tiles() -> dict[str, dict[str, str]]:
     return out
 
 
+# ------------------------------------------------------------------------- quant variants (issue 13)
+
+QUANT_RECIPES = {
+    r.name: r
+    for r in (
+        QuantRecipe("int4-h0.05", 0.05, 16, 4),
+        QuantRecipe("int4-h0.10", 0.10, 16, 4),
+        QuantRecipe("int8-h0.05", 0.05, 16, 8),
+        QuantRecipe("int8-h0.10", 0.10, 16, 8),
+        QuantRecipe("mix-h0.10-b0.70", 0.10, 16, None, reduction=0.70),  # int4/int3 (solver)
+        QuantRecipe("mix-h0.10-b0.50", 0.10, 16, None, reduction=0.50),  # int8/int4 (solver)
+        QuantRecipe("int4-h0.10-heavy8", 0.10, 8, 4),
+        QuantRecipe("int4-uniform", 0.0, 16, 4),
+        QuantRecipe("int8-uniform", 0.0, 16, 8),
+    )
+}
+# (library, recipe): the libraries run the same recipes (one light width) two GEMMs per matrix
+QUANT_BASELINES = (
+    ("gemlite", "int4-uniform"),
+    ("gemlite", "int4-h0.10"),
+    ("gemlite", "int8-uniform"),
+    ("gemlite", "int8-h0.10"),
+    ("tinygemm", "int4-uniform"),
+    ("tinygemm", "int4-h0.10"),
+)
+QUANT_PROFILED = ("int4-h0.10", "int8-h0.10", "int4-uniform")
+
+
+def _kernel_name(tokens: int, core: object) -> str:
+    return (
+        "ffsplit-qffn"
+        if core.use_kernels(tokens, torch.device("cuda"))
+        else ("ffsplit-prefill (triton dequant + cublas)")
+    )
+
+
+def quant_row(
+    spec: FFNSpec,
+    tokens: int,
+    variant: str,
+    recipe: QuantRecipe,
+    kernel: str,
+    dense_ms: float,
+    ms: float,
+    dense_bytes: int,
+    variant_bytes: int,
+    stored: int,
+) -> dict[str, Any]:
+    """One row of quant-h200.json (the schema issue 13 asks for, plus bytes and TB/s)."""
+    roof = dense_bytes / variant_bytes if tokens <= 16 else 1.0  # dense FLOPs at 2048 tokens
+    if 16 < tokens < 2048:
+        flops = ffn_flops(spec, None, tokens)
+        floor_dense = max(dense_bytes / HBM_BYTES_PER_S, flops / BF16_FLOPS_PER_S)
+        floor_variant = max(variant_bytes / HBM_BYTES_PER_S, flops / BF16_FLOPS_PER_S)
+        roof = floor_dense / floor_variant
+    counts = recipe.light_counts(spec)
+    return {
+        "shape": spec.name,
+        "tokens": tokens,
+        "variant": variant,
+        "light_bits": {str(b): n for b, n in counts.items()},
+        "heavy_ratio": recipe.heavy_ratio,
+        "heavy_bits": recipe.heavy_bits,
+        "group": recipe.group,
+        "kernel": kernel,
+        "dense_ms": dense_ms,
+        "split_ms": ms,
+        "speedup": dense_ms / ms,
+        "roofline_speedup": roof,
+        "roofline_share": dense_ms / ms / roof,
+        "dense_bytes": dense_bytes,
+        "variant_bytes": variant_bytes,
+        "stored_bytes": stored,
+        "ffn_reduction": 1 - variant_bytes / dense_bytes,
+        "variant_tb_per_s": variant_bytes / ms / 1e9,
+        "dense_tb_per_s": dense_bytes / dense_ms / 1e9,
+    }
+
+
+def quant_stage_profile(cores: list, tokens: int) -> dict[str, Any]:
+    """Each decode stage alone (CUDA graph over the copies): weight bytes it streams and TB/s."""
+    core = cores[0]
+    x = torch.randn(tokens, core.d, device="cuda", dtype=core.dtype)
+    hidden = core._first_kernels(x)
+    first_bytes = sum(
+        t.numel() * t.element_size()
+        for name, t in [*core.named_parameters(), *core.named_buffers()]
+        if name in ("w_dense", "bias_first") or "_first" in name
+    )
+    last_bytes = core.nbytes() - first_bytes
+    out = {}
+    with torch.no_grad():
+        for name, fn, nbytes in (
+            ("first", lambda: [c._first_kernels(x) for c in cores], first_bytes),
+            ("last", lambda: [c._last_kernels(hidden) for c in cores], last_bytes),
+        ):
+            ms = graph_time_ms(fn, calls_per_replay=len(cores))
+            out[name] = {"ms": ms, "weight_bytes": nbytes, "tb_per_s": nbytes / ms / 1e9}
+            print(
+                f"  stage {name:5s} tokens {tokens:2d} {1e3 * ms:7.2f} us {nbytes / 1e6:6.1f} MB "
+                f"{nbytes / ms / 1e9:5.2f} TB/s",
+                flush=True,
+            )
+    return out
+
+
+def bench_quant_shape(
+    spec: FFNSpec,
+    tokens: tuple[int, ...],
+    names: list[str],
+    baselines: bool,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[list, dict]:
+    from bench.quant_baselines import baseline_bytes, baseline_mlp
+
+    device = torch.device("cuda")
+    rows: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
+    inputs = {t: torch.randn(t, spec.d, device=device, dtype=dtype) for t in tokens}
+    dense_one = dense_mlp(spec, device, dtype)
+    dense_bytes = module_bytes(dense_one)
+    k = copies_for(dense_bytes)
+    dense = [dense_one] + [dense_mlp(spec, device, dtype) for _ in range(k - 1)]
+    dense_ms = {t: time_modules(dense, inputs[t]) for t in tokens}
+    for t in tokens:
+        print(
+            f"{spec.name:13s} {t:5d} dense (cublas)  {dense_ms[t]:8.4f} ms "
+            f"({dense_bytes / dense_ms[t] / 1e9:.2f} TB/s)",
+            flush=True,
+        )
+    del dense, dense_one
+    _free()
+
+    def record(variant, recipe, kernel_of, modules, nbytes, stored):
+        for t in tokens:
+            try:
+                ms = time_modules(modules, inputs[t])
+            except Exception as exc:  # noqa: BLE001 - a library that cannot run a shape: noted
+                print(f"{spec.name} {t} {variant}: failed: {exc}", flush=True)
+                rows.append(
+                    {
+                        "shape": spec.name,
+                        "tokens": t,
+                        "variant": variant,
+                        "kernel": kernel_of(t),
+                        "error": str(exc)[:300],
+                    }
+                )
+                continue
+            row = quant_row(
+                spec, t, variant, recipe, kernel_of(t), dense_ms[t], ms, dense_bytes, nbytes, stored
+            )
+            rows.append(row)
+            print(
+                f"{spec.name:13s} {t:5d} {variant:34s} {ms:8.4f} ms x{row['speedup']:.2f} "
+                f"(roofline x{row['roofline_speedup']:.2f}, {100 * row['roofline_share']:.0f}%) "
+                f"[{row['kernel']}]",
+                flush=True,
+            )
+
+    for name in names:
+        recipe = QUANT_RECIPES[name]
+        nbytes = recipe.nbytes(spec)
+        k = copies_for(nbytes)
+        cores = []
+        for _ in range(k):
+            mlp = quant_split_mlp(spec, recipe, device, dtype)
+            cores.append(
+                fuse_projections(mlp.up_proj, mlp.gate_proj, mlp.down_proj, mlp.act_fn, dtype=dtype)
+            )
+            del mlp
+        stored = cores[0].nbytes()
+        first_core = cores[0]
+        record(name, recipe, lambda t, c=first_core: _kernel_name(t, c), cores, nbytes, stored)
+        if name in QUANT_PROFILED:
+            profiles.setdefault(spec.name, {})[name] = {
+                f"tokens_{t}": quant_stage_profile(cores, t) for t in tokens if t <= 16
+            }
+        del cores
+        _free()
+    if baselines:
+        for kernel, name in QUANT_BASELINES:
+            if name not in names:
+                continue
+            recipe = QUANT_RECIPES[name]
+            try:
+                k = copies_for(recipe.nbytes(spec))
+                mlps = [baseline_mlp(kernel, spec, recipe, device, dtype) for _ in range(k)]
+            except Exception as exc:  # noqa: BLE001 - library missing or shape refused: noted
+                print(f"{spec.name} {kernel} {name}: cannot build: {exc}", flush=True)
+                rows.append(
+                    {
+                        "shape": spec.name,
+                        "variant": f"{name} [{kernel}]",
+                        "kernel": kernel,
+                        "error": str(exc)[:300],
+                    }
+                )
+                continue
+            label = kernel if recipe.heavy_ratio == 0 else f"cublas heavy + {kernel} light"
+            record(
+                f"{name} [{kernel}]",
+                recipe,
+                lambda t, label=label: label,
+                mlps,
+                recipe.nbytes(spec),
+                baseline_bytes(mlps[0]),
+            )
+            del mlps
+            _free()
+    return rows, profiles
+
+
+def main_quant(args: argparse.Namespace) -> None:
+    """bench/results/quant-h200.json: the quant variants, GemLite and tinygemm, dense cuBLAS."""
+    from ffsplit.kernels import qffn
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/ffn.py --quant times CUDA graphs: it needs a GPU")
+    torch.manual_seed(0)
+    names = args.recipes or list(QUANT_RECIPES)
+    all_rows, profiles = [], {}
+    out = args.out if args.out != RESULTS / "ffn-h200.json" else RESULTS / "quant-h200.json"
+    for shape in args.shapes:
+        rows, prof = bench_quant_shape(
+            FFN_SHAPES[shape], tuple(args.tokens), names, not args.no_baselines
+        )
+        all_rows += rows
+        profiles.update(prof)
+        write_json(
+            out,
+            {
+                "benchmark": "ffn-quant",
+                "command": " ".join(["python3", *sys.argv]),
+                "machine": machine(),
+                "dtype": "bfloat16",
+                "timing": "CUDA graph replays, median of 7 trials; weights of all copies > 4x L2",
+                "ceilings": {
+                    "hbm_bytes_per_s": HBM_BYTES_PER_S,
+                    "bf16_flops_per_s": BF16_FLOPS_PER_S,
+                },
+                "roofline": "stored-bytes ratio at <=16 tokens (dense / variant), FLOPs ratio (1.0) "
+                "at 2048, ratio of floors at 128",
+                "tiles": {f"{k[0]}/{k[1]}": str(v) for k, v in qffn.TILES.items()},
+                "tuning": qffn.tuning_log,
+                "rows": all_rows,
+                "decode_stage_profile": profiles,
+            },
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="*", default=list(FFN_SHAPES))
@@ -398,7 +651,14 @@ def main() -> None:
         action="store_true",
         help="also time every fused variant with programmatic dependent launch (+pdl rows)",
     )
+    parser.add_argument("--quant", action="store_true", help="quant variants -> quant-h200.json")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="--quant: skip GemLite/tinygemm"
+    )
     args = parser.parse_args()
+    if args.quant:
+        main_quant(args)
+        return
     global PDL_COMPARE
     PDL_COMPARE = args.pdl_compare
     if not torch.cuda.is_available():

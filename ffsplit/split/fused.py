@@ -27,6 +27,7 @@ act(0) * 0 = 0 and zero columns add nothing) so every row starts 32-byte aligned
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable
@@ -201,14 +202,28 @@ def fuse_projections(
     activation: Callable[[Tensor], Tensor],
     backend: str = "auto",
     dtype: torch.dtype | None = None,
-) -> FusedFFNCore:
+) -> FusedFFNCore | QuantFFNCore:
     """One FFN's fused core from its projection modules (split projections, parts or nn.Linear):
     ``core(x) == down(act(gate(x)) * up(x))`` (or ``down(act(up(x)))``). For benchmarks and tests;
     models go through :func:`fuse_model`."""
     ranges, down_bias = _ranges_of(up, gate, down, "fuse_projections")
-    core = FusedFFNCore(ranges, down_bias, activation, gate is not None, dtype)
+    core = make_core(ranges, down_bias, activation, gate is not None, dtype)
     core.backend = backend
     return core
+
+
+def make_core(
+    ranges: list[_Range],
+    down_bias: Tensor | None,
+    activation: Callable[[Tensor], Tensor],
+    gated: bool,
+    dtype: torch.dtype | None,
+) -> FusedFFNCore | QuantFFNCore:
+    """The fused core of an FFN: ``QuantFFNCore`` when any range is quantized (every bit width,
+    heavy bf16 or int8), else ``FusedFFNCore`` (dense and low-rank ranges)."""
+    if any(r.kind() == "quant" for r in ranges):
+        return QuantFFNCore(ranges, down_bias, activation, gated, dtype)
+    return FusedFFNCore(ranges, down_bias, activation, gated, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,6 +576,400 @@ class FusedFFNCore(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class QuantFFNCore(nn.Module):
+    """Fused form of an FFN with quantized ranges (every variant the quant method writes).
+
+    Neurons become *segments*: the dense ranges stacked into one bf16/fp16 segment (gate/up rows
+    ``w_dense`` [2 m_dense, d], down rows ``w_down_t`` = W_down^T [m_dense, d]), then one segment
+    per bit width (heavy int8, light widths mixed per layer by the budget solver), repacked into
+    the kernels' layout (ffsplit/kernels/qlayout.py: same bytes as stored, padded to 16
+    neurons). The hidden vector between ``first`` and ``last`` holds the segments side by side.
+    Up to 16 tokens on a GPU two Triton launches do the FFN (ffsplit/kernels/qffn.py); above
+    (prefill) cuBLAS GEMMs over weights dequantised chunk by chunk into a reused scratch buffer;
+    on CPU the same math in torch (the reference).
+    """
+
+    def __init__(
+        self,
+        ranges: list[_Range],
+        down_bias: Tensor | None,
+        activation: Callable[[Tensor], Tensor],
+        gated: bool,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        from ffsplit.kernels import qlayout
+
+        kinds = [r.kind() for r in ranges]
+        if any(k not in ("dense", "quant") for k in kinds):
+            raise FFSplitError(f"fuse: a quantized FFN with {kinds} ranges is not supported")
+        d = ranges[0].up.in_features
+        self.d, self.gated, self.act_module = d, gated, activation
+        self.act_name = activation_name(activation)
+        found, device = _float_dtype(ranges)
+        self.dtype = dtype = dtype or found
+        self.light = "quant"
+        self.backend = "auto"
+        self.decode_tokens = DECODE_TOKENS
+        self._triton = _kernels_importable()
+        if self._triton and device.type == "cuda":
+            import ffsplit.kernels.qffn  # noqa: F401 - registers the custom ops before any tracing
+        by_bits = _quant_ranges_by_bits(ranges, d)
+        self.group = next(iter(by_bits.values()))[0].up.group_size
+        if len(by_bits) > 3:
+            raise FFSplitError(
+                f"fuse: at most 3 quantized bit widths per FFN, got {sorted(by_bits)}"
+            )
+        dense = [r for r in ranges if r.kind() == "dense"]
+        self.m_heavy = _pad_to(sum(r.size for r in dense), ALIGN)
+        self._init_dense(dense, dtype, device)
+        column, segments = self.m_heavy, []
+        biases = [_range_biases(dense, self.m_heavy, gated)]
+        for bits in sorted(by_bits, reverse=True):  # heavy int8 first, then wider light codes
+            group = by_bits[bits]
+            block = _pack_block(group, bits, self.group, gated)
+            segments.append((bits, block, column))
+            biases.append(_range_biases(group, block.neurons, gated))
+            column += block.neurons
+        self.m_total = column
+        self._register_segments(segments)
+        self.bias_first = _stack_biases(biases, dtype, device)
+        self.b3 = _param(down_bias, dtype)
+        self.kernel_ok = qlayout.kernel_group_ok(self.group, d)
+        self.bits = min(by_bits)
+        self.plan = FusePlan(
+            d=d,
+            gated=gated,
+            activation=self.act_name,
+            heavy=self.m_heavy,
+            light="quant",
+            light_neurons=self.m_total - self.m_heavy,
+            bits=self.bits,
+            group=self.group,
+            notes=[f"segments (bits, neurons): {[(b, blk.neurons) for b, blk, _ in segments]}"]
+            + ([] if self.kernel_ok else [f"group {self.group}: no decode kernels (torch path)"]),
+        )
+
+    def _init_dense(self, dense: list[_Range], dtype: torch.dtype, device: torch.device) -> None:
+        self.w_dense: nn.Parameter | None = None
+        self.w_down_t: nn.Parameter | None = None
+        if not dense:
+            return
+        rows = [_pad_rows(torch.cat([r.up.dense_weight().to(dtype) for r in dense]), self.m_heavy)]
+        if self.gated:
+            gate = torch.cat([r.gate.dense_weight().to(dtype) for r in dense])
+            rows.insert(0, _pad_rows(gate, self.m_heavy))
+        self.w_dense = _param(torch.cat(rows).contiguous(), dtype)
+        down = torch.cat([r.down.dense_weight().to(dtype) for r in dense], 1)  # [d, m_dense]
+        self.w_down_t = _param(_pad_rows(down.t().contiguous(), self.m_heavy), dtype)
+
+    def _register_segments(self, segments: list[tuple[int, Any, int]]) -> None:
+        """Buffers seg{i}_* (so .to() moves them and module_bytes counts them) and the plain
+        description the kernels take."""
+        self._segment_meta: list[tuple[int, int, int, int, int, int]] = []
+        for i, (bits, block, column) in enumerate(segments):
+            for j, t in enumerate(block.first):
+                self.register_buffer(f"seg{i}_first{j}", t)
+            for j, t in enumerate(block.down):
+                self.register_buffer(f"seg{i}_down{j}", t)
+            for name in ("first_scales", "first_zeros", "down_scales", "down_zeros"):
+                self.register_buffer(f"seg{i}_{name}", getattr(block, name))
+            self._segment_meta.append(
+                (bits, block.per_unit, len(block.first), block.neurons, column, len(block.down))
+            )
+
+    def segments(self) -> list[Any]:
+        """The segments as ffsplit.kernels.qffn.Segment-shaped tuples of this module's buffers."""
+        from ffsplit.kernels.qlayout import QuantBlock
+
+        out = []
+        for i, (bits, _, n_first, neurons, column, n_down) in enumerate(self._segment_meta):
+            block = QuantBlock(
+                bits=bits,
+                group=self.group,
+                neurons=neurons,
+                first=[getattr(self, f"seg{i}_first{j}") for j in range(n_first)],
+                first_scales=getattr(self, f"seg{i}_first_scales"),
+                first_zeros=getattr(self, f"seg{i}_first_zeros"),
+                down=[getattr(self, f"seg{i}_down{j}") for j in range(n_down)],
+                down_scales=getattr(self, f"seg{i}_down_scales"),
+                down_zeros=getattr(self, f"seg{i}_down_zeros"),
+            )
+            out.append((block, column))
+        return out
+
+    def _op_args(self) -> tuple[list[Tensor], list[int]]:
+        tensors: list[Tensor] = []
+        ints: list[int] = [len(self._segment_meta)]
+        for block, column in self.segments():
+            tensors += [*block.first, block.first_scales, block.first_zeros]
+            tensors += [*block.down, block.down_scales, block.down_zeros]
+            ints += [
+                block.bits,
+                block.per_unit,
+                len(block.first),
+                block.neurons,
+                column,
+                len(block.down),
+            ]
+        return tensors, ints
+
+    # ---------------------------------------------------------------------------- forward
+    @property
+    def hidden_features(self) -> int:
+        return self.m_total
+
+    def use_kernels(self, tokens: int, device: torch.device) -> bool:
+        """Whether the Triton decode kernels run for this many tokens (static per shape)."""
+        if self.backend == "torch" or device.type != "cuda" or self.act_name is None:
+            return False
+        if self.dtype not in (torch.bfloat16, torch.float16) or not self._triton:
+            return False
+        limit = (
+            DECODE_TOKENS if self.backend == "triton" else min(self.decode_tokens, DECODE_TOKENS)
+        )
+        return self.kernel_ok and tokens <= limit
+
+    def use_triton_prefill(self, device: torch.device) -> bool:
+        """Prefill dequantises with a Triton kernel on CUDA (torch ops elsewhere)."""
+        return (
+            self.backend != "torch"
+            and device.type == "cuda"
+            and self._triton
+            and self.kernel_ok
+            and self.act_name is not None
+        )
+
+    def first(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.d)
+        if x2.dtype == self.dtype and self.use_kernels(x2.shape[0], x2.device):
+            hidden = self._first_kernels(x2.contiguous())
+        else:
+            hidden = self._first_torch(x2)
+        return hidden.view(*x.shape[:-1], hidden.shape[-1])
+
+    def last(self, hidden: Tensor) -> Tensor:
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        kernel_hidden = h2.dtype == torch.float32 and self.dtype != torch.float32
+        if kernel_hidden and self.use_kernels(h2.shape[0], h2.device):
+            y = self._last_kernels(h2.contiguous())
+        else:
+            y = self._last_torch(h2)
+        return y.view(*hidden.shape[:-1], self.d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(self.first(x))
+
+    def _first_kernels(self, x: Tensor) -> Tensor:
+        from ffsplit.kernels import qffn
+
+        tensors, ints = self._op_args()
+        return qffn.qffn_first(
+            x,
+            self.w_dense,
+            self.bias_first,
+            tensors,
+            ints,
+            self.gated,
+            self.act_name,
+            self.m_total,
+            self.group,
+        )
+
+    def _last_kernels(self, hidden: Tensor) -> Tensor:
+        from ffsplit.kernels import qffn
+
+        tensors, ints = self._op_args()
+        return qffn.qffn_last(
+            hidden, self.w_down_t, self.b3, tensors, ints, self.d, self.group, self.dtype
+        )
+
+    def _first_torch(self, x: Tensor) -> Tensor:
+        x = x.to(self.dtype)
+        if self.use_triton_prefill(x.device):
+            from ffsplit.kernels import qffn
+
+            tensors, ints = self._op_args()
+            return qffn.qffn_prefill_first(
+                x,
+                self.w_dense,
+                self.bias_first,
+                tensors,
+                ints,
+                self.gated,
+                self.act_name,
+                self.m_total,
+                self.group,
+            )
+        return self._first_reference(x)
+
+    def _last_torch(self, hidden: Tensor) -> Tensor:
+        hidden = hidden.to(self.dtype)
+        if self.use_triton_prefill(hidden.device):
+            from ffsplit.kernels import qffn
+
+            tensors, ints = self._op_args()
+            return qffn.qffn_prefill_last(
+                hidden, self.w_down_t, self.b3, tensors, ints, self.d, self.group
+            )
+        return self._last_reference(hidden)
+
+    def first_weights(self) -> Tensor:
+        """All gate/up rows dequantised in hidden order, [(2 if gated) * m_total, d] (float32):
+        gate rows of every neuron, then up rows (reference path and tests)."""
+        from ffsplit.kernels.qlayout import dequantize_first
+
+        per = 2 if self.gated else 1
+        parts: list[list[Tensor]] = [[] for _ in range(per)]
+        if self.w_dense is not None:
+            for i, chunk in enumerate(self.w_dense.float().chunk(per)):
+                parts[i].append(chunk)
+        for block, _ in self.segments():
+            for i, chunk in enumerate(dequantize_first(block).chunk(per)):
+                parts[i].append(chunk)
+        return torch.cat([torch.cat(p) for p in parts])
+
+    def down_weights_t(self) -> Tensor:
+        """W_down^T of every neuron in hidden order, [m_total, d] (float32)."""
+        from ffsplit.kernels.qlayout import dequantize_down
+
+        parts = [] if self.w_down_t is None else [self.w_down_t.float()]
+        parts += [dequantize_down(block) for block, _ in self.segments()]
+        return torch.cat(parts)
+
+    def _first_reference(self, x: Tensor) -> Tensor:
+        y = nn.functional.linear(x, self.first_weights().to(x.dtype))
+        m = self.m_total
+        if self.bias_first is not None:
+            y = y + self.bias_first.reshape(-1)
+        if self.gated:
+            return self.act_module(y[:, :m]) * y[:, m:]
+        return self.act_module(y)
+
+    def _last_reference(self, hidden: Tensor) -> Tensor:
+        y = hidden @ self.down_weights_t().to(hidden.dtype)
+        return y if self.b3 is None else y + self.b3
+
+    def nbytes(self) -> int:
+        """Bytes of everything this core stores (weights, codes, scales, biases; padding counted)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _quant_ranges_by_bits(ranges: list[_Range], d: int) -> dict[int, list[_Range]]:
+    """The quantized ranges grouped by bit width (each range's up/gate/down share one width and
+    the FFN one group size; down neuron-major, up/gate not: the quant recipe's layout)."""
+    from ffsplit.kernels.qlayout import KERNEL_BITS
+
+    out: dict[int, list[_Range]] = {}
+    groups = set()
+    for r in ranges:
+        if r.kind() != "quant":
+            continue
+        parts = [p for p in (r.up, r.gate, r.down) if p is not None]
+        bits = {p.bits for p in parts}
+        groups |= {p.group_size for p in parts}
+        if len(bits) != 1 or next(iter(bits)) not in KERNEL_BITS:
+            raise FFSplitError(
+                f"fuse: a quantized range with bits {sorted(bits)} (need one of {KERNEL_BITS})"
+            )
+        if r.down.neuron_major is False or any(
+            p.neuron_major for p in (r.up, r.gate) if p is not None
+        ):
+            raise FFSplitError(
+                "fuse: quantized parts must be neuron-major for down, row-major for up/gate"
+            )
+        if r.down.bias_or_none() is not None:
+            raise FFSplitError("fuse: a quantized down part with its own bias is not supported")
+        out.setdefault(next(iter(bits)), []).append(r)
+    if len(groups) != 1:
+        raise FFSplitError(
+            f"fuse: quantized parts of one FFN must share a group size, got {sorted(groups)}"
+        )
+    return out
+
+
+def _pack_block(ranges: list[_Range], bits: int, group: int, gated: bool) -> Any:
+    """One segment's kernel layout from its ranges: 2/4/8-bit streams taken as they are stored,
+    other widths unpacked and repacked into planes."""
+    from ffsplit.kernels import qlayout
+
+    n = sum(r.size for r in ranges)
+    padded = _pad_to(n, ALIGN)
+
+    def rows_of(parts: list[QuantizedLinear]) -> tuple[list[Tensor], Tensor, Tensor]:
+        qs = [p.quantized() for p in parts]
+        if bits in (2, 4, 8):  # one plane: the stored stream read as int32 is the layout
+            units = [torch.cat([q.packed.view(torch.int32).view(q.shape[0], -1) for q in qs])]
+        else:
+            units = qlayout.pack_units(torch.cat([codes(q) for q in qs]), bits)
+        return (
+            [_pad_rows(u, padded) for u in units],
+            _pad_rows(torch.cat([q.scales for q in qs]), padded),
+            _pad_rows(torch.cat([q.zeros for q in qs]), padded),
+        )
+
+    projections = ([[r.gate for r in ranges]] if gated else []) + [[r.up for r in ranges]]
+    first = [rows_of(parts) for parts in projections]
+    down_units, down_scales, down_zeros = rows_of([r.down for r in ranges])
+    per_unit = qlayout.CODES_PER_UNIT[bits]
+    return qlayout.QuantBlock(
+        bits=bits,
+        group=group,
+        neurons=padded,
+        first=[torch.cat(p).contiguous() for p in zip(*[f[0] for f in first], strict=True)],
+        first_scales=torch.cat([f[1] for f in first]).contiguous(),
+        first_zeros=torch.cat([f[2] for f in first]).contiguous(),
+        down=[qlayout.group_major(u, group, per_unit) for u in down_units],
+        down_scales=down_scales.t().contiguous(),
+        down_zeros=down_zeros.t().contiguous(),
+    )
+
+
+def _range_biases(
+    ranges: list[_Range], padded: int, gated: bool
+) -> tuple[int, list[Tensor | None]]:
+    """(padded neuron count, [gate bias, up bias] or [up bias]) of these ranges; None where no
+    part has one."""
+    projections = (["gate"] if gated else []) + ["up"]
+    out: list[Tensor | None] = []
+    for name in projections:
+        parts = [getattr(r, name) for r in ranges]
+        biases = [p.bias_or_none() for p in parts]
+        if all(b is None for b in biases):
+            out.append(None)
+            continue
+        ref = next(b for b in biases if b is not None)
+        full = torch.cat(
+            [
+                b.detach().to(ref.dtype) if b is not None else ref.new_zeros(p.out_features)
+                for b, p in zip(biases, parts, strict=True)
+            ]
+        )
+        out.append(torch.cat([full, full.new_zeros(padded - full.shape[0])]))
+    return padded, out
+
+
+def _stack_biases(
+    per_segment: list[tuple[int, list[Tensor | None]]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Parameter | None:
+    """[2, m_total] gate/up biases (or [1, m_total]) over all segments; None if none has one."""
+    if all(b is None for _, seg in per_segment for b in seg):
+        return None
+    rows = []
+    for i in range(len(per_segment[0][1])):
+        pieces = [
+            seg[i].to(device=device, dtype=dtype)
+            if seg[i] is not None
+            else torch.zeros(size, device=device, dtype=dtype)
+            for size, seg in per_segment
+        ]
+        rows.append(torch.cat(pieces))
+    return nn.Parameter(torch.stack(rows).contiguous(), requires_grad=False)
+
+
 def _float_dtype(ranges: list[_Range]) -> tuple[torch.dtype, torch.device]:
     """Compute dtype and device of an FFN: those of its first float weight (int4-only FFNs have
     none: float32 unless the caller names the model's dtype)."""
@@ -611,7 +1020,7 @@ def _kernels_importable() -> bool:
 class FusedFFN(nn.Module):
     """Replaces a gated FFN container whose forward is down(act(gate(x)) * up(x))."""
 
-    def __init__(self, core: FusedFFNCore) -> None:
+    def __init__(self, core: FusedFFNCore | QuantFFNCore) -> None:
         super().__init__()
         self.core = core
 
@@ -622,7 +1031,7 @@ class FusedFFN(nn.Module):
 class FusedFirst(nn.Module):
     """Replaces up of a non-gated FFN: outputs the compact hidden vector (activation included)."""
 
-    def __init__(self, core: FusedFFNCore) -> None:
+    def __init__(self, core: FusedFFNCore | QuantFFNCore) -> None:
         super().__init__()
         self.core = core
 
@@ -633,7 +1042,7 @@ class FusedFirst(nn.Module):
 class FusedLast(nn.Module):
     """Replaces down of a non-gated FFN; shares the core registered in ``FusedFirst``."""
 
-    def __init__(self, core: FusedFFNCore) -> None:
+    def __init__(self, core: FusedFFNCore | QuantFFNCore) -> None:
         super().__init__()
         object.__setattr__(self, "_core", core)  # not registered: its weights live in FusedFirst
 
@@ -685,11 +1094,14 @@ def _activation_path(adapter: Adapter, handle: FFNHandle) -> str:
 
 
 @torch.no_grad()
-def _check(reference: Callable[[Tensor], Tensor], core: FusedFFNCore, layer: int) -> None:
+def _check(
+    reference: Callable[[Tensor], Tensor], core: FusedFFNCore | QuantFFNCore, layer: int
+) -> None:
     """The fused core must compute what the modules it replaces compute, on a random probe,
     through the torch path and (on a GPU) the decode-kernel path."""
     generator = torch.Generator(device="cpu").manual_seed(1234 + layer)
-    x = torch.randn(3, core.d, generator=generator).to(device=core.w1.device, dtype=core.dtype)
+    device = next(itertools.chain(core.parameters(), core.buffers())).device
+    x = torch.randn(3, core.d, generator=generator).to(device=device, dtype=core.dtype)
     want = reference(x).float()
     tol = 1e-4 if core.dtype == torch.float32 else 3e-2
     backend = core.backend
@@ -736,7 +1148,7 @@ def fuse_model(
         report.dataflow = flow
         try:
             ranges, down_bias = _ranges(adapter, model, handle)
-            core = FusedFFNCore(ranges, down_bias, handle.activation, handle.gated, dtype)
+            core = make_core(ranges, down_bias, handle.activation, handle.gated, dtype)
         except FFSplitError as exc:
             if strict:
                 raise

@@ -139,14 +139,40 @@ def test_fused_int4_light_equals_split_model():
 
 @torch.no_grad()
 def test_unsupported_split_is_left_on_reference_path():
+    """Quantized parts of one FFN with two group sizes have no fused form: left as they are."""
     model = _llama_128()
-    adapter = split_model(model, _quant(3, 64), heavy_ratio=0.2)
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(0)
+    for handle in adapter.ffns(model):
+        w = adapter.weights(model, handle)
+        perm = torch.randperm(w.neurons, generator=gen)
+        blocks = [(perm[:100], _quant(4, 64)), (perm[100:], _quant(4, 32))]
+        swap_ffn(model, adapter, handle, build_split(w, blocks))
     ids = _ids()
     reference = _outputs(model, ids)
     with pytest.warns(UserWarning, match="reference path"):
         report = fuse_model(model, adapter)
-    assert set(report.skipped) == {0, 1} and "int4" in report.skipped[0]
+    assert set(report.skipped) == {0, 1} and "group size" in report.skipped[0]
     torch.testing.assert_close(_outputs(model, ids), reference)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bits", [3, 8])
+def test_fused_quant_widths_and_int8_heavy_equal_split_model(bits):
+    """Any width (here 3 and 8) and a heavy block at int8 fuse to the quantized core."""
+    model = _llama_128()
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(0)
+    for handle in adapter.ffns(model):
+        w = adapter.weights(model, handle)
+        perm = torch.randperm(w.neurons, generator=gen)
+        blocks = [(perm[:64], _quant(8, 64)), (perm[64:], _quant(bits, 64))]
+        swap_ffn(model, adapter, handle, build_split(w, blocks))
+    ids = _ids()
+    reference = _outputs(model, ids)
+    report = fuse_model(model, adapter, strict=True)
+    assert report.fused[0].light == "quant" and report.fused[0].heavy == 0
+    torch.testing.assert_close(_outputs(model, ids), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_pack_halves_round_trip_and_layout():
@@ -168,11 +194,12 @@ def test_repacked_int4_dequantizes_exactly():
     up_part = model.get_submodule(handle.up_path).parts[1]
     fuse_model(model, adapter)
     core = model.get_submodule(handle.path).core
+    light = slice(core.m_heavy, core.m_heavy + down_part.in_features)
     torch.testing.assert_close(
-        core.light_down_weight(), dequantize(down_part.quantized()).t(), rtol=0, atol=0
+        core.down_weights_t()[light], dequantize(down_part.quantized()), rtol=0, atol=0
     )
-    w = core._light_first_weights()  # gate rows then up rows
-    torch.testing.assert_close(w[core.m_light :], dequantize(up_part.quantized()), rtol=0, atol=0)
+    up_rows = core.first_weights()[core.m_total :]  # gate rows of every neuron, then up rows
+    torch.testing.assert_close(up_rows[light], dequantize(up_part.quantized()), rtol=0, atol=0)
 
 
 def test_activation_names():

@@ -9,8 +9,10 @@ The code is taken from this checkout (`Flow.from_source` on the repository folde
 flows where the project is installed, nothing is pushed or pulled). PREFECT_API_URL is honoured
 (Prefect reads it); the work pool is created when missing.
 
-    python -m flows.deploy [--pool ffsplit-pool]
+    python -m flows.deploy [--pool ffsplit-pool] [--paused]
     prefect deployment run 'sweep/nightly' --param budgets='[0.3]' --watch
+
+It ends with a line per deployment saying its schedule and whether it is active or paused.
 
 A worker must poll the pool: ``python -m flows.stack up --worker --pool ffsplit-pool``.
 """
@@ -147,6 +149,40 @@ def deploy(pool: str = POOL, paused: bool = False) -> list[str]:
     return [str(i) for i in ids]
 
 
+def _when(schedule: Any) -> str:
+    """'0 2 * * * UTC' for a cron schedule, else the schedule as Prefect prints it."""
+    cron = getattr(schedule, "cron", None)
+    return (
+        f"'{cron}' {getattr(schedule, 'timezone', None) or ''}".strip() if cron else str(schedule)
+    )
+
+
+def schedule_report(pool: str = POOL) -> list[str]:
+    """A line per deployment, read back from the server: its schedule and whether it is active
+    (a paused deployment keeps its schedule but starts nothing)."""
+    from prefect.client.orchestration import get_client
+
+    lines = []
+    with get_client(sync_client=True) as client:
+        for name in DEPLOYMENTS:
+            found = client.read_deployment_by_name(name)
+            crons = [_when(s.schedule) for s in found.schedules]
+            if not crons:
+                how = "no schedule, runs when asked"
+            elif found.paused or not any(s.active for s in found.schedules):
+                how = (
+                    f"schedule {', '.join(crons)}, PAUSED: starts nothing until "
+                    f"`prefect deployment resume '{name}'`"
+                )
+            else:
+                how = (
+                    f"schedule {', '.join(crons)}, ACTIVE: the worker on pool {pool} runs it; "
+                    f"`prefect deployment pause '{name}'` stops that"
+                )
+            lines.append(f"deployment {name}: {found.id} ({how})")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.deploy",
@@ -165,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     except FFSplitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for name, ident in zip(DEPLOYMENTS, ids, strict=True):
-        print(f"deployment {name}: {ident} (pool {args.pool})", file=sys.stderr)
+    if len(ids) != len(DEPLOYMENTS):
+        print(
+            f"error: {len(ids)} deployments created, expected {len(DEPLOYMENTS)}", file=sys.stderr
+        )
+        return 2
+    for line in schedule_report(args.pool):
+        print(line, file=sys.stderr)
     return 0
 
 

@@ -83,6 +83,11 @@ def test_nightly_sweep_deployment_runs_through_a_worker(
         env = {**os.environ, **stack.env()}
         deployed = _run([sys.executable, "-m", "flows.deploy", "--paused"], env, 300)
         assert deployed.returncode == 0, deployed.stderr[-3000:]
+        said = [line for line in deployed.stderr.splitlines() if line.startswith("deployment ")]
+        assert len(said) == 3, deployed.stderr[-3000:]
+        assert "sweep/nightly" in said[1] and "'0 2 * * *' UTC, PAUSED" in said[1]
+        assert "cache-prune/nightly" in said[2] and "PAUSED" in said[2]
+        assert "compress/default" in said[0] and "no schedule" in said[0]
         api = stack.services["prefect"].url
         nightly = _prefect(api, "GET", "/deployments/name/sweep/nightly")
         assert nightly["work_pool_name"] == POOL

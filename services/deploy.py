@@ -171,13 +171,13 @@ def schedule_report(pool: str = POOL) -> list[str]:
                 how = "no schedule, runs when asked"
             elif found.paused or not any(s.active for s in found.schedules):
                 how = (
-                    f"schedule {', '.join(crons)}, PAUSED: starts nothing until "
-                    f"`prefect deployment resume '{name}'`"
+                    f"schedule {', '.join(crons)}, PAUSED: starts nothing; "
+                    f"`python -m flows.deploy --pool {pool}` turns it on"
                 )
             else:
                 how = (
                     f"schedule {', '.join(crons)}, ACTIVE: the worker on pool {pool} runs it; "
-                    f"`prefect deployment pause '{name}'` stops that"
+                    f"`python -m flows.deploy --pool {pool} --paused` pauses it"
                 )
             lines.append(f"deployment {name}: {found.id} ({how})")
     return lines

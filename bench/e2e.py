@@ -539,6 +539,84 @@ def bench_gpu(
     return result
 
 
+# ------------------------------------------------------------------------ quant variants (issue 13)
+
+# Recipes of the quant method at 7B scale: heavy 10% of the neurons bf16, the light ones at int4 or
+# int8 (group 64, the recipe's default): the widths that keep SmolLM2/Gemma3 within 1% (issue 13).
+QUANT_E2E = {
+    "int4-light": dict(heavy_ratio=0.10, heavy_bits=16, light_bits=4),
+    "int8-light": dict(heavy_ratio=0.10, heavy_bits=16, light_bits=8),
+}
+
+
+@torch.no_grad()
+def compress_quant(model: nn.Module, adapter: Any, recipe: Any) -> None:
+    """Every FFN split by the quant recipe's structure, random codes (valid for speed)."""
+    from bench.common import FFNSpec, quant_split_projections
+    from ffsplit.split.fused import activation_name
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    for handle in adapter.ffns(model):
+        w = adapter.weights(model, handle)
+        act = activation_name(handle.activation) or "silu"
+        spec = FFNSpec(
+            "model",
+            w.up.shape[1],
+            w.up.shape[0],
+            w.gate is not None,
+            act,
+            bias=w.up_bias is not None,
+        )
+        del w
+        up, gate, down = quant_split_projections(spec, recipe, device, dtype)
+        adapter.replace(model, handle, up=up, gate=gate, down=down)
+
+
+def bench_gpu_quant(name: str, recipes: list[str], compiled: bool, save: Any) -> dict[str, Any]:
+    """Dense and each quant recipe (split + fuse_model: what load_variant runs on CUDA) through
+    the same loop: prefill eager, decode b1/b16 in one CUDA graph per step (torch.compile'd
+    forward with --compile)."""
+    from bench.common import QuantRecipe
+    from ffsplit.split.fused import fuse_model
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    t0 = time.time()
+    torch.manual_seed(0)
+    dense = build_random(name, device, dtype)
+    adapter = get_adapter(dense)
+    vocab = dense.config.vocab_size
+    needs_mask = dense.config.model_type == "opt"
+    dense_bytes = module_bytes(dense)
+    dense_ffn = ffn_bytes(dense, adapter)
+    what = ("b1", "b16") if compiled else ("prefill", "b1", "b16")
+    result: dict[str, Any] = {"loop": "torch.compile + CUDA graph" if compiled else "CUDA graph"}
+    result["dense"] = measure(dense, "dense", vocab, device, needs_mask, what, compiled=compiled)
+    save(result)
+    for label in recipes:
+        recipe = QuantRecipe(label, **QUANT_E2E[label])
+        comp = copy.deepcopy(dense)
+        compress_quant(comp, adapter, recipe)
+        entry: dict[str, Any] = {"recipe": {"name": label, **QUANT_E2E[label], "group": 64}}
+        entry["size_reduction"] = 1 - module_bytes(comp) / dense_bytes
+        entry["ffn_reduction"] = 1 - ffn_bytes(comp, adapter) / dense_ffn
+        report = fuse_model(comp, adapter, strict=True)
+        entry["fused_plan"] = vars(next(iter(report.fused.values())))
+        entry["compressed"] = measure(
+            comp, label, vocab, device, needs_mask, what, compiled=compiled
+        )
+        entry.update(ratios(result["dense"], entry["compressed"]))
+        result[label] = entry
+        del comp
+        gc.collect()
+        torch.cuda.empty_cache()
+        save(result)
+    del dense
+    gc.collect()
+    torch.cuda.empty_cache()
+    result["seconds"] = time.time() - t0
+    return result
+
+
 def bench_gpu_compiled(name: str, save: Any) -> dict[str, Any]:
     from ffsplit.split.fused import fuse_model
 
@@ -682,6 +760,11 @@ def main() -> None:
         choices=["default", "max-autotune-no-cudagraphs"],
         help="--compile: torch.compile mode, the same for every variant (CUDA graphs are ours)",
     )
+    parser.add_argument(
+        "--quant",
+        default="",
+        help=f"comma-separated quant recipes ({', '.join(QUANT_E2E)}) instead of low-rank",
+    )
     parser.add_argument("--new-tokens", type=int, default=256, help="(smoke tests)")
     parser.add_argument("--prefill", type=int, default=2048, help="(smoke tests)")
     args = parser.parse_args()
@@ -724,7 +807,14 @@ def main() -> None:
         )
 
     for name in args.models:
-        if gpu:
+        if gpu and args.quant:
+            results[name] = bench_gpu_quant(
+                name,
+                args.quant.split(","),
+                args.compile,
+                lambda partial, name=name: save(partial, name),
+            )
+        elif gpu:
             results[name] = bench_gpu(
                 name,
                 not args.no_reference,

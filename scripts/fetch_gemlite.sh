@@ -18,4 +18,5 @@ tar -xzf "$dest"/gemlite-"$version".tar.gz -C "$dest"
 rm -rf "$dest/src"
 mkdir -p "$dest/src"
 cp -r "$dest"/gemlite-"$version"/gemlite "$dest/src/gemlite"
+rm -rf "$dest"/gemlite-"$version" "$dest"/gemlite-"$version".tar.gz  # carry only the package
 echo "gemlite $version in $dest/src (PYTHONPATH=$dest/src)"

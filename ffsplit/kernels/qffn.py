@@ -506,6 +506,7 @@ def _q_first_block(
     SPLIT: tl.constexpr,
     STAGES: tl.constexpr,
     GROUP_DOT: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Block j of one quantized segment (gate rows [0, n_seg), up rows [n_seg, 2 n_seg)).
     GROUP_DOT picks _q_row_dot_groups for tiles (scales per group, not per value)."""
@@ -513,7 +514,7 @@ def _q_first_block(
     t_ok = t < T
     k_lo, k_hi = _k_slice(d, s, SPLIT, BLOCK_K)
     n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_seg
+    n_ok = (n < n_seg) | EVEN  # EVEN: whole blocks only, the masks fold away
     zeros = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
     if GATED:
         up_rows = n + n_seg
@@ -655,6 +656,7 @@ def _qfirst_kernel(
     SPLIT: tl.constexpr,
     STAGES: tl.constexpr,
     GROUP_DOT: tl.constexpr = False,
+    EVEN: tl.constexpr = False,
 ):
     # grid: (blocks of the dense segment, then of segments A, B, C; SPLIT slices of d)
     pid = tl.program_id(0)
@@ -668,7 +670,7 @@ def _qfirst_kernel(
         t_ok = t < T
         k_lo, k_hi = _k_slice(d, s, SPLIT, BLOCK_K)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < m_dense
+        n_ok = (n < m_dense) | EVEN
         zeros = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
         if GATED:
             up_rows = n + m_dense
@@ -770,6 +772,7 @@ def _qfirst_kernel(
                 SPLIT,
                 STAGES,
                 GROUP_DOT,
+                EVEN,
             )
     elif pid < n_dense + n_a + n_b:
         if BITS_B > 0:
@@ -810,6 +813,7 @@ def _qfirst_kernel(
                 SPLIT,
                 STAGES,
                 GROUP_DOT,
+                EVEN,
             )
     else:
         if BITS_C > 0:
@@ -850,6 +854,7 @@ def _qfirst_kernel(
                 SPLIT,
                 STAGES,
                 GROUP_DOT,
+                EVEN,
             )
 
 
@@ -884,6 +889,7 @@ def _q_down(
     SPLIT: tl.constexpr,
     STAGES: tl.constexpr,
     DOT: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """This slice's share of one quantized segment's neurons, outputs [o0, o0 + BLOCK_O) (inside
     one group g). Units group-major [d/GROUP, n_seg, GROUP/E]; scales/zeros [d/GROUP, n_seg].
@@ -892,16 +898,19 @@ def _q_down(
     16-bit dtype, the tensor-core operand type)."""
     UPG: tl.constexpr = GROUP // E
     g = o0 // GROUP
-    unit0 = (o0 % GROUP) // E
+    if BLOCK_O == GROUP:
+        unit0 = 0  # known to the compiler: 16-byte unit loads
+    else:
+        unit0 = (o0 % GROUP) // E
     ui = tl.arange(0, BLOCK_O // E)
     t = tl.arange(0, BLOCK_T)
     t_ok = t < T
     j_lo, j_hi = _k_slice(n_seg, s, SPLIT, BLOCK_J)
-    base_units = g.to(tl.int64) * n_seg * UPG + unit0
+    base_units = g.to(tl.int64) * (tl.multiple_of(n_seg, 16) * UPG) + unit0
     base_meta = g * n_seg
     for j0 in tl.range(j_lo, j_hi, BLOCK_J, num_stages=STAGES):
         j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j < j_hi
+        j_ok = (j < j_hi) | EVEN
         offs = base_units + j[:, None] * UPG + ui[None, :]
         u0, u1, u2 = _load_units(p0, p1, p2, offs, j_ok[:, None], PLANES)
         scale = tl.load(s_ptr + base_meta + j, mask=j_ok, other=0.0).to(tl.float32)
@@ -941,6 +950,7 @@ def _dense_down(
     BLOCK_O: tl.constexpr,
     SPLIT: tl.constexpr,
     STAGES: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """This slice's share of the dense neurons: W_down^T rows [m_dense, d] (neuron-major)."""
     t = tl.arange(0, BLOCK_T)
@@ -948,7 +958,7 @@ def _dense_down(
     j_lo, j_hi = _k_slice(m_dense, s, SPLIT, BLOCK_J)
     for j0 in tl.range(j_lo, j_hi, BLOCK_J, num_stages=STAGES):
         j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j < j_hi
+        j_ok = (j < j_hi) | EVEN
         w = tl.load(
             w_ptr + j.to(tl.int64)[:, None] * d + o[None, :],
             mask=j_ok[:, None] & o_ok[None, :],
@@ -1020,6 +1030,7 @@ def _qlast_kernel(
     BLOCK_O: tl.constexpr,
     SPLIT: tl.constexpr,
     STAGES: tl.constexpr,
+    EVEN: tl.constexpr = False,
 ):
     # grid: (output blocks of BLOCK_O <= GROUP, SPLIT slices of every segment's neurons);
     # partial sums [SPLIT, T, d] as in ffsplit/kernels/ffn.py's last stage
@@ -1039,25 +1050,25 @@ def _qlast_kernel(
     if HAS_DENSE:
         acc = _dense_down(
             acc, h_ptr, stride_h, T, w_ptr, m_dense, s, o, o_ok, d,
-            BLOCK_T, BLOCK_J, BLOCK_O, SPLIT, STAGES,
+            BLOCK_T, BLOCK_J, BLOCK_O, SPLIT, STAGES, EVEN,
         )  # fmt: skip
     if BITS_A > 0:
         acc, zacc = _q_down(
             acc, zacc, h_ptr, stride_h, T, magic, a0, a1, a2, a_s, a_z, a_n, a_col, s, o0, d,
             BITS_A, E_A, PLANES_A, GROUP, BLOCK_T, BLOCK_J, BLOCK_O, SPLIT, STAGES,
-            y_ptr.dtype.element_ty,
+            y_ptr.dtype.element_ty, EVEN,
         )  # fmt: skip
     if BITS_B > 0:
         acc, zacc = _q_down(
             acc, zacc, h_ptr, stride_h, T, magic, b0, b1, b2, b_s, b_z, b_n, b_col, s, o0, d,
             BITS_B, E_B, PLANES_B, GROUP, BLOCK_T, BLOCK_J, BLOCK_O, SPLIT, STAGES,
-            y_ptr.dtype.element_ty,
+            y_ptr.dtype.element_ty, EVEN,
         )  # fmt: skip
     if BITS_C > 0:
         acc, zacc = _q_down(
             acc, zacc, h_ptr, stride_h, T, magic, c0, c1, c2, c_s, c_z, c_n, c_col, s, o0, d,
             BITS_C, E_C, PLANES_C, GROUP, BLOCK_T, BLOCK_J, BLOCK_O, SPLIT, STAGES,
-            y_ptr.dtype.element_ty,
+            y_ptr.dtype.element_ty, EVEN,
         )  # fmt: skip
     if BLOCK_T == 1:
         out = (tl.sum(acc, axis=0) + tl.sum(zacc, axis=0))[None, :]
@@ -1368,6 +1379,7 @@ def _launch_first(
         SPLIT=cfg.split,
         STAGES=cfg.stages,
         GROUP_DOT=bool(cfg.group_dot),
+        EVEN=all(n % cfg.block_n == 0 for n in [m_dense, *(s.neurons for s in segments)]),
         num_warps=cfg.warps,
         **seg_meta,
     )
@@ -1410,6 +1422,7 @@ def _launch_last(
     tokens = hidden.shape[0]
     block_o = min(cfg.block_k, group)
     blocks = triton.cdiv(d, block_o)
+    m_dense = 0 if w_dense_t is None else w_dense_t.shape[0]
     workspace = torch.empty(
         cfg.split * tokens * d if cfg.split > 1 else 1, device=hidden.device, dtype=torch.float32
     )
@@ -1426,7 +1439,7 @@ def _launch_last(
         y.stride(0),
         bias if bias is not None else dummy,
         dummy,
-        0 if w_dense_t is None else w_dense_t.shape[0],
+        m_dense,
         workspace,
         counters,
         *seg_args,
@@ -1438,6 +1451,7 @@ def _launch_last(
         BLOCK_O=block_o,
         SPLIT=cfg.split,
         STAGES=cfg.stages,
+        EVEN=all(n % cfg.block_n == 0 for n in [m_dense, *(s.neurons for s in segments)]),
         num_warps=cfg.warps,
         **seg_meta,
     )

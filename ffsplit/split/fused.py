@@ -44,6 +44,10 @@ from ffsplit.split.parts import DenseLinear, LinearPart, LowRankLinear, Quantize
 from ffsplit.split.qformat import codes
 
 ALIGN = 16  # rows/ranks padded to this many (32 bytes of bf16)
+# Segments of a quantized FFN with at least QUANT_WHOLE neurons are padded to whole 128-neuron
+# blocks (zero neurons: about 1% more bytes at 7B sizes): then every kernel tile is whole and its
+# masks fold away (bench/results/NOTES-h200.md: per-row masks cost 2-3x the unpacking in `last`).
+QUANT_WHOLE, QUANT_BLOCK_PAD = 1024, 128
 QUANT_BLOCK = 128  # must equal ffsplit.kernels.ffn.QUANT_BLOCK (int4 down layout block)
 DECODE_TOKENS = 16  # up to this many tokens the Triton decode kernels run (ffsplit/kernels/ffn.py)
 DATAFLOWS = ("gated_mlp", "up_act_down")
@@ -621,7 +625,7 @@ class QuantFFNCore(nn.Module):
                 f"fuse: at most 3 quantized bit widths per FFN, got {sorted(by_bits)}"
             )
         dense = [r for r in ranges if r.kind() == "dense"]
-        self.m_heavy = _pad_to(sum(r.size for r in dense), ALIGN)
+        self.m_heavy = _segment_pad(sum(r.size for r in dense))
         self._init_dense(dense, dtype, device)
         column, segments = self.m_heavy, []
         biases = [_range_biases(dense, self.m_heavy, gated)]
@@ -889,13 +893,17 @@ def _quant_ranges_by_bits(ranges: list[_Range], d: int) -> dict[int, list[_Range
     return out
 
 
+def _segment_pad(n: int) -> int:
+    return _pad_to(n, QUANT_BLOCK_PAD if n >= QUANT_WHOLE else ALIGN)
+
+
 def _pack_block(ranges: list[_Range], bits: int, group: int, gated: bool) -> Any:
     """One segment's kernel layout from its ranges: 2/4/8-bit streams taken as they are stored,
     other widths unpacked and repacked into planes."""
     from ffsplit.kernels import qlayout
 
     n = sum(r.size for r in ranges)
-    padded = _pad_to(n, ALIGN)
+    padded = _segment_pad(n)
 
     def rows_of(parts: list[QuantizedLinear]) -> tuple[list[Tensor], Tensor, Tensor]:
         qs = [p.quantized() for p in parts]

@@ -296,13 +296,15 @@ def stage_files(
         if name.endswith(".json"):
             content = parse_json_strict(data, shown(path))
             if name == "tokenizer_config.json":
-                _check_tokenizer_config(content, shown(path))
+                check_tokenizer_config(content, shown(path))
         (private / name).write_bytes(data)
         staged[name] = digest
     return staged
 
 
-def _check_tokenizer_config(config: Any, where: str) -> None:
+def check_tokenizer_config(config: Any, where: str) -> None:
+    """A tokenizer config that asks for no custom code (AutoTokenizer would refuse with a
+    traceback, or with trust_remote_code run it)."""
     if not isinstance(config, dict):
         raise FFSplitError(f"{where}: expected a JSON object")
     if "auto_map" in config:

@@ -201,13 +201,11 @@ def load_model(
     The tokenizer is None when the folder has no tokenizer files (e.g. a saved tiny test model).
     ref.weights_sha256 is the hash of the weight bytes this call read.
     """
+    candidate = Path(str(name_or_path)).expanduser()
+    if candidate.is_dir():
+        _refuse_variant(candidate)
     ref = resolve_model(name_or_path, cache_dir, hash_weights=False)
     folder = ref.path
-    if (folder / "manifest.json").exists() or (folder / "manifest.json").is_symlink():
-        raise FFSplitError(
-            f"{shown(folder)} is an ffsplit variant folder (it has manifest.json): load it with "
-            "ffsplit.variant.io.load_variant, not load_model"
-        )
     where = f"model folder {shown(folder)}"
     check_model_folder(folder, known_names())
     files, weight_map = weight_files(folder)
@@ -220,6 +218,11 @@ def load_model(
                 f"record ({ref.weights_sha256[:12]}...): the cache changed; remove the folder to "
                 "rebuild it"
             )
+        if any(".parts." in name for name in state):
+            raise FFSplitError(
+                f"{where}: holds compressed (split) weights but no manifest.json; a variant "
+                "loads only through its manifest: restore it"
+            )
         model = build_loaded(private, state, dtype, where)
         del state
         tokenizer = load_tokenizer(private, where)
@@ -228,6 +231,25 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer, dataclasses.replace(ref, weights_sha256=digest)
+
+
+def _refuse_variant(folder: Path) -> None:
+    """A variant folder is never loaded as a base model, whole or with its manifest damaged."""
+    manifest = folder / "manifest.json"
+    if manifest.is_symlink() or (manifest.exists() and not manifest.is_file()):
+        raise FFSplitError(
+            f"{shown(manifest)}: not a regular file; a variant loads only through its manifest"
+        )
+    if manifest.exists():
+        raise FFSplitError(
+            f"{shown(folder)} is an ffsplit variant folder (it has manifest.json): load it with "
+            "ffsplit.variant.io.load_variant, not load_model"
+        )
+    if (folder / "neurons.safetensors").exists() or (folder / "neurons.safetensors").is_symlink():
+        raise FFSplitError(
+            f"{shown(folder)}: an ffsplit variant (neurons.safetensors) without its manifest.json; "
+            "a variant loads only through its manifest: restore it"
+        )
 
 
 def _name_as(model: nn.Module, tokenizer: Any, folder: Path) -> None:

@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 
 from ffsplit.errors import FFSplitError
+from ffsplit.files import parse_json_strict, regular_file, shown
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 STATS_FORMAT_VERSION = 2  # 2: Grams stored as packed lower triangles (1: full matrices, still read)
 GRAMS = ("gram_in", "gram_hidden")
@@ -261,8 +264,9 @@ def load_stats(
     from ffsplit.models.loading import all_finite
 
     path = Path(path)
-    if not path.is_file():
-        raise FFSplitError(f"statistics file not found: {path}")
+    if not (path.exists() or path.is_symlink()):
+        raise FFSplitError(f"statistics file not found: {shown(path)}")
+    regular_file(path, "a statistics file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
@@ -304,6 +308,7 @@ def load_stats(
             if t is not None and not all_finite(t):
                 raise FFSplitError(f"{path}: layer {i} {name} holds NaN or inf; re-run profiling")
         _check_layer_shapes(path, i, tensors)
+        _check_layer_values(path, i, tensors)
         layers[i] = LayerStats(
             tokens=int(get("tokens")[0]),  # type: ignore[index]
             sum_sq=sum_sq.to(device),
@@ -313,11 +318,60 @@ def load_stats(
             gram_hidden=None if get("gram_hidden") is None else get("gram_hidden").to(device),  # type: ignore[union-attr]
             hit_top_k=int(get("hit_top_k")[0]),  # type: ignore[index]
         )
-    try:
-        meta = json.loads(header.get("meta", "{}"))
-    except json.JSONDecodeError:
-        raise FFSplitError(f"{path}: statistics metadata is not valid JSON") from None
-    return ModelStats(layers, meta)
+    return ModelStats(layers, _metadata(path, header.get("meta", "{}")))
+
+
+def _metadata(path: Path, text: str) -> dict[str, Any]:
+    """The metadata JSON: strict (no duplicate keys, bounded nesting), an object, and a
+    model_sha256 (when given) that is a sha256, since compression trusts it to match the model."""
+    meta = parse_json_strict(text.encode("utf-8"), f"{shown(path)}: statistics metadata")
+    if not isinstance(meta, dict):
+        raise FFSplitError(
+            f"{shown(path)}: statistics metadata must be a JSON object, got {type(meta).__name__}"
+        )
+    digest = meta.get("model_sha256")
+    if digest is not None and (not isinstance(digest, str) or not _HEX64.fullmatch(digest)):
+        raise FFSplitError(
+            f"{shown(path)}: model_sha256 must be a sha256, got {str(digest)[:80]!r}"
+        )
+    return meta
+
+
+def _check_layer_values(path: Path, i: int, tensors: Mapping[str, Tensor]) -> None:
+    """Values that counts and sums of squares must have: integer counts, sums of squares >= the
+    largest square, exactly k hits per token, a Gram diagonal equal to the sums of squares."""
+
+    def get(name: str) -> Tensor | None:
+        return tensors.get(f"layer.{i}.{name}")
+
+    where = f"{shown(path)}: layer {i}"
+    for name in ("hits", "tokens", "hit_top_k"):
+        if get(name).is_floating_point():  # type: ignore[union-attr]
+            raise FFSplitError(f"{where} {name} must be integer counts; the file is damaged")
+    for name in ("sum_sq", "max_abs"):
+        if not get(name).is_floating_point():  # type: ignore[union-attr]
+            raise FFSplitError(f"{where} {name} must be floating point; the file is damaged")
+    sum_sq, max_abs, hits = get("sum_sq"), get("max_abs"), get("hits")
+    tokens, top_k = int(get("tokens")[0]), int(get("hit_top_k")[0])  # type: ignore[index]
+    if tokens < 1:
+        raise FFSplitError(f"{where} covers {tokens} tokens; re-run profiling")
+    if bool((sum_sq < 0).any()) or bool((max_abs < 0).any()) or bool((hits < 0).any()):
+        raise FFSplitError(f"{where} holds negative sums, maxima or counts; the file is damaged")
+    square = max_abs.double() ** 2
+    if bool((square > sum_sq.double() * (1 + 1e-6) + 1e-30).any()):
+        raise FFSplitError(f"{where}: a max_abs exceeds its sum of squares; the file is damaged")
+    if int(hits.sum()) != tokens * top_k:
+        raise FFSplitError(
+            f"{where}: {int(hits.sum())} hits for {tokens} tokens at top-{top_k} (each token gives "
+            "exactly k); the file is damaged"
+        )
+    gram = get("gram_hidden")
+    if gram is not None and gram.dim() == 2:
+        diagonal, s2 = gram.diagonal().double(), sum_sq.double()
+        if bool(((diagonal - s2).abs() > 1e-3 * s2.abs() + 1e-6 * float(s2.abs().max())).any()):
+            raise FFSplitError(
+                f"{where}: gram_hidden's diagonal is not sum_sq; the file is damaged or mixed"
+            )
 
 
 def _grams_as(path: Path, tensors: dict[str, Tensor], packed: bool) -> dict[str, Tensor]:

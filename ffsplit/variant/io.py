@@ -7,8 +7,10 @@ remote code; a folder is written atomically, so a crash never leaves a half-writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +18,22 @@ import torch
 from torch import Tensor, nn
 
 from ffsplit.adapters import Adapter, FFNWeights, adapter_by_name, architecture_of
+from ffsplit.compress.budget import FFNShape, dense_ffn_bytes
 from ffsplit.compress.results import CompressedLayer, CompressionReport
 from ffsplit.errors import FFSplitError
-from ffsplit.files import atomic_dir, sha256_file
-from ffsplit.models.loading import all_finite
+from ffsplit.files import atomic_dir, parse_json_strict, read_hashed, sha256_file, shown
+from ffsplit.models.folder import check_config, check_tokenizer_config, private_folder
+from ffsplit.models.loading import (
+    SLACK_ELEMENTS,
+    all_finite,
+    empty_model,
+    load_tokenizer,
+    model_class_of,
+    read_config,
+)
 from ffsplit.split.apply import swap_ffn
 from ffsplit.split.parts import build_part
 from ffsplit.variant.manifest import MANIFEST, NEURONS, WEIGHTS, new_manifest, read_manifest
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "chat_template.jinja",
-)
 
 
 def _storage_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str], str]:
@@ -95,7 +94,7 @@ def save_variant(
             neuron_tensors[f"layer.{handle.layer}.heavy"] = result.heavy_neurons.contiguous()
             neuron_tensors[f"layer.{handle.layer}.order"] = result.order.contiguous()
         layer_entries[str(handle.layer)] = entry
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with _published(out), atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if neuron_tensors:
             save_file(neuron_tensors, str(tmp / NEURONS))
@@ -125,33 +124,59 @@ def save_variant(
     return out
 
 
+@contextlib.contextmanager
+def _published(out: Path) -> Iterator[None]:
+    """A no-replace publish that lost a race becomes one line, not a traceback."""
+    try:
+        yield
+    except FileExistsError:
+        raise FFSplitError(
+            f"output folder {shown(out)} already exists: another run wrote it first; choose "
+            "another --out or remove it"
+        ) from None
+
+
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists and has its recorded sha256."""
+    """Every file the manifest lists is a plain file (not a symlink) with its recorded sha256."""
     for name, digest in manifest["files"].items():
         path = folder / name
+        if path.is_symlink():
+            raise FFSplitError(f"{shown(path)}: a symlink; a variant's files are plain files")
         if not path.is_file():
-            raise FFSplitError(f"{path}: missing (listed in {folder / MANIFEST})")
+            raise FFSplitError(f"{shown(path)}: missing (listed in {shown(folder / MANIFEST)})")
         actual = sha256_file(path)
         if actual != digest:
-            raise FFSplitError(
-                f"{path}: sha256 {actual[:12]}... does not match the manifest ({str(digest)[:12]}...): "
-                "the file is corrupt, truncated or was changed"
-            )
+            raise FFSplitError(_mismatch(path, actual, digest))
 
 
-def _build_model(folder: Path, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+def _mismatch(path: Path, actual: str, digest: Any) -> str:
+    return (
+        f"{shown(path)}: sha256 {actual[:12]}... does not match the manifest "
+        f"({str(digest)[:12]}...): the file is corrupt, truncated or was changed"
+    )
 
-    from ffsplit.models.loading import is_causal_lm
+
+def _read_listed(folder: Path, name: str, manifest: dict[str, Any], verify: bool) -> bytes:
+    """A listed file's bytes, hashed as read: what is checked is exactly what is used."""
+    path = folder / name
+    if path.is_symlink():
+        raise FFSplitError(f"{shown(path)}: a symlink; a variant's files are plain files")
+    if not path.is_file():
+        raise FFSplitError(f"{shown(path)}: missing (listed in {shown(folder / MANIFEST)})")
+    data, actual = read_hashed(path)
+    if verify and actual != manifest["files"][name]:
+        raise FFSplitError(_mismatch(path, actual, manifest["files"][name]))
+    return data
+
+
+def _tensors(data: bytes, path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load
 
     try:
-        config = AutoConfig.from_pretrained(
-            str(folder), local_files_only=True, trust_remote_code=False
-        )
-    except (OSError, ValueError) as exc:
-        raise FFSplitError(f"{folder / 'config.json'}: unreadable model config ({exc})") from None
-    model_class = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-    return model_class.from_config(config, dtype=dtype)
+        return load(data)
+    except Exception as exc:  # corrupt headers surface as several exception types
+        reason = " ".join(str(exc).split())[:300]
+        raise FFSplitError(f"{shown(path)}: unreadable safetensors ({reason})") from None
 
 
 def _check_specs(entry: dict[str, Any], dense: FFNWeights, where: str) -> None:
@@ -183,6 +208,188 @@ def _check_specs(entry: dict[str, Any], dense: FFNWeights, where: str) -> None:
                 )
 
 
+def _stage(folder: Path, manifest: dict[str, Any], private: Path, verify: bool) -> None:
+    """Copy every listed file but the tensors into private, hash-checked as read; JSON strict;
+    a tokenizer that asks for custom code refused. transformers reads only these copies."""
+    for name in sorted(manifest["files"]):
+        if name in (WEIGHTS, NEURONS):
+            continue
+        data = _read_listed(folder, name, manifest, verify)
+        if name.endswith(".json"):
+            content = parse_json_strict(data, shown(folder / name))
+            if name == "config.json":
+                check_config(content, shown(folder / name))
+            if name == "tokenizer_config.json":
+                check_tokenizer_config(content, shown(folder / name))
+        (private / name).write_bytes(data)
+
+
+def _ffn_bytes(model: nn.Module, adapter: Adapter, handle: Any) -> int:
+    """Bytes of one FFN as it now is: split modules count themselves, dense ones at 16 bits."""
+    modules = [model.get_submodule(p) for p in handle.projection_paths]
+    if all(hasattr(m, "nbytes") for m in modules):
+        return sum(m.nbytes() for m in modules)
+    return dense_ffn_bytes(FFNShape.from_weights(adapter.weights(model, handle)))
+
+
+def _build(
+    folder: Path,
+    manifest: dict[str, Any],
+    adapter: Adapter,
+    private: Path,
+    state: dict[str, Tensor],
+    dtype: torch.dtype,
+) -> tuple[nn.Module, dict[int, int]]:
+    """(model, dense neuron count per layer): the variant's structure: counted on the meta device against the weights read, every part
+    spec checked against the FFN it replaces, sizes checked against the structure, then built."""
+    where = shown(folder / MANIFEST)
+    config = read_config(private, shown(folder / "config.json"))
+    skeleton = empty_model(config, shown(folder / "config.json"))
+    if architecture_of(skeleton) != manifest["architecture"]:
+        raise FFSplitError(
+            f"{where}: architecture {manifest['architecture']} does not match "
+            f"config.json ({architecture_of(skeleton)})"
+        )
+    handles = {str(h.layer): h for h in adapter.ffns(skeleton)}
+    for layer, entry in manifest["layers"].items():
+        if layer not in handles:
+            raise FFSplitError(f"{where}: layer {layer} does not exist in the model")
+        dense_weights = adapter.weights(skeleton, handles[layer])
+        _check_specs(entry, dense_weights, f"{where}: layer {layer}")
+        if any(i >= dense_weights.neurons for i in entry.get("heavy") or ()):
+            raise FFSplitError(
+                f"{where}: layer {layer}: heavy neuron index out of range "
+                f"(the FFN has {dense_weights.neurons} neurons)"
+            )
+    _check_fits(skeleton, adapter, state, where)
+    dense = {
+        k: dense_ffn_bytes(FFNShape.from_weights(adapter.weights(skeleton, h)))
+        for k, h in handles.items()
+    }
+    model = model_class_of(config, where)._from_config(config, dtype=dtype)
+    for layer, entry in manifest["layers"].items():
+        part_where = f"{where}: layer {layer}"
+        modules = (
+            build_part(entry["up"], part_where),
+            build_part(entry["gate"], part_where) if "gate" in entry else None,
+            build_part(entry["down"], part_where),
+        )
+        swap_ffn(model, adapter, handles[layer], modules)  # type: ignore[arg-type]
+    sizes = {
+        "dense_ffn_bytes": sum(dense.values()),
+        "ffn_bytes": sum(_ffn_bytes(model, adapter, h) for h in handles.values()),
+    }
+    for key, actual in sizes.items():
+        if manifest["sizes"][key] != actual:
+            raise FFSplitError(
+                f"{where}: sizes.{key} {manifest['sizes'][key]} is not what the structure holds "
+                f"({actual}); the manifest was changed"
+            )
+    neurons = {h.layer: adapter.weights(skeleton, h).neurons for h in handles.values()}
+    return model, neurons
+
+
+def _check_fits(
+    skeleton: nn.Module, adapter: Adapter, state: dict[str, Tensor], where: str
+) -> None:
+    """All but the FFNs is stored as is: the model config.json describes must not need more
+    values than the weights hold (a config of another, larger model is refused before any
+    memory is allocated)."""
+    ffn = {
+        id(p)
+        for h in adapter.ffns(skeleton)
+        for path in h.projection_paths
+        for p in skeleton.get_submodule(path).parameters()
+    }
+    rest = sum(p.numel() for p in skeleton.parameters() if id(p) not in ffn)
+    stored = sum(t.numel() for t in state.values())
+    if rest > stored + SLACK_ELEMENTS:
+        raise FFSplitError(
+            f"{where}: config.json describes {rest:,} parameters outside the FFNs but the weights "
+            f"hold {stored:,} values: config and weights are of different models"
+        )
+
+
+def _load_weights(
+    folder: Path, manifest: dict[str, Any], model: nn.Module, state: dict[str, Tensor]
+) -> None:
+    """Weights into the built structure: finite, of the stored kind (no integer tensor where a
+    float is expected), every one used and none missing but the tied ones."""
+    path = shown(folder / WEIGHTS)
+    for name, t in state.items():
+        if t.is_floating_point() and not all_finite(t):
+            raise FFSplitError(f"{path}: tensor {name} holds NaN or inf")
+    expected = model.state_dict()
+    for name, t in state.items():
+        target = expected.get(name)
+        if target is not None and target.is_floating_point() != t.is_floating_point():
+            raise FFSplitError(
+                f"{path}: tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}, "
+                f"the model holds {str(target.dtype).removeprefix('torch.')}"
+            )
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        reason = " ".join(str(exc).split())[:300]
+        raise FFSplitError(
+            f"{path}: weights do not fit the manifest's structure ({reason})"
+        ) from None
+    tied = manifest.get("tied", {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise FFSplitError(
+            f"{path}: weights do not fit the manifest's structure "
+            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    for name, source in tied.items():
+        if name not in expected or source not in expected or name in state:
+            raise FFSplitError(
+                f"{shown(folder / MANIFEST)}: tied {name} -> {source} is not a tie of this model"
+            )
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, source in tied.items():  # a tie the config does not make would leave name random
+        if name in params and source in params and params[name] is not params[source]:
+            if params[name].data_ptr() != params[source].data_ptr():
+                raise FFSplitError(
+                    f"{shown(folder / MANIFEST)}: tied {name} -> {source} is not a tie of this "
+                    "model's config (it would keep random values)"
+                )
+
+
+def _check_neurons(
+    folder: Path,
+    manifest: dict[str, Any],
+    model: nn.Module,
+    adapter: Adapter,
+    neurons: dict[int, int],
+    verify: bool,
+) -> None:
+    """neurons.safetensors (heavy set and neuron order per layer) agrees with the model: indices
+    in range, distinct, as many as the split keeps, and the heavy set the manifest lists."""
+    path = folder / NEURONS
+    tensors = _tensors(_read_listed(folder, NEURONS, manifest, verify), path)
+    handles = {h.layer: h for h in adapter.ffns(model)}
+    for key, tensor in tensors.items():
+        layer, _, kind = key.removeprefix("layer.").partition(".")
+        handle = handles.get(int(layer)) if layer.isdigit() else None
+        if (
+            handle is None
+            or kind not in ("heavy", "order")
+            or tensor.dim() != 1
+            or tensor.is_floating_point()
+        ):
+            raise FFSplitError(f"{shown(path)}: unexpected tensor {key!r}")
+        values = tensor.tolist()
+        m = neurons[handle.layer]
+        if len(set(values)) != len(values) or any(v < 0 or v >= m for v in values):
+            raise FFSplitError(f"{shown(path)}: {key} holds indices out of range or repeated")
+        listed = manifest["layers"].get(layer, {}).get("heavy")
+        if kind == "heavy" and listed is not None and sorted(values) != sorted(listed):
+            raise FFSplitError(f"{shown(path)}: {key} is not the heavy set the manifest lists")
+
+
 def load_variant(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -193,60 +400,28 @@ def load_variant(
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer or None, manifest) of a variant folder, ready for inference.
 
-    On CUDA with fast=True the split FFNs switch to the fused GPU execution path when available.
+    Only through its manifest: only the files it lists are read, each hashed as it is read
+    (verify=False skips the comparison, never the listing). On CUDA with fast=True the split FFNs
+    switch to the fused GPU execution path when available.
     """
-    from safetensors.torch import load_file
-
     folder = Path(path)
     manifest = read_manifest(folder)
-    if verify:
-        verify_files(folder, manifest)
     try:
         adapter = adapter_by_name(manifest["adapter"])
     except FFSplitError as exc:
-        raise FFSplitError(f"{folder / MANIFEST}: {exc}") from None
-    model = _build_model(folder, dtype)
-    if architecture_of(model) != manifest["architecture"]:
-        raise FFSplitError(
-            f"{folder / MANIFEST}: architecture {manifest['architecture']} does not match "
-            f"config.json ({architecture_of(model)})"
-        )
-    handles = {str(h.layer): h for h in adapter.ffns(model)}
-    for layer, entry in manifest["layers"].items():
-        handle = handles.get(layer)
-        if handle is None:
-            raise FFSplitError(f"{folder / MANIFEST}: layer {layer} does not exist in the model")
-        where = f"{folder / MANIFEST}: layer {layer}"
-        _check_specs(entry, adapter.weights(model, handle), where)
-        modules = (
-            build_part(entry["up"], where),
-            build_part(entry["gate"], where) if "gate" in entry else None,
-            build_part(entry["down"], where),
-        )
-        swap_ffn(model, adapter, handle, modules)  # type: ignore[arg-type]
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except Exception as exc:  # corrupt headers surface as several exception types
-        raise FFSplitError(f"{folder / WEIGHTS}: unreadable safetensors ({exc})") from None
-    for name, t in state.items():
-        if t.is_floating_point() and not all_finite(t):
-            raise FFSplitError(f"{folder / WEIGHTS}: tensor {name} holds NaN or inf")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        reason = " ".join(str(exc).split())[:300]
-        raise FFSplitError(
-            f"{folder / WEIGHTS}: weights do not fit the manifest's structure ({reason})"
-        ) from None
-    tied = set(manifest.get("tied", {}))
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise FFSplitError(
-            f"{folder / WEIGHTS}: weights do not fit the manifest's structure "
-            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
-        )
-    if tied and hasattr(model, "tie_weights"):
-        model.tie_weights()
+        raise FFSplitError(f"{shown(folder / MANIFEST)}: {exc}") from None
+    with private_folder() as private:
+        _stage(folder, manifest, private, verify)
+        state = _tensors(_read_listed(folder, WEIGHTS, manifest, verify), folder / WEIGHTS)
+        model, neurons = _build(folder, manifest, adapter, private, state, dtype)
+        _load_weights(folder, manifest, model, state)
+        del state
+        if NEURONS in manifest["files"]:
+            _check_neurons(folder, manifest, model, adapter, neurons, verify)
+        tokenizer = load_tokenizer(private, f"variant {shown(folder)}")
+    if tokenizer is not None:
+        tokenizer.name_or_path = str(folder)
+    model.config._name_or_path = str(folder)
     model.to(device)
     model.eval()
     # The fused GPU path (contiguous stacks, Triton kernels) serves 16-bit models on CUDA.
@@ -257,22 +432,15 @@ def load_variant(
             pass
         else:
             fuse_model(model, adapter)
-    tokenizer = None
-    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(folder), local_files_only=True, trust_remote_code=False
-        )
     return model, tokenizer, manifest
 
 
 def copy_variant(src: str | Path, dst: str | Path) -> Path:
     """Copy a verified variant folder atomically (e.g. into an artifact store)."""
     src = Path(src)
-    verify_files(src, read_manifest(src))
-    with atomic_dir(dst) as tmp:
-        for p in src.iterdir():
-            if p.is_file():
-                shutil.copy2(p, tmp / p.name)
+    manifest = read_manifest(src)
+    verify_files(src, manifest)
+    with _published(Path(dst)), atomic_dir(dst) as tmp:
+        for name in (*sorted(manifest["files"]), MANIFEST):  # listed files only
+            shutil.copy2(src / name, tmp / name)
     return Path(dst)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ffsplit.compress.results import CompressedLayer, LayerReport
 from ffsplit.errors import FFSplitError
-from ffsplit.files import atomic_dir, sha256_file
+from ffsplit.files import atomic_dir, sha256_file, shown
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection
 from ffsplit.split.parts import build_part
 
@@ -66,7 +66,6 @@ def save_shard(
     overwrite: bool = False,
 ) -> Path:
     """Write compressed layers as one shard folder (atomically); returns its path."""
-    from safetensors.torch import save_file
 
     out = Path(out)
     if not layers:
@@ -89,6 +88,25 @@ def save_shard(
         tensors[f"layer.{index}.heavy"] = result.heavy_neurons.detach().cpu().contiguous()
         tensors[f"layer.{index}.order"] = result.order.detach().cpu().contiguous()
         entries[str(index)] = entry
+    try:
+        _write_shard(tensors, entries, out, recipe, meta, overwrite)
+    except FileExistsError:
+        raise FFSplitError(
+            f"shard folder {shown(out)} already exists: another run wrote it first"
+        ) from None
+    return out
+
+
+def _write_shard(
+    tensors: dict[str, Tensor],
+    entries: dict[str, Any],
+    out: Path,
+    recipe: dict[str, Any],
+    meta: dict[str, Any] | None,
+    overwrite: bool,
+) -> None:
+    from safetensors.torch import save_file
+
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / SHARD_WEIGHTS), metadata={"format": "pt"})
         spec = {
@@ -100,7 +118,6 @@ def save_shard(
             "meta": meta or {},
         }
         (tmp / SHARD_SPEC).write_text(json.dumps(spec, indent=1, sort_keys=True))
-    return out
 
 
 def read_shard_spec(path: str | Path) -> dict[str, Any]:

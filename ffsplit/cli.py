@@ -7,8 +7,10 @@ shows progress on stderr, and on bad input exits 2 with one line that says what 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from enum import StrEnum
@@ -22,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from ffsplit.errors import FFSplitError
+from ffsplit.files import check_output_path, claim_output, shown
 
 
 class _OneLineErrors(typer.Typer):
@@ -42,6 +45,22 @@ class _OneLineErrors(typer.Typer):
             sys.exit(exc.exit_code)
         except typer.Abort:
             err.print("[bold red]error:[/] aborted", highlight=False)
+            sys.exit(1)
+        except typer.Exit as exc:  # raised by _fail outside a command's own handling
+            sys.exit(exc.exit_code)
+        except (KeyboardInterrupt, Terminated):
+            err.print("[bold red]error:[/] interrupted; nothing half-written was kept")
+            sys.exit(2)
+        except Exception as exc:  # a bug, not bad input: still one line (FFSPLIT_DEBUG=1: all)
+            if os.environ.get("FFSPLIT_DEBUG"):
+                raise
+            reason = escape(_one_line(" ".join(str(exc).split())[:300]))
+            err.print(
+                f"[bold red]error:[/] internal error ({type(exc).__name__}: {reason}); please "
+                "report it (FFSPLIT_DEBUG=1 shows the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -71,26 +90,54 @@ class HealLoss(StrEnum):
     kl = "kl"
 
 
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+def _one_line(message: str) -> str:
+    """A message as one line: control characters (a newline in a file name) shown escaped."""
+    return "".join(
+        c if c.isprintable() or c == " " else repr(c)[1:-1] for c in " ".join(message.split(" "))
+    )
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so every atomic writer removes its temporaries."""
+
+
+def _on_terminate(signum: int, frame: Any) -> None:
+    # The first signal starts the clean exit; more signals must not interrupt the cleanup.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Terminated
+
+
+def _os_error(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else "output"
+    if exc.errno == errno.ENOSPC:  # nothing is half-written (atomic writes), but say so
+        return f"disk full while writing {shown(where)}; nothing was kept"
+    return f"{exc.strerror or type(exc).__name__}: {shown(where)}"
 
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """FFSplitError (and plain OS errors) become one line and exit code 2, no traceback."""
+    previous = signal.signal(signal.SIGTERM, _on_terminate)
     try:
         yield
     except FFSplitError as exc:
         _fail(str(exc))
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        _fail(f"{exc.strerror}: {exc.filename}")
+    except FileExistsError as exc:
+        _fail(f"{shown(exc.filename or 'output')} already exists: another run wrote it first")
     except OSError as exc:
-        if exc.errno == 28:  # ENOSPC: nothing is half-written (atomic writes), but say so
-            _fail(f"disk full while writing {exc.filename or 'output'}; nothing was kept")
-        raise
+        _fail(_os_error(exc))
     except KeyboardInterrupt:
         _fail("interrupted; nothing half-written was kept")
+    except Terminated:
+        _fail("terminated (SIGTERM); nothing half-written was kept")
+    except MemoryError:
+        _fail("out of memory; the input asks for more than this machine has")
     except Exception as exc:
         # safetensors reports a failed write (disk full, file-size limit) as SafetensorError, not
         # OSError; atomic writes kept nothing, so it is one line like the rest.
@@ -99,6 +146,20 @@ def _user_errors() -> Iterator[None]:
                 f"could not write the weights ({str(exc).splitlines()[0]}); disk full? nothing was kept"
             )
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _output(path: Path) -> Iterator[Path]:
+    """An --out path checked before any work (writable, not there yet, a sane name; stale
+    temporaries of dead runs beside it removed) and claimed for the whole run, so a second run
+    writing the same path fails at once instead of racing this one."""
+    target = check_output_path(path)
+    with claim_output(target):
+        if os.path.lexists(target):  # written by a run that finished while this one started
+            raise FFSplitError(f"--out {shown(target)}: already exists; choose another --out")
+        yield path
 
 
 def _quiet_libraries() -> None:
@@ -216,9 +277,7 @@ def profile(
     from ffsplit.config import ProfileConfig
     from ffsplit.jobs import profile_job
 
-    with _user_errors():
-        if out_path.exists():
-            raise FFSplitError(f"{out_path} already exists; choose another --out or remove it")
+    with _user_errors(), _output(out_path):
         config = ProfileConfig(
             corpus=corpus,
             tokens=calib_tokens,
@@ -289,7 +348,7 @@ def compress(
     from ffsplit.config import LowRankConfig, ProfileConfig, QuantConfig, Recipe
     from ffsplit.jobs import compress_job
 
-    with _user_errors():
+    with _user_errors(), _output(out_dir):
         if recipe_file is not None:
             recipe = load_recipe(recipe_file)
         else:

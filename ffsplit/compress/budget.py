@@ -323,7 +323,13 @@ def solve_kept_neurons(shape: FFNShape, reduction: float) -> int:
             f"budget {reduction:g} cannot be met by pruning: the down bias alone takes "
             f"{100 * prune_bytes(shape, 0) / dense:.2f}% of FFN bytes; lower the reduction"
         )
-    return _largest(0, shape.m, fits)
+    if not fits(1):  # an FFN with no neuron left is not a model (issue 16: 0.999999 crashed)
+        best = _achieved(dense, prune_bytes(shape, 1))
+        raise FFSplitError(
+            f"budget {reduction:g} cannot be met by pruning: keeping a single neuron of "
+            f"{shape.m} saves {best:.6f}; lower the reduction"
+        )
+    return _largest(1, shape.m, fits)
 
 
 # The solvers take a parameter named ``reduction`` (the target), which hides the function inside them.

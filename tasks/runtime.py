@@ -105,18 +105,30 @@ def ensure_ray(
         # our variables go there for the duration of init rather than into a job runtime_env. A
         # job with a runtime_env cannot use the workers Ray prestarts at start-up (one per CPU):
         # its first tasks would each wait for a new worker process to boot (~2-3 s on 2 cores).
+        # Loopback only (issue 16): a single-machine run exposes nothing. Ray's servers (GCS,
+        # raylet, workers, agents) bind 127.0.0.1 when the node IP is loopback, but ray.init
+        # turns a given "127.0.0.1" into the machine's public IP unless Ray is in its no-cluster
+        # mode, which is switched on for the call only.
         variables = env.pop("env_vars", {})
+        constants = ray._private.ray_constants
+        cluster_mode = constants.ENABLE_RAY_CLUSTER
         with environ(**variables):
-            ray.init(
-                address="local",
-                include_dashboard=False,
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                resources=resources,
-                runtime_env=env or None,
-                log_to_driver=True,
-                configure_logging=False,
-            )
+            try:
+                constants.ENABLE_RAY_CLUSTER = False
+                ray.init(
+                    address="local",
+                    include_dashboard=False,
+                    dashboard_host="127.0.0.1",
+                    _node_ip_address="127.0.0.1",
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    resources=resources,
+                    runtime_env=env or None,
+                    log_to_driver=True,
+                    configure_logging=False,
+                )
+            finally:
+                constants.ENABLE_RAY_CLUSTER = cluster_mode
     return True
 
 

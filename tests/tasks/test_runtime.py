@@ -131,3 +131,50 @@ def test_prefect_api_check(monkeypatch: pytest.MonkeyPatch) -> None:
         FFSplitError, match="PREFECT_API_URL=http://127.0.0.1:9/api is not reachable"
     ):
         runtime.check_prefect_api(timeout_s=2)
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def _ray_processes() -> list:
+    """This driver and every Ray process it started (GCS, raylet, agents, workers)."""
+    import psutil
+
+    me = psutil.Process()
+    found = [me]
+    for child in me.children(recursive=True):
+        try:
+            line = " ".join(child.cmdline()) + " " + child.name()
+        except psutil.Error:
+            continue
+        if "ray" in line:
+            found.append(child)
+    return found
+
+
+def test_embedded_ray_listens_on_loopback_only(ray_cluster: dict) -> None:
+    """Issue 16: a single-machine run exposes nothing. Every listening socket of the embedded
+    Ray (GCS, raylet, dashboard agent, runtime-env agent, workers, the driver) is on 127.0.0.1,
+    and no dashboard serves unless asked for."""
+    import psutil
+    import ray
+
+    assert runtime.run_remote(_threads_and_device, resources={"num_cpus": 1})  # workers up
+    assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+    listening = []
+    processes = _ray_processes()
+    for process in processes:
+        try:
+            sockets = process.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        listening += [
+            (process.name(), c.laddr.ip, c.laddr.port)
+            for c in sockets
+            if c.status == psutil.CONN_LISTEN
+        ]
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening  # the servers were seen
+    exposed = [entry for entry in listening if entry[1] not in LOOPBACK]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    assert not any(port == 8265 for _, _, port in listening)  # no dashboard

@@ -499,14 +499,17 @@ def bench_quant_shape(
     spec: FFNSpec,
     tokens: tuple[int, ...],
     names: list[str],
-    baselines: bool,
+    which: str,
+    rows: list[dict[str, Any]],
+    profiles: dict[str, Any],
+    save: Any,
     dtype: torch.dtype = torch.bfloat16,
-) -> tuple[list, dict]:
+) -> None:
+    """Rows for one shape, appended to ``rows`` and saved after every variant (a crash keeps
+    what was measured). which: "ours", "libraries" or "all"."""
     from bench.quant_baselines import baseline_bytes, baseline_mlp
 
     device = torch.device("cuda")
-    rows: list[dict[str, Any]] = []
-    profiles: dict[str, Any] = {}
     inputs = {t: torch.randn(t, spec.d, device=device, dtype=dtype) for t in tokens}
     dense_one = dense_mlp(spec, device, dtype)
     dense_bytes = module_bytes(dense_one)
@@ -549,7 +552,7 @@ def bench_quant_shape(
                 flush=True,
             )
 
-    for name in names:
+    for name in names if which != "libraries" else []:
         recipe = QUANT_RECIPES[name]
         nbytes = recipe.nbytes(spec)
         k = copies_for(nbytes)
@@ -569,7 +572,8 @@ def bench_quant_shape(
             }
         del cores
         _free()
-    if baselines:
+        save()
+    if which != "ours":
         for kernel, name in QUANT_BASELINES:
             if name not in names:
                 continue
@@ -599,7 +603,7 @@ def bench_quant_shape(
             )
             del mlps
             _free()
-    return rows, profiles
+            save()
 
 
 def main_quant(args: argparse.Namespace) -> None:
@@ -610,14 +614,11 @@ def main_quant(args: argparse.Namespace) -> None:
         raise SystemExit("bench/ffn.py --quant times CUDA graphs: it needs a GPU")
     torch.manual_seed(0)
     names = args.recipes or list(QUANT_RECIPES)
-    all_rows, profiles = [], {}
+    all_rows: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
     out = args.out if args.out != RESULTS / "ffn-h200.json" else RESULTS / "quant-h200.json"
-    for shape in args.shapes:
-        rows, prof = bench_quant_shape(
-            FFN_SHAPES[shape], tuple(args.tokens), names, not args.no_baselines
-        )
-        all_rows += rows
-        profiles.update(prof)
+
+    def save() -> None:
         write_json(
             out,
             {
@@ -639,6 +640,10 @@ def main_quant(args: argparse.Namespace) -> None:
             },
         )
 
+    for shape in args.shapes:
+        spec = FFN_SHAPES[shape]
+        bench_quant_shape(spec, tuple(args.tokens), names, args.which, all_rows, profiles, save)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -653,7 +658,10 @@ def main() -> None:
     )
     parser.add_argument("--quant", action="store_true", help="quant variants -> quant-h200.json")
     parser.add_argument(
-        "--no-baselines", action="store_true", help="--quant: skip GemLite/tinygemm"
+        "--which",
+        default="all",
+        choices=["all", "ours", "libraries"],
+        help="--quant: ffsplit's kernels, the libraries (GemLite, tinygemm), or both",
     )
     args = parser.parse_args()
     if args.quant:

@@ -4,7 +4,7 @@
 # then end to end. Each step under its own time limit; a failed step does not stop the others and
 # makes the call exit 1 at the end. Everything lands in $OUT (copied into bench/results/ after).
 # Needs GemLite's package in .gemlite/src (scripts/fetch_gemlite.sh; carry .gemlite with the call).
-# Usage: bench/gpu_quant.sh STEP...   steps: tests | ffn | e2e | e2ec
+# Usage: bench/gpu_quant.sh STEP...   steps: tests | ffn | ffnlib | e2e | e2ec
 #   QFFN_ARGS / QE2E_ARGS add arguments (e.g. --shapes, --recipes, --models, --quant).
 set -u -o pipefail
 failed=""
@@ -33,18 +33,23 @@ for step in "$@"; do
       grep -E "^== |passed|failed|error" "$OUT/tests.log" | tail -${TESTS_TAIL:-40}
       ! grep -qE "[0-9]+ (failed|errors?)\b" "$OUT/tests.log" || failed="$failed tests"
       ;;
-    ffn)
+    ffn)  # ffsplit's kernels (tiles tuned on the first call per format: FFSPLIT_QTUNE=1)
       FFSPLIT_QTUNE=${FFSPLIT_QTUNE:-1} timeout ${FFN_LIMIT:-420} python3 bench/ffn.py --quant \
-        --out "$OUT/quant-h200.json" ${QFFN_ARGS:-} 2>&1 | tee "$OUT/ffn.log" | tail -${FFN_TAIL:-90} \
-        || failed="$failed ffn"
+        --which ours --out "$OUT/quant-h200.json" ${QFFN_ARGS:-} 2>&1 | tee "$OUT/ffn.log" \
+        | tail -${FFN_TAIL:-90} || failed="$failed ffn"
+      ;;
+    ffnlib)  # GemLite and tinygemm in their own process (a library's CUDA error ends only it)
+      timeout ${FFNLIB_LIMIT:-240} python3 bench/ffn.py --quant --which libraries \
+        --out "$OUT/quant-lib-h200.json" ${QLIB_ARGS:-} 2>&1 | tee "$OUT/ffnlib.log" \
+        | tail -${FFNLIB_TAIL:-40} || failed="$failed ffnlib"
       ;;
     e2e)
-      timeout ${E2E_LIMIT:-420} python3 bench/e2e.py --quant ${QUANT:-int4-light,int8-light} \
+      FFSPLIT_QTUNE=${FFSPLIT_QTUNE:-1} timeout ${E2E_LIMIT:-420} python3 bench/e2e.py --quant ${QUANT:-int4-light,int8-light} \
         --out "$OUT/e2e-quant-h200.json" ${QE2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" \
         | { grep -v "^Loading" || true; } | tail -${E2E_TAIL:-40} || failed="$failed e2e"
       ;;
     e2ec)
-      timeout ${E2EC_LIMIT:-420} python3 bench/e2e.py --compile --compiled-batches b1 \
+      FFSPLIT_QTUNE=${FFSPLIT_QTUNE:-1} timeout ${E2EC_LIMIT:-420} python3 bench/e2e.py --compile --compiled-batches b1 \
         --quant ${QUANT:-int4-light,int8-light} --out "$OUT/e2e-quant-compile-h200.json" \
         ${QE2EC_ARGS:-} 2>&1 | tee "$OUT/e2e-compile.log" | { grep -v "^Loading" || true; } \
         | tail -${E2EC_TAIL:-30} || failed="$failed e2ec"

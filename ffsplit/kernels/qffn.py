@@ -1168,6 +1168,7 @@ class Tiles:
     stages: int = 3
     warps: int = 4
     group_dot: int = 0  # first stage, tiles: scale per group after the dot (_q_row_dot_groups)
+    maxnreg: int = 0  # register cap per thread (0: none): more warps per SM, perhaps spills
 
 
 # (stage, mode): "one" = 1 token (CUDA-core GEMV, BLOCK_T 1), "tile" = 2-16 tokens (tensor
@@ -1191,33 +1192,37 @@ INTERPRETER_TILES: dict[tuple[str, str], Tiles] = {
 # What FFSPLIT_QTUNE=1 tries on the first call per (stage, mode, d, group, gated, narrowest
 # width) and keeps (bench/ffn.py --quant sets it; the table above is what it found on the H200).
 CANDIDATES: dict[tuple[str, str], list[Tiles]] = {
+    # call 1 on the H200 (NOTES-h200.md): 1.0-1.3 TB/s with 230-255 registers a thread, i.e. 2
+    # warps per scheduler: latency-bound. The capped tiles trade registers for occupancy.
     ("first", "one"): [
         Tiles(32, 256, 2, 3, 4),
-        Tiles(64, 256, 2, 3, 4),
-        Tiles(32, 512, 1, 3, 4),
-        Tiles(64, 256, 1, 3, 8),
-        Tiles(16, 512, 4, 3, 4),
+        Tiles(32, 256, 2, 3, 4, maxnreg=128),
+        Tiles(16, 256, 2, 3, 4, maxnreg=96),
+        Tiles(16, 512, 2, 2, 4, maxnreg=128),
+        Tiles(32, 128, 4, 3, 4, maxnreg=96),
+        Tiles(64, 256, 2, 3, 8, maxnreg=128),
     ],
     ("first", "tile"): [
         Tiles(64, 256, 2, 3, 4, 0),
-        Tiles(64, 256, 2, 3, 4, 1),
-        Tiles(64, 128, 4, 3, 4, 0),
-        Tiles(128, 256, 2, 3, 8, 0),
-        Tiles(64, 512, 1, 3, 4, 0),
+        Tiles(64, 128, 2, 3, 4, 0, maxnreg=128),
+        Tiles(32, 128, 4, 3, 4, 0, maxnreg=128),
+        Tiles(64, 128, 4, 2, 4, 1, maxnreg=128),
+        Tiles(64, 256, 2, 3, 8, 1),
+        Tiles(16, 128, 4, 3, 4, 0, maxnreg=96),
     ],
     ("last", "one"): [
         Tiles(64, 64, 4, 3, 4),
-        Tiles(64, 64, 8, 3, 4),
-        Tiles(128, 64, 4, 3, 4),
-        Tiles(32, 64, 8, 3, 4),
-        Tiles(128, 64, 8, 3, 8),
+        Tiles(64, 64, 8, 3, 4, maxnreg=96),
+        Tiles(32, 64, 8, 3, 4, maxnreg=64),
+        Tiles(128, 64, 4, 3, 8, maxnreg=96),
+        Tiles(64, 64, 16, 2, 4, maxnreg=96),
     ],
     ("last", "tile"): [
         Tiles(64, 64, 4, 3, 4),
-        Tiles(64, 64, 8, 3, 4),
-        Tiles(32, 64, 8, 3, 4),
-        Tiles(128, 64, 4, 3, 4),
-        Tiles(64, 32, 8, 3, 4),
+        Tiles(64, 64, 8, 3, 4, maxnreg=128),
+        Tiles(32, 64, 8, 3, 4, maxnreg=96),
+        Tiles(128, 64, 4, 3, 8, maxnreg=128),
+        Tiles(32, 64, 16, 2, 4, maxnreg=96),
     ],
 }
 _chosen: dict[tuple, Tiles] = {}
@@ -1381,6 +1386,7 @@ def _launch_first(
         GROUP_DOT=bool(cfg.group_dot),
         EVEN=all(n % cfg.block_n == 0 for n in [m_dense, *(s.neurons for s in segments)]),
         num_warps=cfg.warps,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
         **seg_meta,
     )
 
@@ -1453,6 +1459,7 @@ def _launch_last(
         STAGES=cfg.stages,
         EVEN=all(n % cfg.block_n == 0 for n in [m_dense, *(s.neurons for s in segments)]),
         num_warps=cfg.warps,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
         **seg_meta,
     )
 

@@ -113,6 +113,14 @@ def check_fits(skeleton: nn.Module, state: dict[str, Tensor], where: str) -> Non
         )
     floats = {name for name, p in skeleton.named_parameters() if p.is_floating_point()}
     check_dtypes(state, floats, where)
+    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    for name, tensor in sorted(state.items()):
+        want = shapes.get(name)
+        if want is not None and want != tuple(tensor.shape):
+            raise FFSplitError(
+                f"{where}: weight {name} has shape {list(tensor.shape)}, config.json makes it "
+                f"{list(want)}: config and weights are of different models"
+            )
 
 
 def check_loading_info(info: dict[str, Any], where: str) -> None:
@@ -184,6 +192,24 @@ def load_tokenizer(private: Path, where: str) -> Any:
         ) from None
 
 
+# Special tokens a tokenizer may hold beyond the embedding rows (e.g. multimodal placeholders that
+# text never produces); more than this and the tokenizer is another model's.
+TOKENIZER_SLACK = 64
+
+
+def check_tokenizer_fits(model: nn.Module, tokenizer: Any, where: str) -> None:
+    """A tokenizer whose ids run past the embedding would index out of range at the first text
+    (a traceback deep in the forward): refused at load, naming both sizes."""
+    if tokenizer is None or not hasattr(model, "get_input_embeddings"):
+        return
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows + TOKENIZER_SLACK:
+        raise FFSplitError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+            f"{rows} rows: the tokenizer is another model's"
+        )
+
+
 def check_finite(model: nn.Module, where: str) -> None:
     for name, tensor in model.named_parameters():  # buffers may hold -inf masks on purpose
         if tensor.is_floating_point() and not all_finite(tensor):
@@ -227,6 +253,7 @@ def load_model(
         del state
         tokenizer = load_tokenizer(private, where)
     check_finite(model, where)
+    check_tokenizer_fits(model, tokenizer, where)
     _name_as(model, tokenizer, folder)
     model.to(device)
     model.eval()

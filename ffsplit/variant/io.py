@@ -26,6 +26,7 @@ from ffsplit.models.folder import check_config, check_tokenizer_config, private_
 from ffsplit.models.loading import (
     SLACK_ELEMENTS,
     all_finite,
+    check_tokenizer_fits,
     empty_model,
     load_tokenizer,
     model_class_of,
@@ -186,11 +187,17 @@ def _check_specs(entry: dict[str, Any], dense: FFNWeights, where: str) -> None:
     projections = [("up", True), ("down", False)] + ([("gate", True)] if "gate" in entry else [])
     if dense.gate is not None and "gate" not in entry:
         raise FFSplitError(f"{where}: the FFN is gated but the manifest has no gate spec")
+    if dense.gate is None and "gate" in entry:
+        raise FFSplitError(f"{where}: the FFN has no gate but the manifest has a gate spec")
+    kept: dict[str, int] = {}
     for name, outward in projections:
         spec = entry.get(name)
         parts = spec.get("parts") if isinstance(spec, dict) else None
         if not isinstance(parts, list) or not parts:
             raise FFSplitError(f"{where}: {name} spec has no list of parts")
+        expected = "split_out" if outward else "split_in"
+        if spec.get("type") in ("split_out", "split_in") and spec.get("type") != expected:
+            raise FFSplitError(f"{where}: {name} spec must be {expected}, got {spec.get('type')}")
         neurons = 0
         for part in parts:
             if not isinstance(part, dict):
@@ -206,6 +213,9 @@ def _check_specs(entry: dict[str, Any], dense: FFNWeights, where: str) -> None:
                     f"{where}: {name} part {size_out}x{size_in} (rank {rank}) does not fit the "
                     f"FFN ({m} neurons, hidden size {d})"
                 )
+        kept[name] = neurons
+    if len(set(kept.values())) != 1:
+        raise FFSplitError(f"{where}: the projections keep different neuron counts {kept}")
 
 
 def _stage(folder: Path, manifest: dict[str, Any], private: Path, verify: bool) -> None:
@@ -419,6 +429,7 @@ def load_variant(
         if NEURONS in manifest["files"]:
             _check_neurons(folder, manifest, model, adapter, neurons, verify)
         tokenizer = load_tokenizer(private, f"variant {shown(folder)}")
+    check_tokenizer_fits(model, tokenizer, f"variant {shown(folder)}")
     if tokenizer is not None:
         tokenizer.name_or_path = str(folder)
     model.config._name_or_path = str(folder)

@@ -115,6 +115,8 @@ def metrics(record: dict[str, Any], dense: dict[str, Any] | None = None) -> dict
         out["prefill_ms"] = float(variant.get("prefill_ms_median", math.nan))
         if variant.get("decode_ms_per_token_median") is not None:
             out["decode_ms_per_token"] = float(variant["decode_ms_per_token_median"])
+    for name, value in ((record.get("gpu_speed") or {}).get("metrics") or {}).items():
+        out[name] = float(value)  # gpu_decode_speedup_b1 / _b16, gpu_prefill_speedup (+ _low/_high)
     if "seconds" in record:
         out["eval_seconds"] = float(record["seconds"])
     return {k: v for k, v in out.items() if math.isfinite(v)}

@@ -95,7 +95,39 @@ def evaluate_job(
         result["latency"] = latency_against_base(
             net, result["base_model"], info["kind"], device, **(latency_workload or {})
         )
+        if info["kind"] == "variant" and torch.device(device).type == "cuda":
+            del net  # the GPU race loads both models again in the serving dtype
+            result["gpu_speed"] = gpu_speed_against_base(model_or_dir, result["base_model"])
     return result
+
+
+def gpu_speed_against_base(variant_dir: str | Path, base_model: dict[str, Any]) -> dict[str, Any]:
+    """The variant's speed on this process's GPU against its dense base, both in bf16 through the
+    same CUDA-graph decode loop (the variant's split FFNs fused: ffsplit.split.fused, the quant
+    and low-rank kernels): decode at batch 1 and 16, prefill of 2048 tokens, interleaved repeats
+    with 95% intervals (ffsplit.eval.gpu_speed). Small models are launch-bound: their ratios sit
+    near 1 whatever the FFN does (the record says which GPU and loop)."""
+    from ffsplit.eval.gpu_speed import measure_gpu_speed
+    from ffsplit.variant import load_variant
+
+    variant, _, _ = load_variant(variant_dir, dtype=torch.bfloat16, device="cuda")
+    base = _base_of(base_model, "cuda").to(torch.bfloat16)
+    speed = measure_gpu_speed(variant, base)
+    return {**speed.to_dict(), "metrics": speed.metrics()}
+
+
+def _base_of(base_model: dict[str, Any], device: str) -> nn.Module:
+    """The dense base model a variant was made from, its weights' hash checked."""
+    from ffsplit.models.loading import load_model
+
+    base, _, ref = load_model(base_model.get("path") or base_model["name"], device=device)
+    expected = base_model.get("weights_sha256")
+    if expected and ref.weights_sha256 != expected:
+        raise FFSplitError(
+            f"{ref.path}: base model weights (sha256 {ref.weights_sha256[:12]}...) are not "
+            f"the ones this variant was made from ({str(expected)[:12]}...)"
+        )
+    return base
 
 
 def latency_against_base(
@@ -109,18 +141,13 @@ def latency_against_base(
 ) -> dict[str, Any]:
     """Prefill and decode latency of the dense base and this model, interleaved in one run."""
     from ffsplit.eval import measure_latency, speedup_intervals, speedups
-    from ffsplit.models.loading import is_causal_lm, load_model
+    from ffsplit.models.loading import is_causal_lm
 
-    models = {"dense": net} if kind == "base" else {}
-    if kind != "base":
-        base, _, ref = load_model(base_model.get("path") or base_model["name"], device=device)
-        expected = base_model.get("weights_sha256")
-        if expected and ref.weights_sha256 != expected:
-            raise FFSplitError(
-                f"{ref.path}: base model weights (sha256 {ref.weights_sha256[:12]}...) are not "
-                f"the ones this variant was made from ({str(expected)[:12]}...)"
-            )
-        models = {"dense": base, "variant": net}
+    models = (
+        {"dense": net}
+        if kind == "base"
+        else {"dense": _base_of(base_model, device), "variant": net}
+    )
     decode = decode_tokens if is_causal_lm(net.config) else 0
     results = measure_latency(models, prompt_tokens, decode, repeats=repeats)
     out: dict[str, Any] = {name: r.to_dict() for name, r in results.items()}

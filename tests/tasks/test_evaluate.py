@@ -74,3 +74,15 @@ def test_task_body_loads_the_subject_once_and_races_with_the_asked_workload(
     assert json.loads(out.read_text())["params"] == config.key_dict()
     again = evaluate(subject=str(folder), config=config.to_dict(), out=str(out))
     assert again.cached and len(loads) == 1
+
+
+def test_gpu_speed_becomes_metrics_the_champion_reads() -> None:
+    from tracking.champion import speed_of
+
+    gpu = {"gpu_decode_speedup_b1": 1.6, "gpu_decode_speedup_b1_low": 1.5}
+    gpu["gpu_decode_speedup_b1_high"] = 1.7
+    record = {"perplexity": 21.0, "size": SIZE, "gpu_speed": {"metrics": gpu}}
+    out = metrics(record, {"perplexity": 20.0})
+    assert {k: out[k] for k in gpu} == gpu
+    speed = speed_of(out)
+    assert (speed.metric, speed.low, speed.high) == ("gpu_decode_speedup_b1", 1.5, 1.7)

@@ -495,6 +495,19 @@ def quant_stage_profile(cores: list, tokens: int) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def _quant_errors(core: object, tokens: tuple[int, ...]) -> dict[int, float]:
+    """The fused core (the tiles it tuned) against float32 dequantise-then-matmul, per token count:
+    every timed configuration is also checked."""
+    out = {}
+    for t in tokens:
+        x = torch.randn(t, core.d, device="cuda", dtype=core.dtype)
+        want = core._last_reference(core._first_reference(x.float()))
+        got = core(x).float()
+        out[t] = ((got - want).norm() / want.norm()).item()
+    return out
+
+
 def bench_quant_shape(
     spec: FFNSpec,
     tokens: tuple[int, ...],
@@ -565,7 +578,11 @@ def bench_quant_shape(
             del mlp
         stored = cores[0].nbytes()
         first_core = cores[0]
+        errors = _quant_errors(first_core, tuple(t for t in tokens if t <= 16))
         record(name, recipe, lambda t, c=first_core: _kernel_name(t, c), cores, nbytes, stored)
+        for row in rows:
+            if row.get("variant") == name and row.get("shape") == spec.name:
+                row["relative_error_vs_reference"] = errors.get(row["tokens"])
         if name in QUANT_PROFILED:
             profiles.setdefault(spec.name, {})[name] = {
                 f"tokens_{t}": quant_stage_profile(cores, t) for t in tokens if t <= 16

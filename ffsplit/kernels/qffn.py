@@ -1177,10 +1177,10 @@ class Tiles:
 # the H200 (bench/results/NOTES-h200.md); FFSPLIT_QTILES="stage/mode=bn,bk,split,stages,warps;..."
 # overrides them (sweeps, tests).
 TILES: dict[tuple[str, str], Tiles] = {
-    ("first", "one"): Tiles(32, 256, 2, 3, 4),
-    ("first", "tile"): Tiles(32, 256, 2, 3, 4),
-    ("last", "one"): Tiles(64, 128, 4, 3, 4),
-    ("last", "tile"): Tiles(32, 64, 4, 3, 4),
+    ("first", "one"): Tiles(16, 256, 2, 3, 4, maxnreg=96),
+    ("first", "tile"): Tiles(16, 128, 4, 3, 4, maxnreg=96),
+    ("last", "one"): Tiles(32, 64, 8, 3, 4, maxnreg=64),
+    ("last", "tile"): Tiles(64, 64, 8, 3, 4, maxnreg=128),
 }
 # The interpreter (tests on CPU): small tiles, an odd split (uneven and empty slices).
 INTERPRETER_TILES: dict[tuple[str, str], Tiles] = {
@@ -1193,36 +1193,37 @@ INTERPRETER_TILES: dict[tuple[str, str], Tiles] = {
 # width) and keeps (bench/ffn.py --quant sets it; the table above is what it found on the H200).
 CANDIDATES: dict[tuple[str, str], list[Tiles]] = {
     # call 1 on the H200 (NOTES-h200.md): 1.0-1.3 TB/s with 230-255 registers a thread, i.e. 2
-    # warps per scheduler: latency-bound. The capped tiles trade registers for occupancy.
+    # warps per scheduler: latency-bound; call 2: the small, register-capped tiles won.
     ("first", "one"): [
-        Tiles(32, 256, 2, 3, 4),
-        Tiles(32, 256, 2, 3, 4, maxnreg=128),
         Tiles(16, 256, 2, 3, 4, maxnreg=96),
-        Tiles(16, 512, 2, 2, 4, maxnreg=128),
+        Tiles(16, 256, 4, 3, 4, maxnreg=80),
+        Tiles(16, 128, 4, 3, 4, maxnreg=64),
+        Tiles(8, 256, 2, 3, 2, maxnreg=64),
+        Tiles(16, 512, 2, 3, 8, maxnreg=64),
+        Tiles(16, 256, 2, 4, 4, maxnreg=96),
         Tiles(32, 128, 4, 3, 4, maxnreg=96),
-        Tiles(64, 256, 2, 3, 8, maxnreg=128),
     ],
     ("first", "tile"): [
-        Tiles(64, 256, 2, 3, 4, 0),
-        Tiles(64, 128, 2, 3, 4, 0, maxnreg=128),
-        Tiles(32, 128, 4, 3, 4, 0, maxnreg=128),
-        Tiles(64, 128, 4, 2, 4, 1, maxnreg=128),
-        Tiles(64, 256, 2, 3, 8, 1),
         Tiles(16, 128, 4, 3, 4, 0, maxnreg=96),
+        Tiles(16, 128, 8, 3, 4, 0, maxnreg=80),
+        Tiles(32, 128, 4, 3, 4, 1, maxnreg=96),
+        Tiles(64, 128, 4, 2, 4, 1, maxnreg=128),
+        Tiles(16, 256, 4, 3, 4, 0, maxnreg=96),
+        Tiles(32, 64, 8, 3, 4, 0, maxnreg=96),
     ],
     ("last", "one"): [
-        Tiles(64, 64, 4, 3, 4),
-        Tiles(64, 64, 8, 3, 4, maxnreg=96),
         Tiles(32, 64, 8, 3, 4, maxnreg=64),
-        Tiles(128, 64, 4, 3, 8, maxnreg=96),
-        Tiles(64, 64, 16, 2, 4, maxnreg=96),
+        Tiles(32, 64, 16, 3, 4, maxnreg=64),
+        Tiles(16, 64, 16, 3, 4, maxnreg=64),
+        Tiles(64, 64, 8, 3, 4, maxnreg=96),
+        Tiles(32, 64, 8, 4, 2, maxnreg=64),
+        Tiles(128, 64, 8, 3, 8, maxnreg=96),
     ],
     ("last", "tile"): [
-        Tiles(64, 64, 4, 3, 4),
         Tiles(64, 64, 8, 3, 4, maxnreg=128),
+        Tiles(32, 64, 16, 3, 4, maxnreg=96),
+        Tiles(64, 64, 16, 3, 4, maxnreg=128),
         Tiles(32, 64, 8, 3, 4, maxnreg=96),
-        Tiles(128, 64, 4, 3, 8, maxnreg=128),
-        Tiles(32, 64, 16, 2, 4, maxnreg=96),
     ],
 }
 _chosen: dict[tuple, Tiles] = {}
@@ -1499,10 +1500,11 @@ def dequantize_into(
 
 # --------------------------------------------------------------------------------------- prefill
 
-# Light neurons per GEMM in prefill: their gate/up rows dequantised into a scratch buffer of
-# 2 * CHUNK * d values (16 MiB at d 4096 in bf16), which stays in L2 (50 MiB on the H200) until
-# the GEMM reads it; FFSPLIT_PREFILL_CHUNK overrides (bench sweeps).
-PREFILL_CHUNK = 1024
+# Light neurons per GEMM in prefill: their gate/up rows dequantised into a reused scratch buffer
+# of 2 * CHUNK * d values. Eager prefill pays ~30 us of Python per Triton launch: with 1024 a
+# 7B layer took 10 chunks and the model's prefill doubled (call 2, NOTES-h200.md); 4096 is 3
+# chunks. FFSPLIT_PREFILL_CHUNK overrides.
+PREFILL_CHUNK = 4096
 _scratch: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import sys
@@ -675,12 +676,20 @@ def main() -> None:
     )
     parser.add_argument("--quant", action="store_true", help="quant variants -> quant-h200.json")
     parser.add_argument(
+        "--quant-report",
+        action="store_true",
+        help="merge bench/results/quant-calls/ into quant-h200.json and its chart (no GPU)",
+    )
+    parser.add_argument(
         "--which",
         default="all",
         choices=["all", "ours", "libraries"],
         help="--quant: ffsplit's kernels, the libraries (GemLite, tinygemm), or both",
     )
     args = parser.parse_args()
+    if args.quant_report:
+        quant_report()
+        return
     if args.quant:
         main_quant(args)
         return
@@ -715,6 +724,109 @@ def main() -> None:
     for kernel, tiles in tuned_tiles().items():
         for key, config in tiles.items():
             print(f"tuned {kernel} {key}: {config}", flush=True)
+
+
+# ----------------------------------------------------------------------- quant report (issue 13)
+
+QUANT_CALLS = RESULTS / "quant-calls"  # what each device call wrote, kept as it came back
+
+
+def quant_report(out: Path = RESULTS / "quant-h200.json") -> None:
+    """bench/results/quant-h200.json (+ .png) from the calls' own JSON: the latest tiles' rows
+    (call 3), call 2's rows of the recipes call 3 did not re-run and of the libraries, and the
+    end-to-end run. Every section keeps its command and machine."""
+
+    def load(name: str) -> dict[str, Any]:
+        return json.loads((QUANT_CALLS / name).read_text())
+
+    final, earlier, libs = (
+        load("call3/quant-h200.json"),
+        load("call2/quant-h200.json"),
+        load("call2/quant-lib-h200.json"),
+    )
+    e2e, e2e_earlier = load("call3/e2e-quant-h200.json"), load("call2/e2e-quant-h200.json")
+    have = {(r["shape"], r["variant"]) for r in final["rows"]}
+    rows = [{**r, "run": "call 3"} for r in final["rows"]]
+    rows += [
+        {**r, "run": "call 2 (earlier tiles)"}
+        for r in earlier["rows"]
+        if (r["shape"], r["variant"]) not in have
+    ]
+    rows += [{**r, "run": "call 2"} for r in libs["rows"]]
+    e2e_rows = {}
+    for model, result in e2e["models"].items():
+        for label in ("int4-light", "int8-light"):
+            entry = result.get(label)
+            if entry:
+                e2e_rows[f"{model} {label}"] = {
+                    "recipe": entry["recipe"],
+                    "size_reduction": entry["size_reduction"],
+                    "ffn_reduction": entry["ffn_reduction"],
+                    "prefill_speedup": entry["prefill_speedup"],
+                    "decode_speedup_b1": entry["decode_speedup_b1"],
+                    "decode_speedup_b16": entry["decode_speedup_b16"],
+                    "dense_ms": result["dense"],
+                    "compressed_ms": entry["compressed"],
+                }
+    payload = {
+        "benchmark": "ffn-quant (issue 13)",
+        "commands": {
+            "rows (call 3)": final["command"],
+            "rows (call 2)": earlier["command"],
+            "libraries (call 2)": libs["command"],
+            "e2e (call 3)": e2e["machine"]["command"],
+        },
+        "machine": final["machine"],
+        "timing": final["timing"],
+        "roofline": final["roofline"],
+        "ceilings": final["ceilings"],
+        "tuning": final["tuning"],
+        "rows": rows,
+        "decode_stage_profile": final["decode_stage_profile"],
+        "e2e": e2e_rows,
+        "e2e_loop": e2e["loop"],
+        "e2e_earlier_tiles": {
+            m: {k: v for k, v in r.items() if k in ("int4-light", "int8-light")}
+            for m, r in e2e_earlier["models"].items()
+        },
+    }
+    write_json(out, payload)
+    plot_quant(payload, out.with_suffix(".png"))
+
+
+def plot_quant(payload: dict[str, Any], out: Path) -> None:
+    """Speedup over dense cuBLAS per variant and kernel, at 1, 16 and 2048 tokens (Llama-2-7B)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in payload["rows"] if "speedup" in r and r["shape"] == "llama2-7b"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    tokens = sorted({r["tokens"] for r in rows})
+    fig, axes = plt.subplots(1, len(tokens), figsize=(6 * len(tokens), 5.5), sharey=True)
+    for ax, t in zip(axes, tokens, strict=True):
+        values = []
+        for v in variants:
+            match = [r for r in rows if r["variant"] == v and r["tokens"] == t]
+            values.append(match[0]["speedup"] if match else 0.0)
+        roof = [
+            next((r["roofline_speedup"] for r in rows if r["variant"] == v and r["tokens"] == t), 0)
+            for v in variants
+        ]
+        ys = range(len(variants))
+        ax.barh(list(ys), values, color=["C1" if "[" in v else "C0" for v in variants])
+        ax.scatter(roof, list(ys), marker="|", color="k", s=120, label="bytes/FLOPs roofline")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"Llama-2-7B FFN, {t} token{'s' if t > 1 else ''}")
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels(variants, fontsize=8)
+        ax.set_xlabel("speedup over dense bf16 (cuBLAS), CUDA graph")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("Quantized light parts on one H200: ffsplit's kernels (blue) vs GemLite/tinygemm")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ reference path (dequantise, matmul) equals the split modules for every width. Th
 tested against this reference in test_qffn.py. Builders here are shared with it.
 """
 
-
 import pytest
 import torch
 

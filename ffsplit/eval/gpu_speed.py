@@ -5,7 +5,7 @@ device, each decode step (forward, greedy argmax, position update) captured in o
 HF's static KV cache (optionally the forward torch.compile'd first, the same for both), prefill
 eager. Timing blocks of the two models alternate (A B B A ...) so that clock and thermal drift
 hit both alike; every repeat gives one ratio ``base_ms / variant_ms``, and the speedup is their
-geometric mean with a t-interval on the log ratios. Two speedups whose intervals overlap are a
+median with a distribution-free interval (the CPU race's statistics, ffsplit.eval.latency). Two speedups whose intervals overlap are a
 tie (``SpeedRatio.ties``); a variant is faster only when its interval lies above 1.
 
 Small models are launch-bound (a few MB of FFN weights per layer: the ~40 kernels of the rest of
@@ -16,7 +16,6 @@ are bound by bytes. On CPU the loop runs eagerly (for tests; not a GPU number).
 from __future__ import annotations
 
 import inspect
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -28,14 +27,11 @@ from torch import nn
 
 from ffsplit.errors import FFSplitError
 
-# Two-sided 95% Student t quantiles by degrees of freedom (repeats - 1); 1.96 beyond 30.
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
-_T95.update({11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 19: 2.09, 24: 2.06, 29: 2.05})
-
 
 @dataclass(frozen=True)
 class SpeedRatio:
-    """base / variant time: geometric mean over repeats and its 95% interval."""
+    """base / variant time: the median of the paired ratios and its interval (95% with >= 9
+    repeats; ffsplit.eval.latency.Speedup says the coverage fewer give)."""
 
     ratio: float
     low: float
@@ -55,21 +51,16 @@ class SpeedRatio:
 
 
 def ratio_interval(base_ms: list[float], variant_ms: list[float]) -> SpeedRatio:
-    """Pairwise ratios of interleaved timings -> geometric mean and t-interval (pure)."""
-    if len(base_ms) != len(variant_ms) or not base_ms:
-        raise FFSplitError("ratio_interval: need as many base as variant timings, at least one")
-    logs = [math.log(b / v) for b, v in zip(base_ms, variant_ms, strict=True)]
-    n = len(logs)
-    mean = statistics.fmean(logs)
-    spread = statistics.stdev(logs) if n > 1 else math.inf
-    dof = n - 1
-    t = _T95.get(dof) or next((v for k, v in sorted(_T95.items()) if k >= dof), 1.96)
-    half = t * spread / math.sqrt(n) if n > 1 else math.inf
+    """Pairwise ratios of interleaved timings -> their median and its distribution-free
+    interval (ffsplit.eval.latency.paired_speedup: the same statistics as the CPU race)."""
+    from ffsplit.eval.latency import paired_speedup
+
+    speed = paired_speedup(base_ms, variant_ms)
     return SpeedRatio(
-        ratio=math.exp(mean),
-        low=math.exp(mean - half),
-        high=math.exp(mean + half) if math.isfinite(half) else math.inf,
-        repeats=n,
+        ratio=speed.median,
+        low=speed.low,
+        high=speed.high,
+        repeats=speed.rounds,
         base_ms=statistics.median(base_ms),
         variant_ms=statistics.median(variant_ms),
     )

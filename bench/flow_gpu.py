@@ -175,6 +175,12 @@ def install(carry: Path, work: Path, site: Path) -> dict[str, Any]:
         missing = [p["folder"] for p in status["parts"] if not p["sha256_ok"]]
         raise SystemExit(f"carry not complete: parts missing or damaged {missing}")
     manifest = status.pop("manifest")
+    marker = site / ".ffsplit-carry"
+    done = work / "install.json"
+    if marker.is_file() and marker.read_text() == manifest["stream_sha256"] and done.is_file():
+        record = json.loads(done.read_text())  # an earlier call on this machine installed it
+        record["reused"] = True
+        return record
     payload = work / "payload"
     shutil.rmtree(payload, ignore_errors=True)
     payload.mkdir(parents=True)
@@ -228,7 +234,8 @@ def install(carry: Path, work: Path, site: Path) -> dict[str, Any]:
             "total": installed - started,
         },
     }
-    write_json(work / "install.json", record)
+    write_json(done, record)
+    marker.write_text(manifest["stream_sha256"])
     return record
 
 
@@ -246,9 +253,13 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
     }
+    from importlib.metadata import PackageNotFoundError, version
+
+    # By metadata, not import: Prefect read before the servers are up would keep no API URL and
+    # run the flow against a temporary server of its own.
     for name in ("transformers", "ray", "prefect", "mlflow"):
-        with contextlib.suppress(Exception):
-            info[name] = __import__(name).__version__
+        with contextlib.suppress(PackageNotFoundError):
+            info[name] = version(name)
     return info
 
 
@@ -417,9 +428,16 @@ def flow_job(
     fresh: bool,
 ) -> dict[str, Any]:
     """The compress flow as a user runs it (cache in work/cache; fresh: emptied first)."""
+    from prefect.settings import PREFECT_API_URL
+
     from bench.multigpu import GpuSampler
     from flows.compress import compress
 
+    if PREFECT_API_URL.value() != os.environ.get("PREFECT_API_URL"):
+        raise RuntimeError(
+            f"Prefect would use {PREFECT_API_URL.value()!r}, not the server started here "
+            f"({os.environ.get('PREFECT_API_URL')!r}): it was imported before the server was up"
+        )
     cache_dir = work / "cache"
     if fresh:
         shutil.rmtree(work, ignore_errors=True)

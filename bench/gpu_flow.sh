@@ -8,8 +8,9 @@
 # Knobs (environment): LLAMA_LAYERS (7B-config layers, default 8; 32 = all of Llama-2-7B; 0 skips
 # it), PACKAGED (the packaged model, default minilm-l6; empty skips it),
 # CALL_LIMIT (seconds the call may take, default 590), PY (python3), WORK, SITE, DRY_RUN=1 (a CPU
-# check: installs for Python 3.12 into SITE but runs on the caller's own environment).
-# Everything lands in $OUT: carry-status.json, install.log, flow-h200.json, flow_gpu.log,
+# check: installs for Python 3.12 into SITE but runs on the caller's own environment), JSON_NAME
+# (default flow-h200.json). A later call on the same warm machine reuses the install (seconds).
+# Everything lands in $OUT: carry-status.json, install.log, $JSON_NAME, flow_gpu.log,
 # services.log, nvidia-smi.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,6 +22,7 @@ SITE=${SITE:-/tmp/site}
 LLAMA_LAYERS=${LLAMA_LAYERS:-8}
 PACKAGED=${PACKAGED-minilm-l6}
 CALL_LIMIT=${CALL_LIMIT:-590}
+JSON_NAME=${JSON_NAME:-flow-h200.json}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
@@ -64,7 +66,7 @@ fi
   2>&1 | tail -n 5 | tee -a "$OUT/install.log"
 budget=$(( CALL_LIMIT - ($(date +%s) - t0) - 25 ))
 echo "benchmark budget ${budget} s, 7B-config layers ${LLAMA_LAYERS}"
-timeout $(( budget + 20 )) "$PY" bench/flow_gpu.py run --work "$WORK" --json "$OUT/flow-h200.json" \
+timeout $(( budget + 20 )) "$PY" bench/flow_gpu.py run --work "$WORK" --json "$OUT/$JSON_NAME" \
   --llama-layers "$LLAMA_LAYERS" --packaged "$PACKAGED" --budget-s "$budget" 2>&1 \
   | tee "$OUT/flow_gpu.log"
 status=${PIPESTATUS[0]}

@@ -65,8 +65,9 @@ PLATFORMS = (
     "manylinux1_x86_64",
 )
 DEPENDENCY_PLATFORMS = PLATFORMS  # the name the Ray-only build has always used
-# The per-call transfer limit is 64 MiB including the working tree (~5 MiB): parts of 57 MiB.
-PART_MIB = 57.0
+# The per-call transfer limit is 64 MiB including the working tree (~5 MiB, others' files too): the
+# 133 MiB stream goes as 3 parts of at most 45 MiB, leaving room for the tree to grow.
+PART_MIB = 45.0
 MAX_MIB = 60.0  # --ray-only: the slim Ray wheel and its dependencies in one folder
 # Markers of the target interpreter (CPython 3.12 on x86_64 Linux), to pick Requires-Dist entries.
 TARGET_MARKERS = {
@@ -664,6 +665,32 @@ def build_carry(
     return manifest
 
 
+def resplit(out: Path, part_mib: float) -> dict[str, Any]:
+    """Split an existing carry's stream again into parts of at most part_mib (no recompression);
+    the stream and its sha256 stay the same, the parts and manifests are rewritten."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    sources = [out / p["folder"] / p["file"] for p in manifest["parts"]]
+    with tempfile.TemporaryDirectory(prefix="resplit-", dir=out) as tmp:
+        writer = _SplitWriter(Path(tmp), int(part_mib * 2**20), "payload.tar.xz")
+        for source in sources:
+            with open(source, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    writer.write(block)
+        writer.close()
+        if writer.whole.hexdigest() != manifest["stream_sha256"]:
+            raise BuildError(f"{out}: the parts do not join to the manifest's stream")
+        for folder in out.glob("part-*"):
+            shutil.rmtree(folder)
+        for part in writer.parts:
+            shutil.move(str(Path(tmp) / part["folder"]), out / part["folder"])
+    manifest["parts"] = writer.parts
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    (out / "manifest.json").write_text(text)
+    for part in writer.parts:
+        (out / part["folder"] / "manifest.json").write_text(text)
+    return manifest
+
+
 def build_ray_only(out: Path, cache: Path, version: str, max_mib: float) -> dict[str, object]:
     """The slim Ray wheel and Ray's dependencies in one folder (the issue-5 build, .whl)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -697,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", type=int, default=9, help="xz preset (0-9)")
     parser.add_argument("--no-assets", action="store_true", help="wheels only")
     parser.add_argument("--ray-only", action="store_true", help="slim Ray + dependencies (.whl)")
+    parser.add_argument(
+        "--resplit", action="store_true", help="split the built carry again at --part-mib"
+    )
     parser.add_argument("--ray-version", default=RAY_VERSION)
     parser.add_argument("--max-mib", type=float, default=MAX_MIB)
     args = parser.parse_args(argv)
@@ -706,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
             summary: dict[str, Any] = build_ray_only(
                 out, args.cache.resolve(), args.ray_version, args.max_mib
             )
+        elif args.resplit:
+            out = (args.out or REPO_ROOT / ".gpucarry").resolve()
+            summary = {"parts": resplit(out, args.part_mib)["parts"], "out": str(out)}
         else:
             out = (args.out or REPO_ROOT / ".gpucarry").resolve()
             manifest = build_carry(

@@ -112,3 +112,5 @@ def test_a_complete_carry_installs_with_only_the_needed_fallbacks(
     assert (site / "packaging" / "__init__.py").read_text() == "__version__ = '999.0'\n"
     assert not (site / "pytest").exists()
     assert json.loads((tmp_path / "work" / "install.json").read_text())["wheels"] == 2
+    again = flow_gpu.install(carry, tmp_path / "work", tmp_path / "site")
+    assert again["reused"] and again["wheels"] == 2  # a later call on the same machine

@@ -93,7 +93,31 @@ def _summary(
     }
     if item.unhealed is not None:
         summary["unhealed_variant"] = item.unhealed.path
+    summary["stages"] = _stage_records(item, dense)
     return summary
+
+
+def _stage_records(item: VariantRun, dense: Evaluation) -> dict[str, Any]:
+    """What each stage handed on (paths, seconds, where it ran), for the run's summary."""
+    from prefect.runtime import flow_run
+
+    evaluation = item.evaluation
+    return {
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "units": [u.to_dict() for u in item.stats.units] if item.stats else [],
+        "aggregate": item.stats.merged.to_dict() if item.stats else None,
+        "shards": [s.to_dict() for s in item.shards],
+        "variant": item.folder.to_dict(),
+        "evaluation": {
+            "path": evaluation.path,
+            "cached": evaluation.cached,
+            "device": evaluation.device,
+            "seconds": evaluation.record.get("seconds"),
+        }
+        if evaluation
+        else None,
+        "dense_evaluation": {"path": dense.path, "cached": dense.cached, "device": dense.device},
+    }
 
 
 @flow(

@@ -75,6 +75,7 @@ def _record(spec: dict[str, Any], out: str, cached: bool, seconds: float) -> Sha
         dense_bytes=sum(r["dense_bytes"] for r in reports),
         bytes=sum(r["bytes"] for r in reports),
         compress_seconds=spec.get("meta", {}).get("seconds"),
+        device=spec.get("meta", {}).get("device"),
     )
 
 

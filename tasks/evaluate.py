@@ -53,6 +53,7 @@ def evaluate(*, subject: str, config: dict[str, Any], out: str) -> Evaluation:
     started = time.perf_counter()
     release_worker_caches()  # this worker may hold a base model and statistics from other stages
     threads = set_task_threads()
+    device = task_device()
     result = evaluate_job(
         subject,
         corpus=settings.corpus,
@@ -60,10 +61,11 @@ def evaluate(*, subject: str, config: dict[str, Any], out: str) -> Evaluation:
         window=settings.window,
         latency=settings.latency,
         latency_workload=settings.workload,
-        device=task_device(),
+        device=device,
     )
     result["seconds"] = time.perf_counter() - started
     result["threads"] = threads
+    result["device"] = device
     result["params"] = settings.key_dict()
     write_text_atomic(out, json.dumps(result, indent=1, sort_keys=True))
     return Evaluation(path=out, cached=False, record=result)

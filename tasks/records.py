@@ -126,6 +126,7 @@ class Shard(Artifact):
     dense_bytes: int
     bytes: int
     compress_seconds: float | None  # inside the body, as the shard's own metadata records it
+    device: str | None = None  # where the body ran ("cuda" or "cpu"), from the shard's metadata
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,10 @@ class Evaluation(Artifact):
 
     cached: bool
     record: dict[str, Any] = field(repr=False)
+
+    @property
+    def device(self) -> str | None:
+        return self.record.get("device")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,6 @@ ALIGN = 16  # rows/ranks padded to this many (32 bytes of bf16)
 # blocks (zero neurons: about 1% more bytes at 7B sizes): then every kernel tile is whole and its
 # masks fold away (bench/results/NOTES-h200.md: per-row masks cost 2-3x the unpacking in `last`).
 QUANT_WHOLE, QUANT_BLOCK_PAD = 1024, 128
-QUANT_BLOCK = 128  # must equal ffsplit.kernels.ffn.QUANT_BLOCK (int4 down layout block)
 DECODE_TOKENS = 16  # up to this many tokens the Triton decode kernels run (ffsplit/kernels/ffn.py)
 DATAFLOWS = ("gated_mlp", "up_act_down")
 
@@ -87,34 +86,6 @@ def _pad_cols(t: Tensor, cols: int) -> Tensor:
     return (
         t if t.shape[1] == cols else torch.cat([t, t.new_zeros(t.shape[0], cols - t.shape[1])], 1)
     )
-
-
-def pack_halves(codes: Tensor, block: int) -> Tensor:
-    """Pack 4-bit codes [rows, cols] into bytes [rows, cols / 2], half-split within blocks of
-    ``block`` columns: byte i of a block = code i (low nibble) | code i + block/2 (high nibble)."""
-    rows, cols = codes.shape
-    if cols % block or block % 2:
-        raise ValueError(f"pack_halves: {cols} columns are not a multiple of the block {block}")
-    c = codes.to(torch.uint8).view(rows, cols // block, 2, block // 2)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(rows, cols // 2)
-
-
-def unpack_halves(packed: Tensor, block: int) -> Tensor:
-    """Inverse of :func:`pack_halves`: codes [rows, 2 * packed cols]."""
-    rows, half_cols = packed.shape
-    p = packed.view(rows, half_cols // (block // 2), 1, block // 2)
-    return torch.cat([p & 15, p >> 4], dim=2).reshape(rows, half_cols * 2)
-
-
-def _dequant_rows(
-    packed: Tensor, scales: Tensor, zeros: Tensor, group: int, block: int, dtype: torch.dtype
-) -> Tensor:
-    """[rows, cols] float weights from half-split codes with per-row groups along the columns."""
-    codes = unpack_halves(packed, block).to(torch.float32)
-    rows, cols = codes.shape
-    grouped = codes.view(rows, cols // group, group)
-    values = grouped * scales.float()[..., None] + zeros.float()[..., None]
-    return values.view(rows, cols).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,11 +236,10 @@ class FusedFFNCore(nn.Module):
         super().__init__()
         heavy = [r for r in ranges if r.kind() == "dense"]
         light = [r for r in ranges if r.kind() != "dense"]
-        kinds = {r.kind() for r in light}
-        if "mixed" in kinds or len(light) > 1:
+        if len(light) > 1 or any(r.kind() != "lowrank" for r in light):
             raise FFSplitError(
-                f"fuse supports dense ranges plus one low-rank or int4 light range, got "
-                f"{[r.kind() for r in ranges]}"
+                f"FusedFFNCore takes dense ranges plus one low-rank light range (quantized FFNs "
+                f"are QuantFFNCore's), got {[r.kind() for r in ranges]}"
             )
         ref = ranges[0].up
         d = ref.in_features
@@ -318,53 +288,25 @@ class FusedFFNCore(nn.Module):
         self.bits = self.group = 0
         light_bias: list[Tensor | None] = []
         if self.light == "lowrank":
-            lr = light[0]
-            # light neurons padded too: [T, m_L] intermediates of the prefill path then have
-            # 32-byte aligned rows (cuBLAS falls back to slow kernels otherwise)
-            self.m_light = ml = _pad_to(lr.size, ALIGN)
-            self.r_up = _pad_to(lr.up.rank, ALIGN)
-            self.r_down = _pad_to(lr.down.rank, ALIGN)
-
-            def factor_a(part: LowRankLinear, rank: int) -> nn.Parameter:
-                return nn.Parameter(
-                    _pad_rows(_pad_cols(part.a.detach().to(dtype), rank), ml), requires_grad=False
-                )
-
-            def light_bias_of(part: LowRankLinear) -> nn.Parameter | None:
-                bias = part.bias_or_none()
-                return None if bias is None else _param(_pad_rows(bias.detach(), ml), dtype)
-
-            b_up = _pad_rows(lr.up.b.detach().to(dtype), self.r_up)
-            self.a_up = factor_a(lr.up, self.r_up)
-            self.bias_up = light_bias_of(lr.up)
-            light_rows = [b_up]
-            if gated:
-                self.r_gate = _pad_to(lr.gate.rank, ALIGN)
-                light_rows.insert(0, _pad_rows(lr.gate.b.detach().to(dtype), self.r_gate))
-                self.a_gate = factor_a(lr.gate, self.r_gate)
-                self.bias_gate = light_bias_of(lr.gate)
-                # the chain adds both light biases or none
-                if self.bias_up is not None and self.bias_gate is None:
-                    self.bias_gate = _param(torch.zeros(ml, device=device), dtype)
-                if self.bias_gate is not None and self.bias_up is None:
-                    self.bias_up = _param(torch.zeros(ml, device=device), dtype)
-            else:
-                self.a_gate, self.bias_gate = None, None
+            light_rows = self._init_lowrank(light[0], gated, dtype, device)
             rows += light_rows
             light_bias = [None] * len(light_rows)
-            self.b_down_t = nn.Parameter(
-                _pad_rows(
-                    _pad_cols(lr.down.b.detach().to(dtype).t().contiguous(), self.r_down), ml
-                ),
-                requires_grad=False,
-            )
-            w3_cols.append(_pad_cols(lr.down.a.detach().to(dtype), self.r_down))
-        elif self.light == "quant":
-            self._init_quant(light[0], gated, dtype, device)
+            w3_cols.append(_pad_cols(light[0].down.a.detach().to(dtype), self.r_down))
 
+        self._set_stacks(rows, biases + light_bias, w3_cols, down_bias, dtype, device)
+
+    def _set_stacks(
+        self,
+        rows: list[Tensor],
+        bias_list: list[Tensor | None],
+        w3_cols: list[Tensor],
+        down_bias: Tensor | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """w1/b1 (the first projections stacked), w3/b3 (the last), and the plan that says so."""
         self.w1 = nn.Parameter(torch.cat(rows).contiguous(), requires_grad=False)
-        bias_list = biases + light_bias
-        if any(b is not None for b in biases):
+        if any(b is not None for b in bias_list):
             full = [
                 b if b is not None else torch.zeros(n, dtype=dtype, device=device)
                 for b, n in zip(bias_list, [t.shape[0] for t in rows], strict=True)
@@ -375,8 +317,8 @@ class FusedFFNCore(nn.Module):
         self.w3 = nn.Parameter(torch.cat(w3_cols, 1).contiguous(), requires_grad=False)
         self.b3 = _param(down_bias, dtype)
         self.plan = FusePlan(
-            d=d,
-            gated=gated,
+            d=self.d,
+            gated=self.gated,
             activation=self.act_name,
             heavy=self.m_heavy,
             light=self.light,
@@ -386,47 +328,46 @@ class FusedFFNCore(nn.Module):
             group=self.group,
         )
 
-    def _init_quant(
-        self, rng: _Range, gated: bool, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def _init_lowrank(
+        self, lr: _Range, gated: bool, dtype: torch.dtype, device: torch.device
+    ) -> list[Tensor]:
+        """The low-rank light factors; returns the rows it adds to w1 (B_gate, B_up)."""
+        # light neurons padded too: [T, m_L] intermediates of the prefill path then have
+        # 32-byte aligned rows (cuBLAS falls back to slow kernels otherwise)
+        self.m_light = ml = _pad_to(lr.size, ALIGN)
+        self.r_up = _pad_to(lr.up.rank, ALIGN)
+        self.r_down = _pad_to(lr.down.rank, ALIGN)
 
-        parts = [rng.gate, rng.up] if gated else [rng.up]
-        qs = [p.quantized() for p in parts]
-        qd = rng.down.quantized()
-        bits = {q.bits for q in [*qs, qd]}
-        groups = {q.group_size for q in [*qs, qd]}
-        if bits != {4} or len(groups) != 1 or next(iter(groups)) % 64:
-            raise FFSplitError(
-                f"fuse supports int4 light parts with one group size that is a multiple of 64, "
-                f"got bits {sorted(bits)}, groups {sorted(groups)}"
+        def factor_a(part: LowRankLinear, rank: int) -> nn.Parameter:
+            return nn.Parameter(
+                _pad_rows(_pad_cols(part.a.detach().to(dtype), rank), ml), requires_grad=False
             )
-        if rng.down.bias_or_none() is not None:
-            raise FFSplitError("fuse: a quantized down part with its own bias is not supported")
-        self.bits, self.group = 4, next(iter(groups))
-        self.m_light = rng.size
-        self.register_buffer("q1", torch.cat([pack_halves(codes(q), self.group) for q in qs]))
-        self.register_buffer("q1_scales", torch.cat([q.scales for q in qs]))
-        self.register_buffer("q1_zeros", torch.cat([q.zeros for q in qs]))
-        qb = [p.bias_or_none() for p in parts]
-        self.q1_bias = None
-        if any(b is not None for b in qb):
-            self.q1_bias = nn.Parameter(
-                torch.cat(
-                    [
-                        b.detach().to(dtype)
-                        if b is not None
-                        else torch.zeros(self.m_light, dtype=dtype, device=device)
-                        for b in qb
-                    ]
-                ),
-                requires_grad=False,
-            )
-        padded = _pad_to(self.m_light, QUANT_BLOCK)
-        down_codes = _pad_cols(codes(qd).t().contiguous(), padded)  # [d, m_L padded]
-        self.register_buffer("q3", pack_halves(down_codes, QUANT_BLOCK))
-        # group-major [d / group, m_L padded]: a kernel program's rows share one group
-        self.register_buffer("q3_scales", _pad_rows(qd.scales, padded).t().contiguous())
-        self.register_buffer("q3_zeros", _pad_rows(qd.zeros, padded).t().contiguous())
+
+        def light_bias_of(part: LowRankLinear) -> nn.Parameter | None:
+            bias = part.bias_or_none()
+            return None if bias is None else _param(_pad_rows(bias.detach(), ml), dtype)
+
+        b_up = _pad_rows(lr.up.b.detach().to(dtype), self.r_up)
+        self.a_up = factor_a(lr.up, self.r_up)
+        self.bias_up = light_bias_of(lr.up)
+        light_rows = [b_up]
+        if gated:
+            self.r_gate = _pad_to(lr.gate.rank, ALIGN)
+            light_rows.insert(0, _pad_rows(lr.gate.b.detach().to(dtype), self.r_gate))
+            self.a_gate = factor_a(lr.gate, self.r_gate)
+            self.bias_gate = light_bias_of(lr.gate)
+            # the chain adds both light biases or none
+            if self.bias_up is not None and self.bias_gate is None:
+                self.bias_gate = _param(torch.zeros(ml, device=device), dtype)
+            if self.bias_gate is not None and self.bias_up is None:
+                self.bias_up = _param(torch.zeros(ml, device=device), dtype)
+        else:
+            self.a_gate, self.bias_gate = None, None
+        self.b_down_t = nn.Parameter(
+            _pad_rows(_pad_cols(lr.down.b.detach().to(dtype).t().contiguous(), self.r_down), ml),
+            requires_grad=False,
+        )
+        return light_rows
 
     # ---------------------------------------------------------------------------- forward
     @property
@@ -494,46 +435,18 @@ class FusedFFNCore(nn.Module):
                 h_light = self._act(up)
             z_down = h_light @ self.b_down_t
             return torch.cat([heavy, z_down], dim=-1)
-        w = self._light_first_weights()
-        y_light = nn.functional.linear(x, w, self.q1_bias)
-        ml = self.m_light
-        if self.gated:
-            h_light = self._act(y_light[:, :ml]) * y_light[:, ml:]
-        else:
-            h_light = self._act(y_light)
-        return torch.cat([heavy, h_light], dim=-1)
-
-    def _light_first_weights(self) -> Tensor:
-        if self.q1.is_cuda and self._triton:
-            from ffsplit.kernels import ffn
-
-            return ffn.dequantize_rows(
-                self.q1, self.q1_scales, self.q1_zeros, self.group, self.w1.dtype
-            )
-        return _dequant_rows(
-            self.q1, self.q1_scales, self.q1_zeros, self.group, self.group, self.w1.dtype
-        )
-
-    def light_down_weight(self) -> Tensor:
-        """The int4 light down columns dequantized, [d, m_L] (reference/prefill path)."""
-        codes = unpack_halves(self.q3, QUANT_BLOCK)[:, : self.m_light].to(torch.float32)
-        scales = self.q3_scales[:, : self.m_light].float().repeat_interleave(self.group, 0)
-        zeros = self.q3_zeros[:, : self.m_light].float().repeat_interleave(self.group, 0)
-        return (codes * scales + zeros).to(self.w1.dtype)  # [d, m_L]
+        raise FFSplitError(f"FusedFFNCore: unknown light kind {self.light!r}")
 
     def _last_torch(self, hidden: Tensor) -> Tensor:
         hidden = hidden.to(self.w3.dtype)
         k = self.w3.shape[1]
-        y = nn.functional.linear(hidden[:, :k], self.w3, self.b3)
-        if self.light == "quant":
-            y = y + nn.functional.linear(hidden[:, k : k + self.m_light], self.light_down_weight())
-        return y
+        return nn.functional.linear(hidden[:, :k], self.w3, self.b3)
 
     def _first_kernels(self, x: Tensor) -> Tensor:
         from ffsplit.kernels import ffn
 
         n_heavy_rows = (2 if self.gated else 1) * self.m_heavy
-        lowrank, quant = self.light == "lowrank", self.light == "quant"
+        lowrank = self.light == "lowrank"
         return ffn.fused_first(
             x,
             self.w1,
@@ -543,10 +456,10 @@ class FusedFFNCore(nn.Module):
             self.bias_gate if lowrank else None,
             self.bias_up if lowrank else None,
             self.b_down_t if lowrank else None,
-            self.q1 if quant else None,
-            self.q1_scales if quant else None,
-            self.q1_zeros if quant else None,
-            self.q1_bias if quant else None,
+            None,  # the kernels' int4 light operands: quantized FFNs run in QuantFFNCore
+            None,
+            None,
+            None,
             self.gated,
             self.act_name,
             self.light,
@@ -562,17 +475,7 @@ class FusedFFNCore(nn.Module):
     def _last_kernels(self, hidden: Tensor) -> Tensor:
         from ffsplit.kernels import ffn
 
-        quant = self.light == "quant"
-        return ffn.fused_last(
-            hidden,
-            self.w3,
-            self.b3,
-            self.q3 if quant else None,
-            self.q3_scales if quant else None,
-            self.q3_zeros if quant else None,
-            self.m_light if quant else 0,
-            self.group or 64,
-        )
+        return ffn.fused_last(hidden, self.w3, self.b3, None, None, None, 0, 64)
 
     def nbytes(self) -> int:
         """Bytes of everything this core stores (weights, codes, scales, biases; padding counted)."""
@@ -642,8 +545,8 @@ class QuantFFNCore(nn.Module):
         self.kernel_ok = qlayout.kernel_group_ok(self.group, d)
         self.bits = min(by_bits)
         self.plan = FusePlan(
-            d=d,
-            gated=gated,
+            d=self.d,
+            gated=self.gated,
             activation=self.act_name,
             heavy=self.m_heavy,
             light="quant",

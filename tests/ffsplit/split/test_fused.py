@@ -15,8 +15,6 @@ from ffsplit.split.fused import (
     FusedLast,
     activation_name,
     fuse_model,
-    pack_halves,
-    unpack_halves,
 )
 from ffsplit.split.parts import LowRankLinear, QuantizedLinear
 from ffsplit.split.qformat import dequantize
@@ -173,16 +171,6 @@ def test_fused_quant_widths_and_int8_heavy_equal_split_model(bits):
     report = fuse_model(model, adapter, strict=True)
     assert report.fused[0].light == "quant" and report.fused[0].heavy == 0
     torch.testing.assert_close(_outputs(model, ids), reference, rtol=1e-4, atol=1e-4)
-
-
-def test_pack_halves_round_trip_and_layout():
-    codes = torch.randint(
-        0, 16, (3, 256), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
-    )
-    packed = pack_halves(codes, 128)
-    assert packed.shape == (3, 128)
-    assert torch.equal(unpack_halves(packed, 128), codes)
-    assert int(packed[1, 5]) == int(codes[1, 5]) | (int(codes[1, 64 + 5]) << 4)
 
 
 def test_repacked_int4_dequantizes_exactly():

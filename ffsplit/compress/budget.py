@@ -17,7 +17,8 @@ that checks ``reduction(dense, compressed) >= target`` always agrees.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,28 +286,89 @@ def solve_light_bits(
     dense = dense_ffn_bytes(shape)
 
     def mix(bits_high: int, bits_low: int, count_high: int) -> dict[int, int]:
+        if bits_high == bits_low:
+            return {bits_high: light} if light else {}
         counts = {bits_high: count_high, bits_low: light - count_high}
         return {bits: count for bits, count in counts.items() if count > 0}
 
-    def uniform(bits: int) -> dict[int, int]:
-        return {bits: light} if light else {}
+    def nbytes(high: int, low: int, count: int) -> int:
+        return quant_bytes(shape, heavy, heavy_bits, mix(high, low, count), group_size)
 
-    def fits(counts: dict[int, int]) -> bool:
-        compressed = quant_bytes(shape, heavy, heavy_bits, counts, group_size)
-        return _achieved(dense, compressed) >= reduction
+    try:
+        high, low, count = solve_two_levels(
+            levels, light, nbytes, lambda b: _achieved(dense, b) >= reduction
+        )
+    except FFSplitError:
+        floor = nbytes(levels[-1], levels[-1], light)
+        raise FFSplitError(
+            f"budget {reduction:g} cannot be met with {_heavy_ratio(shape, heavy)} at "
+            f"{heavy_bits} bits: even every light neuron at {levels[-1]} bits leaves "
+            f"{100 * floor / dense:.2f}% of FFN bytes; lower the heavy ratio or the reduction, or "
+            f"add lower widths to the ladder"
+        ) from None
+    return mix(high, low, count)
 
-    if fits(uniform(levels[0])):
-        return uniform(levels[0])
+
+def solve_two_levels(
+    levels: Sequence[int],
+    count: int,
+    nbytes: Callable[[int, int, int], int],
+    fits: Callable[[int], bool],
+) -> tuple[int, int, int]:
+    """``(high, low, n)``: the first n of ``count`` items at ``high``, the rest at ``low``, two
+    adjacent entries of the descending ``levels``, with the most bytes that still ``fits``.
+    ``nbytes(high, low, n)`` must grow with n. Every item at ``levels[0]`` is ``(l0, l0, count)``."""
+    if fits(nbytes(levels[0], levels[0], count)):
+        return levels[0], levels[0], count
     for high, low in zip(levels, levels[1:], strict=False):
-        if fits(mix(high, low, 0)):
-            count = _largest(0, light, lambda n, high=high, low=low: fits(mix(high, low, n)))
-            return mix(high, low, count)
-    floor = quant_bytes(shape, heavy, heavy_bits, uniform(levels[-1]), group_size)
+        if fits(nbytes(high, low, 0)):
+            best = _largest(0, count, lambda n, h=high, lo=low: fits(nbytes(h, lo, n)))
+            return high, low, best
     raise FFSplitError(
-        f"budget {reduction:g} cannot be met with {_heavy_ratio(shape, heavy)} at {heavy_bits} "
-        f"bits: even every light neuron at {levels[-1]} bits leaves {100 * floor / dense:.2f}% of "
-        f"FFN bytes; lower the heavy ratio or the reduction, or add lower widths to the ladder"
+        f"no mix of the widths {tuple(levels)} fits the budget: even all {count} items at "
+        f"{levels[-1]} bits are too many bytes"
     )
+
+
+def vector_bytes(d: int, bits: int, group_size: int) -> int:
+    """Bytes of one neuron vector of length ``d`` at ``bits`` (16: dense), float16 scale and zero
+    per group. Exact and additive over neurons (what per-neuron bit allocation needs) because
+    ``d * bits`` is a whole number of bytes: d must be a multiple of 8, as in every model here."""
+    where = "vector_bytes"
+    if not _is_int(d) or d < 1 or d % 8:
+        raise FFSplitError(f"{where}: d {d!r} must be a positive multiple of 8 (whole bytes)")
+    _check_heavy_bits(bits, where)
+    if not _is_int(group_size) or group_size < 1 or d % group_size:
+        raise FFSplitError(f"{where}: group_size {group_size!r} must divide d={d}")
+    if bits == DENSE_BITS:
+        return FLOAT_BYTES * d
+    return quantized_nbytes(1, d, bits, group_size)
+
+
+def neuron_plan_bytes(
+    shape: FFNShape,
+    up_gate_bits: Sequence[int],
+    down_bits: Sequence[int],
+    group_size: int,
+) -> int:
+    """Exact bytes of an FFN whose neuron j keeps its up (and gate) rows at ``up_gate_bits[j]``
+    and its down column at ``down_bits[j]`` (16: dense; a neuron absent from both is pruned, not
+    allowed here). Neurons sharing a pair of widths form one block, one tensor per matrix, as the
+    split modules store them; biases whole."""
+    where = "neuron_plan_bytes"
+    if len(up_gate_bits) != shape.m or len(down_bits) != shape.m:
+        raise FFSplitError(
+            f"{where}: need {shape.m} widths per part, got {len(up_gate_bits)} and {len(down_bits)}"
+        )
+    blocks = Counter(zip((int(b) for b in up_gate_bits), (int(b) for b in down_bits), strict=True))
+    rows_matrices = shape.matrices - 1  # up, and gate when gated
+    total = 0
+    for (row_bits, down_width), count in blocks.items():
+        for bits in (row_bits, down_width):
+            _check_heavy_bits(bits, where)
+        total += rows_matrices * _level_bytes(shape, count, row_bits, group_size)
+        total += _level_bytes(shape, count, down_width, group_size)
+    return total + shape.bias_bytes(shape.m)
 
 
 def solve_kept_neurons(shape: FFNShape, reduction: float) -> int:

@@ -14,16 +14,19 @@ from ffsplit.compress.budget import (
     dense_ffn_bytes,
     lowrank_bytes,
     max_useful_rank,
+    neuron_plan_bytes,
     prune_bytes,
     quant_bytes,
     reduction,
     solve_kept_neurons,
     solve_light_bits,
     solve_rank,
+    solve_two_levels,
+    vector_bytes,
 )
 from ffsplit.compress.quant import quantize_groups
 from ffsplit.errors import FFSplitError
-from ffsplit.split.qformat import nbytes
+from ffsplit.split.qformat import nbytes, quantized_nbytes
 
 SMOLLM2 = FFNShape(d=576, m=1536, gated=True)  # SmolLM2-135M: SwiGLU, no biases
 OPT = FFNShape(d=768, m=3072, gated=False, up_bias=True, down_bias=True)  # OPT-125m: fc1/fc2 biases
@@ -248,3 +251,43 @@ def test_solvers_are_silent_when_not_capped() -> None:
         warnings.simplefilter("error")
         solve_rank(OPT, 308, 0.4)
         solve_light_bits(OPT, 308, 16, 0.6, 128)
+
+
+# ------------------------------------------------------------ per-neuron widths (issue 17)
+
+
+def test_vector_bytes_are_exact_and_additive() -> None:
+    assert vector_bytes(576, 16, 64) == 1152
+    assert vector_bytes(576, 4, 64) == 576 * 4 // 8 + 9 * 4 == quantized_nbytes(1, 576, 4, 64)
+    for bits in (2, 3, 5, 6, 8):
+        assert 7 * vector_bytes(576, bits, 64) == quantized_nbytes(7, 576, bits, 64)
+    with pytest.raises(FFSplitError, match="multiple of 8"):
+        vector_bytes(100, 4, 50)
+    with pytest.raises(FFSplitError, match="divide"):
+        vector_bytes(576, 4, 128)
+
+
+def test_neuron_plan_bytes_matches_quant_bytes_for_a_two_level_plan() -> None:
+    counts = solve_light_bits(SMOLLM2, HEAVY_10, 16, 0.7, 64)
+    widths = [16] * HEAVY_10 + [b for b, n in counts.items() for _ in range(n)]
+    planned = neuron_plan_bytes(SMOLLM2, widths, widths, 64)
+    assert planned == quant_bytes(SMOLLM2, HEAVY_10, 16, counts, 64)
+    # down at other widths than up/gate: blocks per pair, bytes still exact
+    down = [8] * HEAVY_10 + widths[HEAVY_10:]
+    dense_down = 576 * 2 * HEAVY_10
+    assert neuron_plan_bytes(SMOLLM2, widths, down, 64) == planned - dense_down + HEAVY_10 * (
+        vector_bytes(576, 8, 64)
+    )
+    with pytest.raises(FFSplitError, match="1536 widths"):
+        neuron_plan_bytes(SMOLLM2, widths[:-1], down, 64)
+
+
+def test_solve_two_levels_takes_the_most_bytes_that_fit() -> None:
+    def nbytes(high: int, low: int, count: int) -> int:
+        return count * high + (10 - count) * low
+
+    assert solve_two_levels((8, 4, 2), 10, nbytes, lambda b: b <= 100) == (8, 8, 10)
+    assert solve_two_levels((8, 4, 2), 10, nbytes, lambda b: b <= 50) == (8, 4, 2)
+    assert solve_two_levels((8, 4, 2), 10, nbytes, lambda b: b <= 30) == (4, 2, 5)
+    with pytest.raises(FFSplitError, match="no mix"):
+        solve_two_levels((8, 4, 2), 10, nbytes, lambda b: b <= 19)

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from ffsplit.compress.quant import gptq_quantize, quantize_groups, sqnr_db
+from ffsplit.compress.quant import (
+    gptq_keep_columns,
+    gptq_neurons,
+    gptq_quantize,
+    quantize_groups,
+    rtn_neurons,
+    sqnr_db,
+    take_rows,
+)
 from ffsplit.errors import FFSplitError
 from ffsplit.split.qformat import (
     QuantizedTensor,
@@ -129,3 +137,125 @@ def test_sqnr_db() -> None:
     reference = torch.ones(10)
     assert sqnr_db(reference, reference) == math.inf
     assert sqnr_db(reference, reference * 1.1) == pytest.approx(20.0)
+
+
+# --------------------------------------------------------------------- act-order, kept columns
+
+
+def heavy_tailed_inputs(tokens: int, features: int, seed: int = 11) -> torch.Tensor:
+    """Correlated inputs whose energy differs by orders of magnitude across features (outlier
+    channels), the case act-order exists for."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.eye(features) + 0.3 * torch.randn(features, features, generator=generator)
+    scale = torch.logspace(1.5, -1.5, features)[torch.randperm(features, generator=generator)]
+    return (torch.randn(tokens, features, generator=generator) @ mixing) * scale
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_act_order_lowers_output_error(bits: int) -> None:
+    inputs = heavy_tailed_inputs(tokens=2048, features=64).double()
+    gram = inputs.T @ inputs
+    errors = {}
+    for act_order in (False, True):
+        total = 0.0
+        for seed in range(4):
+            matrix = gaussian(32, 64, seed=seed)
+            q = gptq_quantize(matrix, bits, 16, gram, act_order=act_order)
+            total += (inputs @ (matrix.double() - dequantize(q).double()).T).pow(2).sum().item()
+        errors[act_order] = total
+    assert errors[True] < 0.95 * errors[False]
+
+
+def test_gptq_without_act_order_is_unchanged_by_the_refactor() -> None:
+    """Index order, one group per block start: the group parameters come from the updated block."""
+    inputs = correlated_inputs(tokens=512, features=64)
+    gram = inputs.double().T @ inputs.double()
+    matrix = gaussian(8, 64, seed=2)
+    q = gptq_quantize(matrix, 4, 16, gram)
+    again = gptq_quantize(matrix, 4, 16, gram, block_size=16)  # blocks of one group
+    assert torch.equal(q.packed, again.packed) and torch.equal(q.scales, again.scales)
+
+
+def test_gptq_keep_columns_absorb_error_and_stay_out_of_ranges() -> None:
+    inputs = heavy_tailed_inputs(tokens=2048, features=64).double()
+    gram = inputs.T @ inputs
+    matrix = gaussian(16, 64, seed=4)
+    kept = torch.tensor([3, 40, 41])
+    matrix[:, kept] *= 50  # outlier columns: would blow up their groups' ranges if included
+    result = gptq_keep_columns(matrix, 3, 16, gram, kept, act_order=True)
+    effective = dequantize(result.quantized).double()
+    effective[:, kept] = result.kept_values.double()
+    plain = dequantize(gptq_quantize(matrix, 3, 16, gram, act_order=True)).double()
+
+    def output_error(weight: torch.Tensor) -> float:
+        return (inputs @ (matrix.double() - weight).T).pow(2).sum().item()
+
+    assert output_error(effective) < 0.5 * output_error(plain)
+    # group ranges exclude the kept columns: the outliers' groups have normal steps
+    assert float(result.quantized.scales.max()) < 0.2
+
+
+def test_rtn_kept_column_values_are_the_original_when_no_compensation() -> None:
+    """With an identity Gram, GPTQ pushes no error across columns: kept columns stay exact."""
+    matrix = gaussian(8, 32, seed=6)
+    kept = torch.tensor([0, 17])
+    result = gptq_keep_columns(matrix, 4, 16, torch.eye(32) * 10, kept)
+    assert torch.equal(result.kept_values, matrix[:, kept])
+
+
+def neuron_inputs(tokens: int, neurons: int, seed: int = 3) -> torch.Tensor:
+    """Hidden activations: a few neurons fire hard (heavy hitters), the rest are correlated."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(tokens, neurons, generator=generator)
+    mixing = torch.eye(neurons) + 0.4 * torch.randn(neurons, neurons, generator=generator)
+    hidden = base @ mixing
+    hidden[:, :4] *= 20
+    return hidden
+
+
+def test_gptq_neurons_beats_rtn_and_float_neurons_absorb_error() -> None:
+    hidden = neuron_inputs(4096, 48).double()
+    gram = hidden.T @ hidden
+    down_t = gaussian(48, 64, seed=9)  # W_down.T: neuron-major
+
+    def output_error(values: torch.Tensor) -> float:
+        return (hidden @ (down_t.double() - values.double())).pow(2).sum().item()
+
+    bits = torch.full((48,), 3)
+    rtn = output_error(rtn_neurons(down_t, bits, 16).values)
+    gptq = output_error(gptq_neurons(down_t, bits, 16, gram).values)
+    assert gptq < 0.8 * rtn
+    with_float = bits.clone()
+    with_float[:4] = 16
+    floated = output_error(gptq_neurons(down_t, with_float, 16, gram).values)
+    rtn_floated = output_error(rtn_neurons(down_t, with_float, 16).values)
+    assert floated < 0.8 * rtn_floated and floated < gptq
+
+
+def test_gptq_neurons_stored_rows_match_values() -> None:
+    hidden = neuron_inputs(512, 24).double()
+    down_t = gaussian(24, 32, seed=1)
+    bits = torch.tensor([16] * 3 + [8] * 5 + [4] * 10 + [3] * 6)
+    result = gptq_neurons(down_t, bits, 16, hidden.T @ hidden)
+    for width in (8, 4, 3):
+        rows = torch.nonzero(bits == width).flatten()
+        q = result.quantized(rows)
+        assert q.bits == width and nbytes(q) == quantized_nbytes(rows.numel(), 32, width, 16)
+        assert torch.equal(dequantize(q), result.values[rows])
+    floats = result.values[:3]
+    assert torch.equal(floats, floats.to(torch.bfloat16).float())
+    with pytest.raises(FFSplitError, match="share one bit width"):
+        result.quantized(torch.tensor([0, 5]))
+    with pytest.raises(FFSplitError, match="widths in 2..8"):
+        gptq_neurons(down_t, torch.full((24,), 9), 16, hidden.T @ hidden)
+
+
+def test_gptq_rows_are_independent_so_blocks_are_slices() -> None:
+    inputs = heavy_tailed_inputs(tokens=512, features=64).double()
+    gram = inputs.T @ inputs
+    matrix = gaussian(20, 64, seed=8)
+    rows = torch.tensor([17, 2, 5, 11])
+    whole = take_rows(gptq_quantize(matrix, 3, 16, gram, act_order=True), rows)
+    alone = gptq_quantize(matrix[rows], 3, 16, gram, act_order=True)
+    assert torch.equal(whole.packed, alone.packed) and torch.equal(whole.scales, alone.scales)
+    assert torch.equal(dequantize(whole), dequantize(alone))

@@ -145,6 +145,7 @@ def deploy(pool: str = POOL, paused: bool = False) -> list[str]:
         build=False,
         push=False,
         print_next_steps_message=False,
+        ignore_warnings=True,  # its advice to use .serve for local runs: the pool is the point here
     )
     return [str(i) for i in ids]
 

@@ -61,7 +61,9 @@ SECTIONS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
 EXPECTATIONS = (
     "Every bad input must give: a non-zero exit (2 for user errors), exactly one line on stderr "
     "that names the offending file, key or value, no traceback, and nothing written (the --out "
-    "path absent, no temporary leftovers beside it)."
+    "path absent, no temporary leftovers beside it). Concurrency rows start the same command "
+    "twice at once and show the run that lost: it must exit 2 in one line while the other writes "
+    "its output whole (no last-writer-wins)."
 )
 FAULT_NOTES = (
     "Each fault is injected from outside the code under test (a signal to a real process, a cut "

@@ -230,11 +230,13 @@ def run_cli(
     cwd: Path,
     env: dict[str, str] | None = None,
     timeout: float = CLI_TIMEOUT_S,
+    prefix: Sequence[str] = (),
 ) -> CliResult:
-    """Run `ffsplit ARGS` in a subprocess (never a shell) and capture everything."""
+    """Run `ffsplit ARGS` in a subprocess (never a shell) and capture everything; prefix: a
+    command that runs it (e.g. in a private mount namespace)."""
     started = time.perf_counter()
     done = subprocess.run(
-        [*ffsplit_command(), *args],
+        [*prefix, *ffsplit_command(), *args],
         cwd=cwd,
         env={**os.environ, **CLI_ENV, **(env or {})},
         capture_output=True,
@@ -263,6 +265,12 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def cli() -> Callable[..., CliResult]:
     """cli(args, cwd, env=None): the real `ffsplit` in a subprocess (see run_cli)."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def cli_launch() -> tuple[list[str], dict[str, str]]:
+    """(argv prefix that runs `ffsplit`, its environment): for tests that start it themselves."""
+    return ffsplit_command(), {**os.environ, **CLI_ENV}
 
 
 @pytest.fixture(scope="session")

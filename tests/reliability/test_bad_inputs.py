@@ -10,6 +10,7 @@ transformers, ~3 s more when a model loads).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -61,16 +62,19 @@ class Case:
     what: str
     build: Callable[[Work], list[str]]
     expect: str  # regex the one stderr line must match (it names what and where)
+    prefix: Callable[[Work], list[str]] | None = None  # runs the command (see run_cli)
 
 
 CASES: list[Case] = []
 
 
-def case(area: str, what: str, expect: str) -> Callable[[Callable[[Work], list[str]]], Any]:
+def case(
+    area: str, what: str, expect: str, prefix: Callable[[Work], list[str]] | None = None
+) -> Callable[[Callable[[Work], list[str]]], Any]:
     """Register the decorated builder (name from the function) as a bad-input case."""
 
     def register(build: Callable[[Work], list[str]]) -> Callable[[Work], list[str]]:
-        CASES.append(Case(build.__name__.replace("_", "-"), area, what, build, expect))
+        CASES.append(Case(build.__name__.replace("_", "-"), area, what, build, expect, prefix))
         return build
 
     return register
@@ -239,7 +243,7 @@ def window_of_one(w: Work) -> list[str]:
     return ["eval", str(w.inputs.notok), "--window", "1"]
 
 
-@case("options", "--out folder already exists", r"output folder .*/out already exists")
+@case("options", "--out folder already exists", r"--out .*/out: already exists")
 def out_exists(w: Work) -> list[str]:
     w.out.mkdir()
     (w.out / "keep.txt").write_text("not to be touched")
@@ -272,9 +276,7 @@ def pickle_weights_only(w: Work) -> list[str]:
     return compress(w, model)
 
 
-@case(
-    "model", "config.json is not JSON", r"model folder .*/model: config\.json is not readable JSON"
-)
+@case("model", "config.json is not JSON", r"/model/config\.json: invalid or truncated JSON")
 def config_not_json(w: Work) -> list[str]:
     model = w.copy(w.inputs.notok, "model")
     (model / "config.json").write_text('{"architectures": ["Llama', encoding="utf-8")
@@ -284,7 +286,7 @@ def config_not_json(w: Work) -> list[str]:
 @case(
     "model",
     "unknown architecture (model_type unknown to transformers)",
-    r"could not load model folder .*/model: .*model type `foo`",
+    r"model folder .*/model: config\.json: model type 'foo' is unknown to transformers",
 )
 def unknown_model_type(w: Work) -> list[str]:
     model = w.copy(w.inputs.notok, "model")
@@ -306,7 +308,7 @@ def unsupported_architecture(w: Work) -> list[str]:
 @case(
     "model",
     "truncated model.safetensors",
-    r"model folder .*/model: a \*\.safetensors file is corrupt or truncated",
+    r"model folder .*/model: model\.safetensors is corrupt or truncated",
 )
 def truncated_weights(w: Work) -> list[str]:
     model = w.copy(w.inputs.notok, "model")
@@ -317,7 +319,7 @@ def truncated_weights(w: Work) -> list[str]:
 @case(
     "model",
     "model.safetensors of random bytes",
-    r"model folder .*/model: a \*\.safetensors file is corrupt or truncated",
+    r"model folder .*/model: model\.safetensors is corrupt or truncated",
 )
 def garbage_weights(w: Work) -> list[str]:
     model = w.copy(w.inputs.notok, "model")
@@ -330,7 +332,7 @@ def garbage_weights(w: Work) -> list[str]:
 @case(
     "model",
     "safetensors header claiming 10^12 bytes",
-    r"model folder .*/model: a \*\.safetensors file is corrupt or truncated",
+    r"model folder .*/model: model\.safetensors is corrupt or truncated",
 )
 def absurd_header_size(w: Work) -> list[str]:
     model = w.copy(w.inputs.notok, "model")
@@ -386,7 +388,7 @@ def missing_tokenizer_eval(w: Work) -> list[str]:
 @case(
     "model",
     "truncated tokenizer.json",
-    r"model folder .*/model: tokenizer files are unreadable",
+    r"/model/tokenizer\.json: invalid or truncated JSON",
 )
 def truncated_tokenizer(w: Work) -> list[str]:
     model = w.copy(w.inputs.tok, "model")
@@ -473,7 +475,7 @@ recipe_case(
     "recipe_nested_unknown_key",
     "recipe with an unknown nested key",
     "recipe.json",
-    '{"quant": {"bitz": 4}}',
+    '{"method": "quant", "quant": {"bitz": 4}}',
     r"/recipe\.json\.quant: unknown key\(s\) 'bitz'",
 )
 recipe_case(
@@ -487,8 +489,8 @@ recipe_case(
     "recipe_newer_version",
     "recipe from a newer format version",
     "recipe.json",
-    '{"version": 2}',
-    r"/recipe\.json: format version 2 is not supported",
+    '{"version": 3}',
+    r"/recipe\.json: format version 3 is not supported",
 )
 recipe_case(
     "recipe_corpus_not_a_name",
@@ -522,7 +524,7 @@ recipe_case(
     "recipe_absurd_group_size",
     "absurd size: quantization group of 10^9",
     "recipe.json",
-    '{"quant": {"group_size": 1000000000}}',
+    '{"method": "quant", "quant": {"group_size": 1000000000}}',
     r"/recipe\.json\.quant: quant\.group_size must be in \[8, 4096\]",
 )
 recipe_case(
@@ -789,7 +791,7 @@ variant_case(
 variant_case(
     "manifest_missing_sizes",
     "manifest sizes empty",
-    MANIFEST_AT + r"sizes\.dense_ffn_bytes must be a finite number",
+    MANIFEST_AT + r"sizes\.dense_ffn_bytes must be a non-negative integer, got None",
 )(manifest_edit(lambda m: m.update(sizes={})))
 variant_case(
     "variant_truncated_weights",
@@ -836,6 +838,849 @@ def variant_other_base(w: Work) -> list[str]:
     return eval_text(w, variant, None, "--latency")
 
 
+# ------------------------------------------------- issue 16: no silent wrong model, one-line failures
+# Hostile inputs found by an adversarial pass (issue 16) and the ones its fixes suggested: each was a
+# wrong or random model loading with exit 0, a traceback, a second stderr line, or a half-written
+# output before.
+
+
+def model_case(
+    name: str, what: str, expect: str, *, base: str = "notok", command: str = "compress"
+) -> Callable:
+    """A case on a copy of a good model folder (notok: no tokenizer, tok: SmolLM2's tokenizer);
+    the decorated function spoils the copy in place; the command compresses or evaluates it."""
+
+    def register(spoil: Callable[[Path], None]) -> Callable[[Path], None]:
+        def build(w: Work) -> list[str]:
+            model = w.copy(getattr(w.inputs, base), "model")
+            spoil(model)
+            if command == "eval":
+                return eval_text(w, model)
+            if command == "profile":
+                return profile(w, model, w.inputs.text)
+            return compress(w, model, "--plain-svd", "--baseline", "random")
+
+        build.__name__ = name
+        case("model", what, expect)(build)
+        return spoil
+
+    return register
+
+
+def variant_tok_case(name: str, what: str, expect: str) -> Callable:
+    """A case on a copy of the good variant that has a tokenizer, evaluated on text."""
+
+    def register(spoil: Callable[[Path], None]) -> Callable[[Path], None]:
+        def build(w: Work) -> list[str]:
+            variant = w.copy(w.inputs.variant_tok, "variant")
+            spoil(variant)
+            return eval_text(w, variant)
+
+        build.__name__ = name
+        case("variant", what, expect)(build)
+        return spoil
+
+    return register
+
+
+def edit_config(change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], None]:
+    return lambda folder: edit_json(folder / "config.json", change)
+
+
+def drop_tensor(key_part: str) -> Callable[[dict[str, torch.Tensor]], None]:
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors[sorted(k for k in tensors if key_part in k)[0]]
+
+    return change
+
+
+def flip_byte(path: Path, offset: int = -9) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def unlist(name: str) -> Callable[[Path], None]:
+    """Remove a file from the manifest's list (the file itself stays)."""
+
+    def change(manifest: dict[str, Any]) -> None:
+        del manifest["files"][name]
+
+    return manifest_edit(change)
+
+
+def then_rehash(spoil: Callable[[Path], None]) -> Callable[[Path], None]:
+    def run(variant: Path) -> None:
+        spoil(variant)
+        rehash(variant)
+
+    return run
+
+
+# --- a variant loads only through its manifest
+
+variant_case(
+    "manifest_deleted",
+    "variant whose manifest.json was deleted (loaded as a base model before: perplexity 2.2e9)",
+    r"/variant: an ffsplit variant \(neurons\.safetensors\) without its manifest\.json",
+)(lambda v: (v / "manifest.json").unlink())
+variant_case(
+    "manifest_and_neurons_deleted",
+    "variant with manifest.json and neurons.safetensors deleted",
+    r"/variant: holds compressed \(split\) weights but no manifest\.json",
+)(lambda v: [(v / n).unlink() for n in ("manifest.json", "neurons.safetensors")])
+variant_case(
+    "manifest_is_a_folder",
+    "manifest.json is a directory",
+    r"/variant/manifest\.json: not a regular file; a variant loads only through its manifest",
+)(lambda v: ((v / "manifest.json").unlink(), (v / "manifest.json").mkdir()))
+variant_case(
+    "manifest_symlink_dev_zero",
+    "manifest.json is a symlink to /dev/zero",
+    r"/variant/manifest\.json: not a regular file; a variant loads only through its manifest",
+)(lambda v: ((v / "manifest.json").unlink(), (v / "manifest.json").symlink_to("/dev/zero")))
+
+
+@case(
+    "variant",
+    "compress of a variant whose manifest.json was deleted (wrote a new variant before)",
+    r"/variant: an ffsplit variant \(neurons\.safetensors\) without its manifest\.json",
+)
+def compress_variant_without_manifest(w: Work) -> list[str]:
+    variant = w.copy(w.inputs.variant, "variant")
+    (variant / "manifest.json").unlink()
+    return compress(w, variant, "--plain-svd", "--baseline", "random")
+
+
+variant_case(
+    "manifest_files_emptied",
+    'manifest "files": {} and a flipped byte in the weights (the hash check was switched off)',
+    MANIFEST_AT + r"lists no model\.safetensors or config\.json",
+)(
+    lambda v: (
+        flip_byte(v / "model.safetensors"),
+        manifest_edit(lambda m: m.update(files={}))(v),
+    )
+)
+
+
+def _duplicate_files_key(variant: Path) -> None:
+    flip_byte(variant / "model.safetensors")
+    text = (variant / "manifest.json").read_text().rstrip()
+    (variant / "manifest.json").write_text(
+        text[:-1] + ', "files": {"config.json": "' + "0" * 64 + '"}}'
+    )
+
+
+variant_case(
+    "manifest_duplicate_files_key",
+    'a second "files" key appended to the manifest (last one wins in plain JSON)',
+    MANIFEST_AT + r"duplicate key 'files'",
+)(_duplicate_files_key)
+variant_case(
+    "manifest_weights_unlisted",
+    "model.safetensors removed from the manifest's files, weights changed",
+    MANIFEST_AT + r"lists no model\.safetensors",
+)(
+    lambda v: (
+        flip_byte(v / "model.safetensors"),
+        unlist("model.safetensors")(v),
+    )
+)
+variant_case(
+    "manifest_config_unlisted",
+    "config.json removed from the manifest's files",
+    MANIFEST_AT + r"lists no config\.json",
+)(unlist("config.json"))
+variant_case(
+    "manifest_lists_python_file",
+    "manifest lists evil.py (with its hash)",
+    MANIFEST_AT + r"lists 'evil\.py', which is not a file a variant holds",
+)(manifest_edit(lambda m: m["files"].update({"evil.py": "0" * 64})))
+variant_case(
+    "manifest_hash_not_hex",
+    "manifest file hash that is not a sha256",
+    MANIFEST_AT + r"files\.config\.json must be a sha256",
+)(manifest_edit(lambda m: m["files"].update({"config.json": "x"})))
+variant_case(
+    "manifest_negative_sizes",
+    "negative sizes in the manifest",
+    MANIFEST_AT + r"sizes\.ffn_bytes must be a non-negative integer, got -5",
+)(manifest_edit(lambda m: m["sizes"].update(ffn_bytes=-5)))
+variant_case(
+    "manifest_reduction_minus_1e300",
+    "ffn_reduction -1e300 in the manifest",
+    MANIFEST_AT + r"sizes\.ffn_reduction must be a number in \[0, 1\), got -1e\+300",
+)(manifest_edit(lambda m: m["sizes"].update(ffn_reduction=-1e300)))
+variant_case(
+    "manifest_reduction_not_from_sizes",
+    "ffn_reduction 0.9 that the sizes do not give",
+    MANIFEST_AT + r"sizes\.ffn_reduction 0\.9 is not what the sizes give",
+)(manifest_edit(lambda m: m["sizes"].update(ffn_reduction=0.9)))
+
+
+def _consistent_lie(manifest: dict[str, Any]) -> None:
+    sizes = manifest["sizes"]
+    sizes["ffn_bytes"] = sizes["dense_ffn_bytes"] // 10
+    sizes["ffn_reduction"] = (sizes["dense_ffn_bytes"] - sizes["ffn_bytes"]) / sizes[
+        "dense_ffn_bytes"
+    ]
+
+
+variant_case(
+    "manifest_sizes_lie",
+    "sizes edited to claim a 90% reduction, consistently with each other",
+    MANIFEST_AT + r"sizes\.ffn_bytes \d+ is not what the structure holds \(\d+\)",
+)(manifest_edit(_consistent_lie))
+variant_case(
+    "manifest_compressed_larger_than_dense",
+    "ffn_bytes larger than dense_ffn_bytes",
+    MANIFEST_AT + r"sizes ffn_bytes \d+ and dense_ffn_bytes \d+ are inconsistent",
+)(manifest_edit(lambda m: m["sizes"].update(ffn_bytes=m["sizes"]["dense_ffn_bytes"] + 1)))
+variant_case(
+    "manifest_nan_literal",
+    "NaN in the manifest (not JSON)",
+    MANIFEST_AT + r"NaN is not a JSON number",
+)(
+    lambda v: (v / "manifest.json").write_text(
+        (v / "manifest.json")
+        .read_text()
+        .replace('"ffn_reduction": ', '"ffn_reduction": NaN, "x": ', 1)
+    )
+)
+variant_case(
+    "manifest_heavy_out_of_range",
+    "heavy neuron index 10^6 in a 96-neuron FFN",
+    MANIFEST_AT + r"layer 0: heavy neuron index out of range \(the FFN has 96 neurons\)",
+)(manifest_edit(lambda m: first_layer(m).update(heavy=[10**6])))
+variant_case(
+    "manifest_heavy_repeated",
+    "heavy neuron indices repeated",
+    MANIFEST_AT + r"layers\.0\.heavy must be distinct non-negative neuron indices",
+)(manifest_edit(lambda m: first_layer(m).update(heavy=[3, 3])))
+variant_case(
+    "manifest_base_hash_not_hex",
+    "base model sha256 that is not a sha256",
+    MANIFEST_AT + r"base_model\.weights_sha256 must be a sha256",
+)(manifest_edit(lambda m: m["base_model"].update(weights_sha256="../../x")))
+variant_case(
+    "manifest_layer_spec_disagrees",
+    "a layer's part spec (rank) that disagrees with the weights and the sizes",
+    MANIFEST_AT + r"sizes\.ffn_bytes \d+ is not what the structure holds",
+)(manifest_edit(lambda m: first_layer(m)["up"]["parts"][-1].update(rank=1)))
+variant_case(
+    "manifest_architecture_changed",
+    "manifest architecture that config.json does not have",
+    MANIFEST_AT + r"architecture OPTForCausalLM does not match config\.json",
+)(manifest_edit(lambda m: m.update(architecture="OPTForCausalLM")))
+variant_case(
+    "manifest_bogus_tie",
+    "manifest ties a weight the model does not have",
+    MANIFEST_AT + r"tied x -> y is not a tie of this model",
+)(manifest_edit(lambda m: m.update(tied={**m.get("tied", {}), "x": "y"})))
+variant_case(
+    "manifest_huge",
+    "manifest of 70 MB (a JSON bomb)",
+    r"/variant/manifest\.json: \d+ bytes is too large for a variant manifest",
+)(lambda v: (v / "manifest.json").write_text('{"pad": "' + "x" * (70 << 20) + '"}'))
+
+# --- the variant's files: only listed ones, plain, hash-checked as read
+
+variant_case(
+    "variant_weights_symlink",
+    "model.safetensors replaced by a symlink to a copy (hash still right)",
+    r"/variant/model\.safetensors: a symlink; a variant's files are plain files",
+)(
+    lambda v: (
+        (v / "model.safetensors").rename(v.parent / "elsewhere.safetensors"),
+        (v / "model.safetensors").symlink_to(v.parent / "elsewhere.safetensors"),
+    )
+)
+variant_case(
+    "variant_config_symlink",
+    "config.json replaced by a symlink outside the folder",
+    r"/variant/config\.json: a symlink; a variant's files are plain files",
+)(
+    lambda v: (
+        (v / "config.json").rename(v.parent / "config.json"),
+        (v / "config.json").symlink_to(v.parent / "config.json"),
+    )
+)
+variant_case(
+    "variant_config_duplicate_key",
+    "variant config.json with a duplicate key (hashes updated)",
+    r"/variant/config\.json: duplicate key 'hidden_size'",
+)(
+    then_rehash(
+        lambda v: (v / "config.json").write_text(
+            (v / "config.json").read_text().rstrip()[:-1] + ', "hidden_size": 64}'
+        )
+    )
+)
+variant_case(
+    "variant_config_vocab_1e10",
+    "variant config.json with vocab_size 10^10 (hashes updated)",
+    r"/variant/config\.json: vocab_size must be an integer in \[1, 4194304\], got 10000000000",
+)(then_rehash(edit_config(lambda c: c.update(vocab_size=10**10))))
+variant_case(
+    "variant_config_larger_model",
+    "variant config.json of a larger model, within the size bounds (hashes updated)",
+    MANIFEST_AT + r"config\.json describes [\d,]+ parameters outside the FFNs but the weights hold",
+)(then_rehash(edit_config(lambda c: c.update(vocab_size=4_000_000))))
+variant_case(
+    "variant_int_weights",
+    "a float weight stored as int8 in the variant (hashes updated)",
+    r"/variant/model\.safetensors: tensor \S+ is stored as int8, the model holds float",
+)(
+    then_rehash(
+        lambda v: edit_tensors(
+            v / "model.safetensors",
+            lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int8)}),
+        )
+    )
+)
+variant_case(
+    "variant_extra_tensor",
+    "an extra tensor in the variant weights (hashes updated)",
+    r"/variant/model\.safetensors: weights do not fit the manifest's structure .*unexpected \['bogus'\]",
+)(
+    then_rehash(
+        lambda v: edit_tensors(v / "model.safetensors", lambda t: t.update(bogus=torch.zeros(2)))
+    )
+)
+variant_case(
+    "variant_missing_tensor",
+    "a tensor removed from the variant weights (hashes updated)",
+    r"/variant/model\.safetensors: weights do not fit the manifest's structure \(missing \[",
+)(then_rehash(lambda v: edit_tensors(v / "model.safetensors", drop_tensor(".mlp.down_proj."))))
+variant_case(
+    "variant_neurons_out_of_range",
+    "neurons.safetensors heavy index out of range (hashes updated)",
+    r"/variant/neurons\.safetensors: layer\.0\.heavy holds indices out of range or repeated",
+)(
+    then_rehash(
+        lambda v: edit_tensors(
+            v / "neurons.safetensors",
+            lambda t: t["layer.0.heavy"].__setitem__(0, 10**6),
+        )
+    )
+)
+variant_case(
+    "variant_neurons_other_heavy_set",
+    "neurons.safetensors heavy set that is not the manifest's (hashes updated)",
+    r"/variant/neurons\.safetensors: layer\.0\.heavy is not the heavy set the manifest lists",
+)(
+    then_rehash(
+        lambda v: edit_tensors(
+            v / "neurons.safetensors",
+            lambda t: t.update(
+                {"layer.0.heavy": t["layer.0.order"][-len(t["layer.0.heavy"]) :].clone()}
+            ),
+        )
+    )
+)
+
+
+def _dtype_trick(variant: Path) -> None:
+    """A safetensors header that declares F16 for bytes written as F32 (sizes disagree)."""
+    path = variant / "model.safetensors"
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    name = next(
+        k for k, v in header.items() if k != "__metadata__" and v["dtype"] in ("BF16", "F32")
+    )
+    header[name]["dtype"] = "F64"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
+    rehash(variant)
+
+
+variant_case(
+    "variant_dtype_header_trick",
+    "a safetensors header whose dtype does not match its byte range (hashes updated)",
+    r"/variant/model\.safetensors: unreadable safetensors",
+)(_dtype_trick)
+variant_tok_case(
+    "variant_tokenizer_truncated",
+    "variant tokenizer.json truncated (hashes updated)",
+    r"/variant/tokenizer\.json: invalid or truncated JSON",
+)(then_rehash(lambda v: truncate(v / "tokenizer.json", 0.01)))
+variant_tok_case(
+    "variant_tokenizer_pickled",
+    "variant tokenizer.json replaced by a pickle (hashes updated)",
+    r"/variant/tokenizer\.json: not UTF-8 text|/variant/tokenizer\.json: invalid or truncated JSON",
+)(then_rehash(lambda v: (v / "tokenizer.json").write_bytes(pickle.dumps({"vocab": [1, 2]}))))
+variant_tok_case(
+    "variant_tokenizer_auto_map",
+    "variant tokenizer_config.json with auto_map (hashes updated)",
+    r"/variant/tokenizer_config\.json: the tokenizer asks for custom code \(auto_map\)",
+)(
+    then_rehash(
+        lambda v: edit_json(
+            v / "tokenizer_config.json",
+            lambda c: c.update(auto_map={"AutoTokenizer": ["x.T", None]}),
+        )
+    )
+)
+
+# --- any model load: every weight accounted for, nothing read from outside the folder
+
+
+model_case(
+    "model_missing_ffn_weight",
+    "one FFN matrix removed from model.safetensors (random values, perplexity 867,102 before)",
+    r"model folder .*/model: the weights do not match the architecture \(missing: "
+    r"model\.layers\.0\.mlp\.\w+\.weight\)",
+    base="tok",
+    command="eval",
+)(lambda m: edit_tensors(m / "model.safetensors", drop_tensor(".mlp.")))
+model_case(
+    "model_unexpected_weight",
+    "an extra tensor in model.safetensors",
+    r"model folder .*/model: the weights do not match the architecture \(unexpected: bogus\)",
+)(lambda m: edit_tensors(m / "model.safetensors", lambda t: t.update(bogus=torch.zeros(3))))
+model_case(
+    "model_int_weight",
+    "a float weight stored as int8",
+    r"model folder .*/model: weight \S+ is stored as int8, not a float type",
+)(
+    lambda m: edit_tensors(
+        m / "model.safetensors",
+        lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int8)}),
+    )
+)
+
+
+def _index_to(target: str) -> Callable[[Path], None]:
+    def spoil(model: Path) -> None:
+        from safetensors.torch import load_file
+
+        keys = list(load_file(str(model / "model.safetensors")))
+        shutil.copy(model / "model.safetensors", model.parent / "outside.safetensors")
+        (model / "model.safetensors").unlink()
+        (model / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": dict.fromkeys(keys, target)})
+        )
+
+    return spoil
+
+
+model_case(
+    "index_shard_outside",
+    "model.safetensors.index.json pointing at ../outside.safetensors (a decoy was hashed before)",
+    r"/model/model\.safetensors\.index\.json: shard name '\.\./outside\.safetensors' is not a "
+    r"\.safetensors file in the folder",
+)(_index_to("../outside.safetensors"))
+model_case(
+    "index_shard_absolute",
+    "index naming an absolute shard path",
+    r"/model/model\.safetensors\.index\.json: shard name '/.*/outside\.safetensors' is not",
+)(lambda m: _index_to(str(m.parent / "outside.safetensors"))(m))
+
+
+def _split_shards(model: Path, misplace: bool = False) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    parts = {"model-1.safetensors": names[:half], "model-2.safetensors": names[half:]}
+    for shard, keys in parts.items():
+        save_file({k: tensors[k] for k in keys}, str(model / shard), metadata={"format": "pt"})
+    weight_map = {k: shard for shard, keys in parts.items() for k in keys}
+    if misplace:
+        weight_map[names[0]] = "model-2.safetensors"
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+model_case(
+    "index_weight_in_wrong_shard",
+    "index whose weight map names the wrong shard for a weight",
+    r"model folder .*/model: weight \S+ is in model-1\.safetensors, the index maps it to "
+    r"'model-2\.safetensors'",
+)(lambda m: _split_shards(m, misplace=True))
+model_case(
+    "index_shard_missing",
+    "index naming a shard file that is absent",
+    r"/model/model-2\.safetensors: missing \(a shard named by model\.safetensors\.index\.json\)",
+)(lambda m: (_split_shards(m), (m / "model-2.safetensors").unlink()))
+model_case(
+    "weights_symlink_outside",
+    "model.safetensors a symlink to a file outside the folder",
+    r"model folder .*/model: model\.safetensors is a symlink to .*, outside the folder",
+)(
+    lambda m: (
+        (m / "model.safetensors").rename(m.parent / "w.safetensors"),
+        (m / "model.safetensors").symlink_to(m.parent / "w.safetensors"),
+    )
+)
+model_case(
+    "tokenizer_symlink_dev_zero",
+    "tokenizer.json a symlink to /dev/zero",
+    r"model folder .*/model: tokenizer\.json is a symlink to /dev/zero, outside the folder",
+    base="tok",
+    command="eval",
+)(lambda m: ((m / "tokenizer.json").unlink(), (m / "tokenizer.json").symlink_to("/dev/zero")))
+model_case(
+    "model_fifo_in_folder",
+    "a FIFO named tokenizer_config.json (a read would block forever)",
+    r"model folder .*/model: tokenizer_config\.json is not a regular file",
+    base="tok",
+    command="eval",
+)(lambda m: ((m / "tokenizer_config.json").unlink(), os.mkfifo(m / "tokenizer_config.json")))
+model_case(
+    "config_duplicate_key",
+    "config.json with hidden_size given twice",
+    r"/model/config\.json: duplicate key 'hidden_size'",
+)(
+    lambda m: (m / "config.json").write_text(
+        (m / "config.json").read_text().rstrip()[:-1] + ', "hidden_size": 64}'
+    )
+)
+model_case(
+    "config_vocab_1e10",
+    "config.json vocab_size 10^10 (tried to allocate 23 TB before)",
+    r"config\.json: vocab_size must be an integer in \[1, 4194304\], got 10000000000",
+)(edit_config(lambda c: c.update(vocab_size=10**10)))
+model_case(
+    "config_larger_model",
+    "config.json of a model 1000x larger than its weights, within the size bounds",
+    r"model folder .*/model: config\.json describes [\d,]+ parameters but the weights hold [\d,]+",
+)(edit_config(lambda c: c.update(vocab_size=4_000_000)))
+model_case(
+    "config_hidden_size_bad",
+    "config.json hidden_size 33 (not a multiple of the head count)",
+    r"model folder .*/model: config\.json is not a usable model config \(.*hidden size \(33\)",
+)(edit_config(lambda c: c.update(hidden_size=33)))
+model_case(
+    "config_hidden_size_text",
+    "config.json hidden_size a string",
+    r"config\.json: hidden_size must be an integer in \[1, 65536\], got 'big'",
+)(edit_config(lambda c: c.update(hidden_size="big")))
+model_case(
+    "config_zero_heads",
+    "config.json with 0 attention heads",
+    r"config\.json: num_attention_heads must be an integer in \[1, 1024\], got 0",
+)(edit_config(lambda c: c.update(num_attention_heads=0)))
+model_case(
+    "config_layers_1e6",
+    "config.json with 10^6 layers",
+    r"config\.json: num_hidden_layers must be an integer in \[1, 1024\], got 1000000",
+)(edit_config(lambda c: c.update(num_hidden_layers=10**6)))
+model_case(
+    "config_negative_eps",
+    "config.json rms_norm_eps -1 (NaN activations)",
+    r"config\.json: rms_norm_eps must be a positive number, got -1",
+)(edit_config(lambda c: c.update(rms_norm_eps=-1)))
+model_case(
+    "config_infinity_literal",
+    "config.json rope_theta Infinity (not JSON)",
+    r"/model/config\.json: Infinity is not a JSON number",
+)(
+    lambda m: (m / "config.json").write_text(
+        (m / "config.json").read_text().rstrip()[:-1] + ', "rope_theta": Infinity}'
+    )
+)
+model_case(
+    "config_not_an_object",
+    "config.json that is a JSON list",
+    r"model folder .*/model: config\.json: expected a JSON object",
+)(lambda m: (m / "config.json").write_text("[1, 2, 3]"))
+model_case(
+    "unknown_model_type_auto_map",
+    "unknown model_type with auto_map (transformers added a hub URL line)",
+    r"config\.json: model type 'evil' is unknown to transformers and contains custom code",
+)(edit_config(lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.Config"})))
+model_case(
+    "tokenizer_pickled",
+    "tokenizer.json replaced by a pickle",
+    r"/model/tokenizer\.json: not UTF-8 text|/model/tokenizer\.json: invalid or truncated JSON",
+    base="tok",
+    command="eval",
+)(lambda m: (m / "tokenizer.json").write_bytes(pickle.dumps({"vocab": [1, 2]})))
+model_case(
+    "tokenizer_config_auto_map",
+    "tokenizer_config.json with auto_map",
+    r"/model/tokenizer_config\.json: the tokenizer asks for custom code \(auto_map\)",
+    base="tok",
+    command="eval",
+)(
+    lambda m: edit_json(
+        m / "tokenizer_config.json", lambda c: c.update(auto_map={"AutoTokenizer": ["x.T", None]})
+    )
+)
+model_case(
+    "tokenizer_json_valid_but_wrong",
+    "tokenizer.json valid JSON that is no tokenizer",
+    r"model folder .*/model: tokenizer files are unreadable",
+    base="tok",
+    command="eval",
+)(lambda m: (m / "tokenizer.json").write_text('{"model": {"type": "nothing"}}'))
+model_case(
+    "tokenizer_profile_truncated",
+    "truncated tokenizer.json (profile)",
+    r"/model/tokenizer\.json: invalid or truncated JSON",
+    base="tok",
+    command="profile",
+)(lambda m: truncate(m / "tokenizer.json", 0.01))
+
+model_case(
+    "config_ffn_size_mismatch",
+    "config.json intermediate_size 95 for weights of 96 neurons",
+    r"model folder .*/model: weight model\.layers\.\d+\.mlp\.\w+\.weight has shape \[\d+, \d+\], "
+    r"config\.json makes it \[\d+, \d+\]",
+)(edit_config(lambda c: c.update(intermediate_size=95)))
+model_case(
+    "config_fewer_layers",
+    "config.json num_hidden_layers 1 for weights of 2 layers",
+    r"model folder .*/model: the weights do not match the architecture \(unexpected: "
+    r"model\.layers\.1\.",
+)(edit_config(lambda c: c.update(num_hidden_layers=1)))
+
+
+def _foreign_tokenizer(model: Path) -> None:
+    """The tokenizer of the 49152-token model beside weights of a 160-token vocabulary."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model.parent.parent.parent / "tiny-llama-tok" / name, model / name)
+
+
+model_case(
+    "tokenizer_of_another_model",
+    "a 49152-token tokenizer beside a 160-token model (token ids past the embedding)",
+    r"model folder .*/model: the tokenizer has 49152 tokens but the model's embedding has 160 rows",
+    command="eval",
+)(_foreign_tokenizer)
+variant_case(
+    "manifest_down_spec_as_split_out",
+    "a down projection spec of the wrong kind (split_out)",
+    MANIFEST_AT + r"layer 0: down spec must be split_in, got split_out",
+)(manifest_edit(lambda m: first_layer(m)["down"].update(type="split_out")))
+variant_case(
+    "manifest_projections_disagree",
+    "up keeps more neurons than down takes (a shape error at the first forward before)",
+    MANIFEST_AT + r"layer 0: the projections keep different neuron counts",
+)(manifest_edit(lambda m: first_layer(m)["down"]["parts"][0].update(**{"in": 1})))
+
+
+# --- options
+
+
+@case(
+    "options",
+    "--ffn-reduction 0.999999 with prune (every neuron pruned: traceback before)",
+    r"budget 0\.999999 cannot be met by pruning: keeping a single neuron of 96",
+)
+def prune_everything(w: Work) -> list[str]:
+    return compress(
+        w,
+        w.inputs.notok,
+        "--method",
+        "prune",
+        "--ffn-reduction",
+        "0.999999",
+        "--stats",
+        str(w.inputs.stats),
+    )
+
+
+# --- output paths, checked before any work
+
+
+@case("output", "--out under a regular file", r"--out: .*/afile is a file, not a folder")
+def out_under_file(w: Work) -> list[str]:
+    w.file("afile", "x")
+    return ["compress", str(w.inputs.notok), "--out", str(w.dir / "afile" / "out")]
+
+
+@case("output", "profile --out under a regular file", r"--out: .*/afile is a file, not a folder")
+def profile_out_under_file(w: Work) -> list[str]:
+    w.file("afile", "x")
+    args = profile(w, w.inputs.tok, w.inputs.text)
+    args[args.index("--out") + 1] = str(w.dir / "afile" / "stats.safetensors")
+    return args
+
+
+@case("output", "--out a dangling symlink", r"--out .*/out: a dangling symlink")
+def out_dangling_symlink(w: Work) -> list[str]:
+    w.out.symlink_to(w.dir / "nowhere")
+    return compress(w, w.inputs.notok)
+
+
+@case("output", "profile --out an existing file", r"--out .*/out\.safetensors: already exists")
+def profile_out_exists(w: Work) -> list[str]:
+    w.file("out.safetensors", "keep")
+    return profile(w, w.inputs.tok, w.inputs.text)
+
+
+@case("output", "--out a 300-character name", r"--out a{40}\.\.\.: the name is 300 bytes")
+def out_name_300(w: Work) -> list[str]:
+    return ["compress", str(w.inputs.notok), "--out", str(w.dir / ("a" * 300))]
+
+
+@case("output", "--out a 5000-character path", r"--out is \d{4} bytes long; paths must stay under")
+def out_path_5000(w: Work) -> list[str]:
+    deep = w.dir.joinpath(*(["d" * 200] * 25))
+    return ["compress", str(w.inputs.notok), "--out", str(deep / "out")]
+
+
+@case(
+    "output",
+    "--out name with a newline and a forged second line (shown escaped, one line)",
+    r"--out '.*/x\\nerror: forged': control characters in a path",
+)
+def out_name_newline(w: Work) -> list[str]:
+    return ["compress", str(w.inputs.notok), "--out", str(w.dir / "x\nerror: forged")]
+
+
+@case(
+    "output",
+    "--out name with a terminal escape sequence",
+    r"--out '.*/x\\x1b\[2Jy': control characters in a path",
+)
+def out_name_escape(w: Work) -> list[str]:
+    return ["compress", str(w.inputs.notok), "--out", str(w.dir / "x\x1b[2Jy")]
+
+
+def read_only_mount(w: Work) -> list[str]:
+    """Run the command with w.dir/ro a read-only tmpfs, in a mount namespace of its own (the
+    mount ends with the command); where namespaces are not allowed, fail the case visibly."""
+    if shutil.which("unshare") is None:
+        return ["false"]
+    script = 'mount -t tmpfs -o ro ffsplit-ro "$0" && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", script, str(w.dir / "ro")]
+
+
+@case(
+    "output",
+    "--out on a read-only filesystem (a read-only tmpfs mounted in a private mount namespace)",
+    r"--out: .*/ro is on a read-only filesystem",
+    prefix=read_only_mount,
+)
+def out_read_only(w: Work) -> list[str]:
+    (w.dir / "ro").mkdir()
+    return ["compress", str(w.inputs.notok), "--out", str(w.dir / "ro" / "out")]
+
+
+# --- statistics
+
+
+@case(
+    "statistics",
+    "statistics metadata that is a JSON list",
+    r"/stats\.safetensors: statistics metadata must be a JSON object, got list",
+)
+def stats_meta_list(w: Work) -> list[str]:
+    stats = stats_copy(w)
+    edit_tensors(stats, metadata=lambda m: m.update(meta="[1, 2, 3]"))
+    return with_stats(w, stats)
+
+
+@case(
+    "statistics",
+    "statistics metadata nested 100000 levels deep",
+    r"/stats\.safetensors: statistics metadata: JSON nested too deeply",
+)
+def stats_meta_nested(w: Work) -> list[str]:
+    stats = stats_copy(w)
+    edit_tensors(stats, metadata=lambda m: m.update(meta="[" * 100_000 + "]" * 100_000))
+    return with_stats(w, stats)
+
+
+@case(
+    "statistics",
+    "statistics metadata with model_sha256 given twice",
+    r"/stats\.safetensors: statistics metadata: duplicate key 'model_sha256'",
+)
+def stats_meta_duplicate(w: Work) -> list[str]:
+    stats = stats_copy(w)
+    edit_tensors(
+        stats,
+        metadata=lambda m: m.update(meta=m["meta"][:-1] + ', "model_sha256": "' + "ab" * 32 + '"}'),
+    )
+    return with_stats(w, stats)
+
+
+@case(
+    "statistics",
+    "statistics model_sha256 that is not a sha256",
+    r"/stats\.safetensors: model_sha256 must be a sha256",
+)
+def stats_sha_not_hex(w: Work) -> list[str]:
+    stats = stats_copy(w)
+
+    def change(meta: dict[str, str]) -> None:
+        inner = json.loads(meta["meta"])
+        inner["model_sha256"] = {"a": 1}
+        meta["meta"] = json.dumps(inner)
+
+    edit_tensors(stats, metadata=change)
+    return with_stats(w, stats)
+
+
+@case(
+    "statistics",
+    "statistics whose hit counts do not add up (hits scaled by 10)",
+    r"/stats\.safetensors: layer 0: \d+ hits for \d+ tokens at top-\d+",
+)
+def stats_hits_forged(w: Work) -> list[str]:
+    stats = stats_copy(w)
+    edit_tensors(stats, lambda t: t.update({"layer.0.hits": t["layer.0.hits"] * 10}))
+    return with_stats(w, stats)
+
+
+@case(
+    "statistics",
+    "statistics with negative sums of squares",
+    r"/stats\.safetensors: layer 0 holds negative sums, maxima or counts",
+)
+def stats_negative(w: Work) -> list[str]:
+    stats = stats_copy(w)
+    edit_tensors(stats, lambda t: t["layer.0.sum_sq"].__setitem__(0, -1.0))
+    return with_stats(w, stats)
+
+
+@case(
+    "statistics",
+    "statistics with float hit counts",
+    r"/stats\.safetensors: layer 0 hits must be integer counts",
+)
+def stats_float_hits(w: Work) -> list[str]:
+    stats = stats_copy(w)
+    edit_tensors(stats, lambda t: t.update({"layer.0.hits": t["layer.0.hits"].double()}))
+    return with_stats(w, stats)
+
+
+@case(
+    "statistics",
+    "statistics mixed from two profiles (sums of squares scaled, Gram left)",
+    r"/stats\.safetensors: layer 1: gram_hidden's diagonal is not sum_sq",
+)
+def stats_mixed(w: Work) -> list[str]:
+    stats = stats_copy(w)
+    edit_tensors(stats, lambda t: t.update({"layer.1.sum_sq": t["layer.1.sum_sq"] * 4}))
+    return with_stats(w, stats)
+
+
+@case(
+    "statistics",
+    "statistics file of another model, made by ffsplit profile",
+    r"/tiny-llama-tok\.stats\.safetensors: statistics were collected on another model",
+)
+def stats_from_other_model(w: Work) -> list[str]:
+    return compress(
+        w, w.inputs.notok, "--stats", str(w.inputs.root / "tiny-llama-tok.stats.safetensors")
+    )
+
+
+@case("statistics", "statistics path is a FIFO", r"/stats\.safetensors: not a regular file")
+def stats_fifo(w: Work) -> list[str]:
+    os.mkfifo(w.dir / "stats.safetensors")
+    return with_stats(w, w.dir / "stats.safetensors")
+
+
 # ---------------------------------------------------------------------------------- the runs
 
 
@@ -860,7 +1705,7 @@ def results(
 
     def run(job: tuple[Case, Work, list[str], dict]) -> tuple[str, tuple[Any, bool]]:
         c, work, args, before = job
-        result = cli(args, cwd=work.dir)
+        result = cli(args, cwd=work.dir, prefix=c.prefix(work) if c.prefix else ())
         return c.name, (result, snap(work.dir) == before)
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:

@@ -308,14 +308,14 @@ def test_ray_workers_killed_mid_profile_and_mid_compress_are_retried_to_identica
         what="a Ray worker dies (SIGKILL) while running a profile task, and another while "
         "running a compress task, in one compress flow",
         injected="a test thread polls the raylet's children and SIGKILLs the first worker whose "
-        "title is ray::profile_unit_job, then the first with ray::compress_shard_job",
+        "title is ray::profile_unit, then the first with ray::compress_shard",
         expected="Ray runs each task again on a new worker (tasks/runtime.py RETRY_POLICY: "
         "3 retries on worker death); the flow completes; statistics, shards, variant weights, "
         "logits and perplexity bitwise equal to an undisturbed run",
         message="not reached",
     )
     cache = tmp_path / "cache"
-    with WorkerKiller(_raylets(), ("profile_unit_job", "compress_shard_job")) as killer:
+    with WorkerKiller(_raylets(), ("profile_unit", "compress_shard")) as killer:
         run = compress(
             model=tiny_lm,
             recipe=RECIPE,
@@ -324,7 +324,7 @@ def test_ray_workers_killed_mid_profile_and_mid_compress_are_retried_to_identica
             run_dir=str(tmp_path / "run"),
             **FLOW,
         )
-    assert set(killer.killed) == {"profile_unit_job", "compress_shard_job"}, killer.killed
+    assert set(killer.killed) == {"profile_unit", "compress_shard"}, killer.killed
     assert not any(psutil.pid_exists(pid) for pid in killer.killed.values())
     assert run["cached"] == {"profile": False, "variant": False, "evaluation": False}
     files = _same_outputs(reference, shared_cache, run, cache)
@@ -744,6 +744,15 @@ elif stall == "before-rename":
         return real_replace(src, dst, **kwargs)
 
     os.replace = replace
+    import ffsplit.files as files  # folders are published with a no-replace rename
+
+    real_publish = files.rename_noreplace
+
+    def publish(src, dst):
+        stall_here(dst)
+        return real_publish(src, dst)
+
+    files.rename_noreplace = publish
 spec = importlib.util.spec_from_file_location("fault_writers", here)
 module = importlib.util.module_from_spec(spec)
 sys.modules["fault_writers"] = module  # dataclasses look their module up there

@@ -256,7 +256,7 @@ def test_read_manifest_on_arbitrary_bytes_and_json(record: Callable, tmp_path: P
         "architecture": "LlamaForCausalLM",
         "recipe": {},
         "layers": {},
-        "files": {},
+        "files": {"model.safetensors": "0" * 64, "config.json": "1" * 64},  # both must be listed
         "sizes": {"dense_ffn_bytes": 1, "ffn_bytes": 1, "ffn_reduction": 0.0},
     }
     documents = (

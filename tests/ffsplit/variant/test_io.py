@@ -119,3 +119,44 @@ def test_quantized_parts_keep_float16_scales_under_dtype_casts(tmp_path):
     assert parts and all(p.scales.dtype == torch.float16 for p in parts)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=IDS[:1]).logits).all()
+
+
+def test_only_listed_files_are_read_and_copied(tmp_path):
+    """Issue 16: files planted beside a variant are never read (a tokenizer asking for custom code,
+    an unparsable one) and never travel with a copy."""
+    from ffsplit.variant.io import copy_variant
+
+    _, out, _ = _variant(tmp_path, "LlamaForCausalLM", Recipe(method="prune", ffn_reduction=0.3))
+    listed = set(read_manifest(out)["files"])
+    (out / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["x.T", null]}}')
+    (out / "tokenizer.json").write_text("not json")
+    _, tokenizer, _ = load_variant(out)
+    assert tokenizer is None
+    copy = copy_variant(out, tmp_path / "copy")
+    assert {p.name for p in copy.iterdir()} == listed | {"manifest.json"}
+
+
+def test_a_variant_without_its_manifest_never_loads_as_a_base_model(tmp_path):
+    from ffsplit.models.loading import load_model
+
+    _, out, _ = _variant(tmp_path, "LlamaForCausalLM", Recipe(method="prune", ffn_reduction=0.3))
+    (out / "manifest.json").unlink()
+    with pytest.raises(FFSplitError, match="without its manifest.json"):
+        load_model(out)
+    (out / "neurons.safetensors").unlink()
+    with pytest.raises(FFSplitError, match=r"holds compressed \(split\) weights but no manifest"):
+        load_model(out)
+
+
+def test_sizes_must_be_what_the_structure_holds(tmp_path):
+    _, out, report = _variant(
+        tmp_path, "LlamaForCausalLM", Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3)
+    )
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    dense = manifest["sizes"]["dense_ffn_bytes"]
+    manifest["sizes"].update(ffn_bytes=dense // 10, ffn_reduction=(dense - dense // 10) / dense)
+    path.write_text(json.dumps(manifest))
+    read_manifest(out)  # consistent with itself
+    with pytest.raises(FFSplitError, match=r"sizes\.ffn_bytes \d+ is not what the structure holds"):
+        load_variant(out)

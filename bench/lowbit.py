@@ -458,6 +458,111 @@ def run_row(
     }
 
 
+CHART_METHODS = (
+    "uniform-rtn",
+    "uniform-gptq",
+    "random-h0.01-int8",
+    "outlier-h0.01",
+    "ffsplit-h0.01-int8",
+    "ffsplit-h0.005-int8",
+    "alloc-layer-joint",
+)
+
+
+def plot_records(paths: list[Path], out: Path) -> None:
+    """Quality loss against achieved FFN reduction, one line per method (solid: FFSplit, dashed:
+    baselines; marker: group size), from one model's records: perplexity change on both corpora,
+    or hidden-state error and probe-accuracy drop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(p.read_text()) for p in paths]
+    causal = "ppl_wikipedia" in records[0]["dense"]
+    keys = ["ppl_wikipedia_change_pct", "ppl_news_change_pct"] if causal else ["hidden_error"]
+    keys += [] if causal else ["probe_accuracy_drop_pt"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8))
+    lines: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for record in records:
+        for row in record["rows"]:
+            if row["method"] in CHART_METHODS:
+                lines.setdefault((row["method"], row["group_size"]), []).append(row)
+    colors = dict(zip(CHART_METHODS, plt.cm.tab10.colors, strict=False))
+    markers = dict(zip(sorted({g for _, g in lines}), "os^vD", strict=False))
+    for ax, key in zip(axes, keys, strict=True):
+        for (method, group), rows in sorted(lines.items()):
+            rows = sorted(rows, key=lambda r: r["ffn_reduction"])
+            ax.plot(
+                [100 * r["ffn_reduction"] for r in rows],
+                [r[key] for r in rows],
+                "-" if method.startswith(("ffsplit", "alloc")) else "--",
+                color=colors[method],
+                marker=markers[group],
+                label=f"{method} g{group}",
+            )
+        if key != "probe_accuracy_drop_pt":
+            ax.set_yscale("log")
+        ax.set_xlabel("FFN byte reduction (%)")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    name = records[0].get("model_name", records[0]["model"].get("name", ""))
+    fig.suptitle(f"{name}: quality loss at equal FFN bytes. {records[0]['weights']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _quality_cell(row: dict[str, Any]) -> str:
+    if "ppl_wikipedia" in row:
+        return (
+            f"{row['ppl_wikipedia']:.2f} ({row['ppl_wikipedia_change_pct']:+.2f}%) / "
+            f"{row['ppl_news']:.2f} ({row['ppl_news_change_pct']:+.2f}%)"
+        )
+    return f"{row['hidden_error']:.4f} / {100 * row['probe_accuracy']:.1f} ({-row['probe_accuracy_drop_pt']:+.1f} pt)"
+
+
+def _loss(row: dict[str, Any]) -> float:
+    """The quality loss the targets compare: perplexity change on Wikipedia, or hidden error."""
+    return row["ppl_wikipedia_change_pct"] if "ppl_wikipedia" in row else row["hidden_error"]
+
+
+def summary_table(paths: list[Path]) -> str:
+    """Markdown: every row by budget (bytes exact), and per budget the best FFSplit method
+    against uniform GPTQ and the column-outlier baseline at the same group size."""
+    out = []
+    for path in paths:
+        record = json.loads(path.read_text())
+        causal = "ppl_wikipedia" in record["dense"]
+        head = "ppl wiki / news (change)" if causal else "hidden error / probe % (change)"
+        out += [f"\n{path.name}: {record.get('model_name')}, {record['weights']}", ""]
+        out += [f"| budget | method | group | FFN bytes | reduction | {head} |", "|" + "---|" * 6]
+        rows = sorted(record["rows"], key=lambda r: (r["target_reduction"], _loss(r)))
+        for r in rows:
+            out.append(
+                f"| {100 * r['target_reduction']:g}% | {r['method']} | {r['group_size']} | "
+                f"{r['ffn_bytes']:,} | {100 * r['ffn_reduction']:.4f}% | {_quality_cell(r)} |"
+            )
+        out += ["", "| budget | best FFSplit | loss | uniform GPTQ | loss cut | column outlier |"]
+        out += ["|" + "---|" * 6]
+        for target in sorted({r["target_reduction"] for r in rows}):
+            at = [r for r in rows if r["target_reduction"] == target]
+            split = [r for r in at if r["method"].startswith(("ffsplit", "alloc"))]
+            uniform = [r for r in at if r["method"] == "uniform-gptq"]
+            outlier = [r for r in at if r["method"].startswith("outlier")]
+            if not split or not uniform:
+                continue
+            best, base = split[0], uniform[0]
+            cut = 1 - _loss(best) / _loss(base) if _loss(base) else 0.0
+            other = f"{outlier[0]['method']} {_loss(outlier[0]):.4g}" if outlier else "-"
+            out.append(
+                f"| {100 * target:g}% | {best['method']} | {_loss(best):.4g} | "
+                f"{_loss(base):.4g} | {100 * cut:.0f}% | {other} |"
+            )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="packaged name or HF folder")
@@ -477,7 +582,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="keep rows already in --out")
     parser.add_argument("--deadline", type=float, help="start no row after this many seconds")
+    parser.add_argument("--plot", type=Path, nargs="+", help="only chart these records to --out")
+    parser.add_argument("--summary", type=Path, nargs="+", help="only tabulate records to --out")
     args = parser.parse_args()
+    if args.plot:
+        plot_records(args.plot, args.out)
+        return
+    if args.summary:
+        write_text_atomic(args.out, summary_table(args.summary) + "\n")
+        return
     args.name = args.name or args.model
     launched = time.perf_counter()
     torch.manual_seed(0)
@@ -491,6 +604,7 @@ def main() -> None:
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": run_environment(args.device),
         "model": ref.to_dict(),
+        "model_name": args.name,
         "weights": WEIGHTS_NOTE.get(args.name, "see the model's source"),
         "calibration": stats.meta.get("calibration"),
         **quality.data,

@@ -32,9 +32,11 @@ from rich.markup import escape
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 PAGE = 200  # the API's largest page of task runs
 SETTLE_S = 20.0  # how long an ended run's task run states may lag (they arrive as events)
-# Prefect's default task run name is "<task>-<call number>" (or "-<3 hex>"); a compress shard's is
-# "<group>-layers-<a>-<b>" (flows/stages.py).
-_DEFAULT_NAME = re.compile(r"^([A-Za-z_]\w*)-(\d+|[0-9a-f]{3})$")
+# Prefect's default task run name is "<task>-<call number>" or "<task>-<3 hex digits>"; the
+# pipeline's own names are "<stage>-<what>" (profile-unit-0, evaluate-LABEL), a compress shard's
+# "<stage>-<label>-layers-<a>-<b>" (flows/stages.py).
+_DEFAULT_NUMBERED = re.compile(r"^([A-Za-z_]\w*)-\d+$")
+_DEFAULT_HEX = re.compile(r"^(.+)-(?=[0-9]*[a-f])[0-9a-f]{3}$")
 _SHARD = re.compile(r"-layers-\d+-\d+$")
 
 
@@ -114,9 +116,9 @@ def task_runs(api_url: str, flow_run_id: str) -> list[dict[str, Any]]:
 
 def group_of(name: str) -> tuple[str, str]:
     """(stage, group) of a task run name: 'evaluate-lowrank-h0.10-r0.4' -> ('evaluate', that name);
-    shards 'compress-X-layers-0-7' -> ('compress', 'compress-X'); 'aggregate-0' -> ('aggregate',
-    'aggregate')."""
-    default = _DEFAULT_NAME.match(name)
+    shards 'compress-X-layers-0-7' -> ('compress', 'compress-X'); default names 'aggregate-0' ->
+    ('aggregate', 'aggregate') and 'score-plot-bc0' -> ('score-plot', 'score-plot')."""
+    default = _DEFAULT_HEX.match(name) or _DEFAULT_NUMBERED.match(name)
     if default:
         return default.group(1), default.group(1)
     group = _SHARD.sub("", name)

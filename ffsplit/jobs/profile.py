@@ -16,6 +16,7 @@ from ffsplit.jobs.common import (
     _require_tokenizer,
     _stage,
     calibration_data,
+    checked_output,
     load_any,
 )
 from ffsplit.profiling import profile_model, save_stats
@@ -33,6 +34,7 @@ def profile_job(
 ) -> dict[str, Any]:
     """Profile a base model on calibration text and write a statistics file."""
     started = time.perf_counter()
+    out = checked_output(out)
     net, tokenizer, info = load_any(model, device=device)
     if info["kind"] != "base":
         raise FFSplitError(f"{model}: profile a base model, not a compressed variant")

@@ -240,42 +240,6 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.pipeline
-def test_cli_says_when_a_busy_port_was_replaced_and_env_reaches_it(tmp_path: Path) -> None:
-    """`up` on a busy --mlflow-port picks another and says so; `eval "$(... env)"` in a new shell
-    then reaches that server."""
-    home = str(tmp_path / "state")
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        taken = busy.getsockname()[1]
-        try:
-            up = _cli("up", "--home", home, "--no-prefect", "--mlflow-port", str(taken))
-            assert up.returncode == 0, up.stderr
-            port = load_records(Path(home))["mlflow"].port
-            assert port != taken
-            assert f"note: port {taken} was busy, so mlflow listens on port {port}" in up.stderr
-            shell = subprocess.run(
-                [
-                    "bash",
-                    "-c",
-                    f'eval "$({shlex.quote(sys.executable)} -m flows.stack env --home '
-                    f'{shlex.quote(home)})" && echo "$MLFLOW_TRACKING_URI"',
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                cwd=REPO,
-                env={k: v for k, v in os.environ.items() if k not in OUTER_VARS},
-            )
-            assert shell.returncode == 0 and shell.stderr == "", shell.stderr
-            url = shell.stdout.strip()
-            assert url == f"http://127.0.0.1:{port}" and _get(url + "/health")[0] == 200
-        finally:
-            down = _cli("down", "--home", home)
-    assert down.returncode == 0, down.stderr
-
-
-@pytest.mark.pipeline
 @pytest.mark.slow
 def test_cli_up_with_worker_status_down(tmp_path: Path) -> None:
     """The CLI that .ci/run uses: `up` exports the env, the worker polls the pool, `up` again

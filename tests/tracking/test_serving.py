@@ -348,3 +348,38 @@ def test_served_champion_answers_bad_requests_with_400_and_one_line(served: str)
         assert last.startswith("Error: ") and reason in last, body["message"]
     status, body = _post(served + "/invocations", b"{not json")
     assert 400 <= status < 500 and body["message"]
+
+
+def _readme_payloads() -> list[dict[str, Any]]:
+    """The README's curl request bodies, as tests/test_readme.py reads them."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "test_readme.py"
+    spec = importlib.util.spec_from_file_location("readme_checks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.readme_payloads()
+
+
+@pytest.mark.pipeline
+def test_readme_requests_are_answered(served: str) -> None:
+    """The README's "Serve the champion" requests, sent as written (its SmolLM2 token ids mapped
+    into the tiny model's vocabulary of 160)."""
+    payloads = _readme_payloads()
+    assert payloads
+    for payload in payloads:
+        for record in payload.get("dataframe_records", []):
+            if "input_ids" in record:
+                record["input_ids"] = [i % 150 for i in record["input_ids"]]
+        status, body = _post(served + "/invocations", payload)
+        assert status == 200, body
+        rows = body["predictions"]
+        assert len(rows) == len(payload["dataframe_records"])
+        task = payload.get("params", {}).get("task", "score")
+        want = {"generated_ids", "generated_text"} if task == "generate" else {"last_logits", "nll"}
+        assert all(want <= set(row) for row in rows), rows
+        if task == "generate":
+            assert [len(r["generated_ids"]) for r in rows] == [
+                payload["params"]["max_new_tokens"]
+            ] * len(rows)

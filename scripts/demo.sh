@@ -73,9 +73,15 @@ stamp "sweep: lowrank and quant at 40% FFN reduction (heavy ratio 0.1) + uniform
     exit 1
 }
 
-# The results table. rich wraps the stage-times line at 160 columns: join it back into one line.
+# The results table. rich wraps the stage-times line at 160 columns: join it back into one line
+# (up to its "total N").
 "$PY" -m flows.sweep report "$RUN_DIR" | awk '
-    /^stage wall times/ { line = $0; while (line !~ /; total/ && (getline more) > 0) line = line " " more; print line; next }
+    function trim(s) { sub(/^[ \t]+/, "", s); sub(/[ \t]+$/, "", s); return s }
+    /^stage wall times/ {
+        line = trim($0)
+        while (line !~ /total [0-9.]+$/ && (getline more) > 0) line = line " " trim(more)
+        print line; next
+    }
     { print }'
 PREFECT_UI=${PREFECT_API_URL%/api}
 MODEL=ffsplit-smollm2-135m

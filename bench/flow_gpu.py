@@ -43,6 +43,7 @@ import tarfile
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +51,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# Set for the services, the flow and every Ray worker (../shared/docs/stack.md), before any import.
+# Set for the services, the flow and every Ray worker (docs/stack-notes.md), before any import:
+# the workers' own environment (tasks.runtime.WORKER_ENV: offline, no telemetry) and these.
 RUN_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
     "FFSPLIT_NO_INSTALL": "1",  # the carried cache must hold everything: never fetch
     "PREFECT_UI_ENABLED": "false",  # the UI was trimmed from the carried wheel
     # The machine's memory grows as it is first used (KINDS.md): Ray's monitor would read a small
@@ -70,11 +65,9 @@ PYTHON = (3, 12)
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    """(The standard library's, not ffsplit.files': status and install run before the stack is.)"""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_json(path: Path | None, data: Any) -> None:
@@ -279,18 +272,11 @@ def ffn_shape(model_dir: Path) -> Any:
 
 def recipe_for(model_dir: Path, calib_tokens: int, window: int) -> dict[str, Any]:
     """bench.multigpu's recipe (heavy bf16, light int4) at this model's all-int4 budget."""
-    import math
-
-    from bench.multigpu import default_recipe
-    from ffsplit.compress.budget import dense_ffn_bytes, quant_bytes, reduction
-    from ffsplit.selection import heavy_count
+    from bench.multigpu import all_int4_budget, default_recipe
 
     recipe = default_recipe()
-    shape = ffn_shape(model_dir)
-    heavy = heavy_count(shape.m, recipe["heavy_ratio"])
     group = recipe["quant"]["group_size"]
-    compressed = quant_bytes(shape, heavy, 16, {4: shape.m - heavy}, group)
-    recipe["ffn_reduction"] = math.floor(reduction(dense_ffn_bytes(shape), compressed) * 1e6) / 1e6
+    recipe["ffn_reduction"] = all_int4_budget(ffn_shape(model_dir), recipe["heavy_ratio"], group)
     recipe["profile"] = {"tokens": calib_tokens, "window": window, "collect_grams": False}
     return recipe
 
@@ -417,17 +403,20 @@ def stage_devices(cache_dir: Path, holders: dict[str, Any], cluster: dict[str, A
     }
 
 
-def flow_job(
-    model: str,
-    recipe: dict[str, Any],
-    work: Path,
-    register_as: str,
-    evaluation: dict[str, Any],
-    flow_params: dict[str, Any],
-    register: bool,
-    fresh: bool,
-) -> dict[str, Any]:
-    """The compress flow as a user runs it (cache in work/cache; fresh: emptied first)."""
+@dataclass(frozen=True)
+class FlowCall:
+    """What the compress flow is called with for one model, cold and warm alike."""
+
+    model: str
+    recipe: dict[str, Any]
+    evaluation: dict[str, Any]  # evaluate_job's keywords: max_tokens, window, latency_workload
+    flow_params: dict[str, Any]  # how work is cut: profile units, compress shards
+    register_as: str
+
+
+def flow_job(call: FlowCall, work: Path, cold: bool) -> dict[str, Any]:
+    """The compress flow as a user runs it (cache in work/cache). cold: the cache emptied first
+    and the variant registered; warm: the cache kept (every stage a hit), nothing registered."""
     from prefect.settings import PREFECT_API_URL
 
     from bench.multigpu import GpuSampler
@@ -439,26 +428,27 @@ def flow_job(
             f"({os.environ.get('PREFECT_API_URL')!r}): it was imported before the server was up"
         )
     cache_dir = work / "cache"
-    if fresh:
+    if cold:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    latency = call.evaluation["latency_workload"]
     started = time.perf_counter()
     with GpuSampler() as sampler:
         state = compress(
-            model=model,
-            recipe=recipe,
-            eval_tokens=evaluation["max_tokens"],
-            eval_window=evaluation["window"],
+            model=call.model,
+            recipe=call.recipe,
+            eval_tokens=call.evaluation["max_tokens"],
+            eval_window=call.evaluation["window"],
             latency=True,
-            latency_prompt_tokens=evaluation["latency_workload"]["prompt_tokens"],
-            latency_decode_tokens=evaluation["latency_workload"]["decode_tokens"],
-            latency_repeats=evaluation["latency_workload"]["repeats"],
-            register_as=register_as,
-            register_model=register,
-            run_dir=str(work / f"run-{'cold' if fresh else 'warm'}"),
+            latency_prompt_tokens=latency["prompt_tokens"],
+            latency_decode_tokens=latency["decode_tokens"],
+            latency_repeats=latency["repeats"],
+            register_as=call.register_as,
+            register_model=cold,
+            run_dir=str(work / f"run-{'cold' if cold else 'warm'}"),
             cache_dir=str(cache_dir),
             return_state=True,
-            **flow_params,
+            **call.flow_params,
         )
     wall = time.perf_counter() - started
     summary = state.result()
@@ -607,8 +597,8 @@ def model_bench(
     print(f"[{name}] library", flush=True)
     rec["library"] = library_job(model, recipe, work / "library", device, evaluation)
     print(f"[{name}] library {rec['library']['seconds']:.1f} s; flow (cold)", flush=True)
-    register_as = f"ffsplit-{name}"
-    flow = flow_job(model, recipe, work / "flow", register_as, evaluation, flow_params, True, True)
+    call = FlowCall(model, recipe, evaluation, flow_params, register_as=f"ffsplit-{name}")
+    flow = flow_job(call, work / "flow", cold=True)
     rec["flow"] = flow
     work_s = flow["wall_s"] - flow["stage_seconds"].get("register", 0.0)
     rec["pipeline_overhead_pct"] = 100.0 * (work_s / rec["library"]["seconds"] - 1.0)
@@ -618,9 +608,7 @@ def model_bench(
     if flow.get("registered"):
         rec["registry"] = registry_record(flow["registered"])
     if time.monotonic() < deadline - args.warm_reserve_s:
-        warm = flow_job(
-            model, recipe, work / "flow", register_as, evaluation, flow_params, False, False
-        )
+        warm = flow_job(call, work / "flow", cold=False)
         rec["flow_warm"] = {
             k: warm[k] for k in ("flow_run_id", "wall_s", "stage_seconds", "cached")
         }
@@ -659,10 +647,12 @@ def services(home: Path) -> Iterator[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from tasks.runtime import WORKER_ENV
+
     deadline = time.monotonic() + args.budget_s
     work = args.work.resolve()
     payload = work / "payload"
-    os.environ.update(RUN_ENV)
+    os.environ.update({**WORKER_ENV, **RUN_ENV})
     os.environ["FFSPLIT_CACHE"] = str(payload / "cache")
     os.environ["FFSPLIT_HOME"] = str(work / "home")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,27 +9,38 @@ starts no CUDA). Typical use:
     model, tokenizer, manifest = ffsplit.load_variant("path/to/variant")
 """
 
-from ffsplit.compress.recipe import compress_layer, compress_model
-from ffsplit.config import LowRankConfig, ProfileConfig, QuantConfig, Recipe
-from ffsplit.errors import FFSplitError
-from ffsplit.models.loading import load_model
-from ffsplit.profiling import load_stats, merge_all, profile_model, save_stats
-from ffsplit.variant import load_variant, read_manifest, save_variant
+import importlib
+from typing import Any
 
-__all__ = [
-    "FFSplitError",
-    "LowRankConfig",
-    "ProfileConfig",
-    "QuantConfig",
-    "Recipe",
-    "compress_layer",
-    "compress_model",
-    "load_model",
-    "load_stats",
-    "load_variant",
-    "merge_all",
-    "profile_model",
-    "read_manifest",
-    "save_stats",
-    "save_variant",
-]
+from ffsplit.errors import FFSplitError
+
+# Public names and the modules that hold them, imported on first use: `import ffsplit` (and every
+# `python -m flows.stack ...`, which imports it through the package tree) then costs no torch or
+# transformers import.
+_EXPORTS = {
+    "compress_layer": "ffsplit.compress.recipe",
+    "compress_model": "ffsplit.compress.recipe",
+    "LowRankConfig": "ffsplit.config",
+    "ProfileConfig": "ffsplit.config",
+    "QuantConfig": "ffsplit.config",
+    "Recipe": "ffsplit.config",
+    "load_model": "ffsplit.models.loading",
+    "load_stats": "ffsplit.profiling",
+    "merge_all": "ffsplit.profiling",
+    "profile_model": "ffsplit.profiling",
+    "save_stats": "ffsplit.profiling",
+    "load_variant": "ffsplit.variant",
+    "read_manifest": "ffsplit.variant",
+    "save_variant": "ffsplit.variant",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ffsplit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["FFSplitError", *sorted(_EXPORTS)]

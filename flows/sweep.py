@@ -242,9 +242,10 @@ def print_results(results: dict[str, Any], file: Any = None) -> None:
     console.print(
         "stage wall times (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in ordered)
-        + f"; total {results.get('seconds', 0):.1f}"
+        + f"; total {results.get('seconds', 0):.1f}",
+        soft_wrap=True,  # one line whatever the terminal width (scripts parse it)
     )
-    console.print(f"run folder: {results['run_dir']}")
+    console.print(f"run folder: {results['run_dir']}", soft_wrap=True)
 
 
 def _row(run: VariantRun, metrics: dict[str, float]) -> dict[str, Any]:

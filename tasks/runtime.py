@@ -1,7 +1,7 @@
 """Where pipeline work runs: Ray start/join, resources per task, devices, and per-worker caches.
 
 Embedded by default (`ray.init(address="local")`: never silently joins a stray head, see
-../shared/docs/stack.md); RAY_ADDRESS joins a cluster, with cluster/runtime_env.yaml when present.
+docs/stack-notes.md); RAY_ADDRESS joins a cluster, with cluster/runtime_env.yaml when present.
 A task asks for a GPU only when the cluster has one (a GPU request on a CPU-only cluster stays
 pending forever); inside a task the device comes from what Ray assigned, never a hard-coded
 cuda:N. CPU tasks run a fixed number of threads (their CPU request), so float results do not
@@ -25,7 +25,7 @@ from ffsplit.errors import FFSplitError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
-# Set for every Ray worker: offline, no telemetry, quiet progress bars (../shared/docs/stack.md).
+# Set for every Ray worker: offline, no telemetry, quiet progress bars (docs/stack-notes.md).
 WORKER_ENV = {
     "HF_HUB_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",

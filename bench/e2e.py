@@ -31,6 +31,7 @@ import inspect
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     ALIGN,
     RESULTS,
+    capture_graph,
     cpu_time_ms,
     event_time_ms,
     machine,
     module_bytes,
+    replay_ms,
     write_json,
 )
 from ffsplit.adapters.registry import get_adapter  # noqa: E402
@@ -68,72 +71,32 @@ PDL_COMPARE = False  # --pdl-compare
 TRACE = False  # --trace
 
 
+# The public checkpoints' shapes (their config.json): hidden, FFN neurons, layers, attention heads,
+# key/value heads (OPT: none, multi-head), vocabulary, positions.
+_SHAPES = {
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32000, 4096),
+    "llama3-8b": (4096, 14336, 32, 32, 8, 128256, 8192),
+    "mistral-7b": (4096, 14336, 32, 32, 8, 32000, 32768),
+    "opt-6.7b": (4096, 16384, 32, 32, None, 50272, 2048),
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, 8192),
+}
+
+
 def _config(name: str) -> Any:
     import transformers as tf
 
-    llama = dict(rms_norm_eps=1e-5, tie_word_embeddings=False)
-    configs = {
-        "llama2-7b": lambda: tf.LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32000,
-            max_position_embeddings=4096,
-            **llama,
-        ),
-        "llama3-8b": lambda: tf.LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=8192,
-            **llama,
-        ),
-        "mistral-7b": lambda: tf.MistralConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=32000,
-            max_position_embeddings=32768,
-            sliding_window=None,
-            **llama,
-        ),
-        "opt-6.7b": lambda: tf.OPTConfig(
-            hidden_size=4096,
-            ffn_dim=16384,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            vocab_size=50272,
-            max_position_embeddings=2048,
-            word_embed_proj_dim=4096,
-            do_layer_norm_before=True,
-        ),
-        "smollm2-135m": lambda: tf.LlamaConfig(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=49152,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
-        ),
-    }
-    config = configs[name]()
-    config.architectures = [
-        {
-            "LlamaConfig": "LlamaForCausalLM",
-            "MistralConfig": "MistralForCausalLM",
-            "OPTConfig": "OPTForCausalLM",
-        }[type(config).__name__]
-    ]
+    d, m, layers, heads, kv_heads, vocab, positions = _SHAPES[name]
+    shape = {"hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads}
+    shape.update(vocab_size=vocab, max_position_embeddings=positions)
+    if name == "opt-6.7b":
+        config = tf.OPTConfig(ffn_dim=m, word_embed_proj_dim=d, do_layer_norm_before=True, **shape)
+    else:
+        kind = tf.MistralConfig if name == "mistral-7b" else tf.LlamaConfig
+        extra = {"sliding_window": None} if name == "mistral-7b" else {}
+        tied = name == "smollm2-135m"
+        shape.update(intermediate_size=m, num_key_value_heads=kv_heads, **extra)
+        config = kind(rms_norm_eps=1e-5, tie_word_embeddings=tied, **shape)
+    config.architectures = [type(config).__name__.removesuffix("Config") + "ForCausalLM"]
     return config
 
 
@@ -294,28 +257,12 @@ def decode_gpu(
         tok.copy_(logits[:, -1:].argmax(-1))
         pos.add_(1)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    t0 = time.time()
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    warmup_s = time.time() - t0
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, warmup_s = capture_graph(step, warmup=2)
     graph.replay()
     steps = max_len - PROMPT - 2 - 1 - 1  # what fits in the static cache after warm-up
     steps = min(steps, NEW_TOKENS)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    ms = start.elapsed_time(end) / steps
+    ms = replay_ms(graph, steps)
     del graph
     out = {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "steps": steps}
     if compiled:
@@ -389,46 +336,57 @@ def decode_cpu(model: nn.Module, batch: int, vocab: int) -> dict[str, Any]:
     }
 
 
-def measure(
-    model: nn.Module,
-    name: str,
-    vocab: int,
-    device: torch.device,
-    needs_mask: bool,
-    what: tuple[str, ...] = ("prefill", "b1", "b16"),
-    compiled: bool = False,
-    trace: bool = False,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if "prefill" in what:
-        out["prefill_ms"] = prefill_ms(model, vocab, device)
-        print(f"  {name:14s} prefill {PREFILL}: {out['prefill_ms']:.2f} ms", flush=True)
-    for batch in BATCHES:
-        if f"b{batch}" not in what:
-            continue
-        try:
-            result = (
-                decode_gpu(model, batch, vocab, needs_mask, compiled, trace and batch == 1)
-                if device.type == "cuda"
-                else decode_cpu(model, batch, vocab)
-            )
-        except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
-            result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
-        out[f"decode_b{batch}"] = result
-        shown = {k: v for k, v in result.items() if k != "kernels"}
-        print(f"  {name:14s} decode b{batch}: {shown}", flush=True)
-        if "kernels" in result:
-            k = result["kernels"]
-            print(
-                f"  {name:14s} kernels {k['kernel_ms_per_step']:.3f} ms/step in "
-                f"{k['launches_per_step']:.0f} launches; graph step {k['graph_step_ms']:.3f} ms",
-                flush=True,
-            )
-            for row in k["top"][:12]:
-                print(
-                    f"      {row['ms_per_step']:.4f} ms x{row['launches_per_step']:.0f} {row['kernel'][:90]}"
+@dataclass(frozen=True)
+class Loop:
+    """What every measurement of one model (and of its compressed copies) takes."""
+
+    vocab: int
+    needs_mask: bool  # OPT derives positions from a mask otherwise
+    device: torch.device
+
+    def measure(
+        self,
+        model: nn.Module,
+        name: str,
+        what: tuple[str, ...] = ("prefill", "b1", "b16"),
+        compiled: bool = False,
+        trace: bool = False,
+    ) -> dict[str, Any]:
+        """Prefill and decode times of ``model`` (printed as they come), decode errors kept."""
+        vocab, device, needs_mask = self.vocab, self.device, self.needs_mask
+        out: dict[str, Any] = {}
+        if "prefill" in what:
+            out["prefill_ms"] = prefill_ms(model, vocab, device)
+            print(f"  {name:14s} prefill {PREFILL}: {out['prefill_ms']:.2f} ms", flush=True)
+        for batch in BATCHES:
+            if f"b{batch}" not in what:
+                continue
+            try:
+                result = (
+                    decode_gpu(model, batch, vocab, needs_mask, compiled, trace and batch == 1)
+                    if device.type == "cuda"
+                    else decode_cpu(model, batch, vocab)
                 )
-    return out
+            except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
+                result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+            out[f"decode_b{batch}"] = result
+            shown = {k: v for k, v in result.items() if k != "kernels"}
+            print(f"  {name:14s} decode b{batch}: {shown}", flush=True)
+            if "kernels" in result:
+                _show_kernels(name, result["kernels"])
+        return out
+
+
+def _show_kernels(name: str, k: dict[str, Any]) -> None:
+    print(
+        f"  {name:14s} kernels {k['kernel_ms_per_step']:.3f} ms/step in "
+        f"{k['launches_per_step']:.0f} launches; graph step {k['graph_step_ms']:.3f} ms",
+        flush=True,
+    )
+    for row in k["top"][:12]:
+        print(
+            f"      {row['ms_per_step']:.4f} ms x{row['launches_per_step']:.0f} {row['kernel'][:90]}"
+        )
 
 
 class _ZeroFFN(nn.Module):
@@ -473,6 +431,32 @@ def ratios(dense: dict[str, Any], comp: dict[str, Any]) -> dict[str, float | Non
     }
 
 
+def random_model(name: str) -> tuple[nn.Module, Any, Loop, float]:
+    """The dense bf16 model of a public config on the GPU, seeded random weights: the model, its
+    adapter, its measurement loop, and when the build started (time.time())."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    started = time.time()
+    torch.manual_seed(0)
+    dense = build_random(name, device, dtype)
+    loop = Loop(dense.config.vocab_size, dense.config.model_type == "opt", device)
+    return dense, get_adapter(dense), loop, started
+
+
+def reductions(
+    comp: nn.Module, adapter: Any, dense_bytes: int, dense_ffn_bytes: int
+) -> dict[str, float]:
+    """How much smaller the compressed model is, whole and in its FFNs, by stored bytes."""
+    return {
+        "size_reduction": 1 - module_bytes(comp) / dense_bytes,
+        "ffn_reduction": 1 - ffn_bytes(comp, adapter) / dense_ffn_bytes,
+    }
+
+
+def _free_gpu() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def bench_gpu(
     name: str,
     with_reference: bool,
@@ -490,46 +474,35 @@ def bench_gpu(
     if compiled:
         return bench_gpu_compiled(name, save or (lambda result: None))
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    t0 = time.time()
-    torch.manual_seed(0)
-    dense = build_random(name, device, dtype)
-    adapter = get_adapter(dense)
-    vocab = dense.config.vocab_size
-    d = dense.config.hidden_size
-    needs_mask = dense.config.model_type == "opt"  # OPT derives positions from a mask otherwise
+    dense, adapter, loop, t0 = random_model(name)
     recipe = plan(dense, adapter)
     print(f"{name}: built in {time.time() - t0:.0f}s; recipe {recipe}", flush=True)
     result: dict[str, Any] = {"recipe": recipe}
-    result["dense"] = measure(dense, "dense", vocab, device, needs_mask, trace=TRACE)
+    result["dense"] = loop.measure(dense, "dense", trace=TRACE)
 
     comp = copy.deepcopy(dense)
     compress(comp, adapter, recipe, real=False)
-    comp_bytes = module_bytes(comp)
-    result["size_reduction"] = 1 - comp_bytes / recipe["dense_bytes"]
-    result["ffn_reduction"] = 1 - ffn_bytes(comp, adapter) / recipe["dense_ffn_bytes"]
-    result["compressed_bytes"] = comp_bytes
+    result.update(reductions(comp, adapter, recipe["dense_bytes"], recipe["dense_ffn_bytes"]))
+    result["compressed_bytes"] = module_bytes(comp)
     if with_reference:
-        result["split_reference"] = measure(comp, "split-ref", vocab, device, needs_mask, ("b1",))
+        result["split_reference"] = loop.measure(comp, "split-ref", ("b1",))
     report = fuse_model(comp, adapter, strict=True)
     result["compressed_stored_bytes"] = module_bytes(comp)
     result["fuse_dataflow"] = report.dataflow
-    result["compressed"] = measure(comp, "compressed", vocab, device, needs_mask, trace=TRACE)
+    result["compressed"] = loop.measure(comp, "compressed", trace=TRACE)
     if PDL_COMPARE:
         with environ(FFSPLIT_KERNEL_PDL="1"):
-            result["compressed_pdl"] = measure(comp, "comp-pdl", vocab, device, needs_mask, ("b1",))
+            result["compressed_pdl"] = loop.measure(comp, "comp-pdl", ("b1",))
     del comp
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_gpu()
 
     if dense_fused:
         fuse_model(dense, adapter, strict=True)
-        result["dense_fused"] = measure(dense, "dense-fused", vocab, device, needs_mask)
-    remove_ffns(dense, adapter, d)
-    result["no_ffn"] = measure(dense, "no-ffn", vocab, device, needs_mask, ("prefill", "b1", "b16"))
+        result["dense_fused"] = loop.measure(dense, "dense-fused")
+    remove_ffns(dense, adapter, dense.config.hidden_size)
+    result["no_ffn"] = loop.measure(dense, "no-ffn", ("prefill", "b1", "b16"))
     del dense
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_gpu()
     result.update(ratios(result["dense"], result["compressed"]))
     if dense_fused:
         result["dense_fused_vs_dense"] = ratios(result["dense"], result["dense_fused"])
@@ -579,40 +552,29 @@ def bench_gpu_quant(name: str, recipes: list[str], compiled: bool, save: Any) ->
     from bench.common import QuantRecipe
     from ffsplit.split.fused import fuse_model
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    t0 = time.time()
-    torch.manual_seed(0)
-    dense = build_random(name, device, dtype)
-    adapter = get_adapter(dense)
-    vocab = dense.config.vocab_size
-    needs_mask = dense.config.model_type == "opt"
+    dense, adapter, loop, t0 = random_model(name)
     dense_bytes = module_bytes(dense)
     dense_ffn = ffn_bytes(dense, adapter)
     what = ("b1", "b16") if compiled else ("prefill", "b1", "b16")
     result: dict[str, Any] = {"loop": "torch.compile + CUDA graph" if compiled else "CUDA graph"}
-    result["dense"] = measure(dense, "dense", vocab, device, needs_mask, what, compiled=compiled)
+    result["dense"] = loop.measure(dense, "dense", what, compiled=compiled)
     save(result)
     for label in recipes:
         recipe = QuantRecipe(label, **QUANT_E2E[label])
         comp = copy.deepcopy(dense)
         compress_quant(comp, adapter, recipe)
         entry: dict[str, Any] = {"recipe": {"name": label, **QUANT_E2E[label], "group": 64}}
-        entry["size_reduction"] = 1 - module_bytes(comp) / dense_bytes
-        entry["ffn_reduction"] = 1 - ffn_bytes(comp, adapter) / dense_ffn
+        entry.update(reductions(comp, adapter, dense_bytes, dense_ffn))
         report = fuse_model(comp, adapter, strict=True)
         entry["fused_plan"] = vars(next(iter(report.fused.values())))
-        entry["compressed"] = measure(
-            comp, label, vocab, device, needs_mask, what, compiled=compiled
-        )
+        entry["compressed"] = loop.measure(comp, label, what, compiled=compiled)
         entry.update(ratios(result["dense"], entry["compressed"]))
         result[label] = entry
         del comp
-        gc.collect()
-        torch.cuda.empty_cache()
+        _free_gpu()
         save(result)
     del dense
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_gpu()
     result["seconds"] = time.time() - t0
     return result
 
@@ -620,13 +582,7 @@ def bench_gpu_quant(name: str, recipes: list[str], compiled: bool, save: Any) ->
 def bench_gpu_compiled(name: str, save: Any) -> dict[str, Any]:
     from ffsplit.split.fused import fuse_model
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    t0 = time.time()
-    torch.manual_seed(0)
-    dense = build_random(name, device, dtype)
-    adapter = get_adapter(dense)
-    vocab, d = dense.config.vocab_size, dense.config.hidden_size
-    needs_mask = dense.config.model_type == "opt"
+    dense, adapter, loop, t0 = random_model(name)
     recipe = plan(dense, adapter)
     result: dict[str, Any] = {"recipe": recipe, "loop": "torch.compile(forward) + CUDA graph"}
     comp = copy.deepcopy(dense)
@@ -637,34 +593,21 @@ def bench_gpu_compiled(name: str, save: Any) -> dict[str, Any]:
     # b1 of both first (the headline), results saved after every measurement
     for batch in BATCHES_COMPILED:
         for key, model in (("dense", dense), ("compressed", comp)):
-            result[key].update(
-                measure(
-                    model,
-                    f"{key}+compile",
-                    vocab,
-                    device,
-                    needs_mask,
-                    (batch,),
-                    compiled=True,
-                    trace=TRACE,
-                )
-            )
+            measured = loop.measure(model, f"{key}+compile", (batch,), compiled=True, trace=TRACE)
+            result[key].update(measured)
             result.update(ratios(result["dense"], result["compressed"]))
             save(result)
         if PDL_COMPARE and batch == "b1":
             with environ(FFSPLIT_KERNEL_PDL="1"):
-                result["compressed_pdl"] = measure(
-                    comp, "comp-pdl+compile", vocab, device, needs_mask, ("b1",), compiled=True
+                result["compressed_pdl"] = loop.measure(
+                    comp, "comp-pdl+compile", ("b1",), compiled=True
                 )
             save(result)
     del comp
-    remove_ffns(dense, adapter, d)
-    result["no_ffn"] = measure(
-        dense, "no-ffn+compile", vocab, device, needs_mask, ("b1",), compiled=True
-    )
+    remove_ffns(dense, adapter, dense.config.hidden_size)
+    result["no_ffn"] = loop.measure(dense, "no-ffn+compile", ("b1",), compiled=True)
     del dense
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_gpu()
     result.update(ratios(result["dense"], result["compressed"]))
     result["profile"] = profile(result)
     result["seconds"] = time.time() - t0
@@ -707,29 +650,25 @@ def bench_cpu_real(name: str) -> dict[str, Any]:
     dense, _, _ = load_model(name)
     dense.eval().requires_grad_(False)
     adapter = get_adapter(dense)
-    vocab = dense.config.vocab_size
+    loop = Loop(dense.config.vocab_size, False, torch.device("cpu"))
     recipe = plan(dense, adapter)
     result: dict[str, Any] = {
         "recipe": recipe,
         "weights": "real (ffsplit.models.load_model)",
         "dtype": "float32",
     }
-    device = torch.device("cpu")
-    result["dense"] = measure(dense, "dense", vocab, device, False)
+    result["dense"] = loop.measure(dense, "dense")
     comp = copy.deepcopy(dense)
     compress(comp, adapter, recipe, real=True)
-    comp_bytes = module_bytes(comp)
-    result["size_reduction"] = 1 - comp_bytes / recipe["dense_bytes"]
-    result["ffn_reduction"] = 1 - ffn_bytes(comp, adapter) / recipe["dense_ffn_bytes"]
+    result.update(reductions(comp, adapter, recipe["dense_bytes"], recipe["dense_ffn_bytes"]))
     fuse_model(comp, adapter, strict=True)
-    result["compressed"] = measure(comp, "compressed", vocab, device, False)
+    result["compressed"] = loop.measure(comp, "compressed")
     result.update(ratios(result["dense"], result["compressed"]))
     result["seconds"] = time.time() - t0
     return result
 
 
-def main() -> None:
-    global NEW_TOKENS, PREFILL, PDL_COMPARE, TRACE, BATCHES_COMPILED, COMPILE_MODE
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--models",
@@ -767,7 +706,34 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=256, help="(smoke tests)")
     parser.add_argument("--prefill", type=int, default=2048, help="(smoke tests)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _document(results: dict[str, Any], gpu: bool, compiled: bool) -> dict[str, Any]:
+    """The JSON this benchmark writes: machine, pinned workload, the loop, results by model."""
+    loop = (
+        "static KV cache; whole decode step (forward, argmax, position update) in one "
+        "CUDA graph, replayed; prefill eager, last-token logits"
+        + (f"; forward through torch.compile (mode {COMPILE_MODE})" if compiled else "")
+    )
+    return {
+        "benchmark": "e2e",
+        "machine": machine(),
+        "workload": {
+            "prompt": PROMPT,
+            "new_tokens": NEW_TOKENS,
+            "prefill_tokens": PREFILL,
+            "batches": list(BATCHES),
+            "target_size_reduction": SIZE_REDUCTION,
+        },
+        "loop": loop if gpu else "generate() for decode, one forward for prefill; eager fp32",
+        "models": results,
+    }
+
+
+def main() -> None:
+    global NEW_TOKENS, PREFILL, PDL_COMPARE, TRACE, BATCHES_COMPILED, COMPILE_MODE
+    args = _arguments()
     NEW_TOKENS, PREFILL = args.new_tokens, args.prefill
     PDL_COMPARE, TRACE = args.pdl_compare, args.trace
     BATCHES_COMPILED = tuple(args.compiled_batches.split(","))
@@ -779,32 +745,7 @@ def main() -> None:
     def save(partial: dict[str, Any] | None = None, name: str = "") -> None:
         if partial is not None:
             results[name] = partial
-        write_json(
-            out,
-            {
-                "benchmark": "e2e",
-                "machine": machine(),
-                "workload": {
-                    "prompt": PROMPT,
-                    "new_tokens": NEW_TOKENS,
-                    "prefill_tokens": PREFILL,
-                    "batches": list(BATCHES),
-                    "target_size_reduction": SIZE_REDUCTION,
-                },
-                "loop": (
-                    "static KV cache; whole decode step (forward, argmax, position update) in one "
-                    "CUDA graph, replayed; prefill eager, last-token logits"
-                    + (
-                        f"; forward through torch.compile (mode {COMPILE_MODE})"
-                        if args.compile
-                        else ""
-                    )
-                )
-                if gpu
-                else "generate() for decode, one forward for prefill; eager fp32",
-                "models": results,
-            },
-        )
+        write_json(out, _document(results, gpu, args.compile))
 
     for name in args.models:
         if gpu and args.quant:

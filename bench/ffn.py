@@ -23,11 +23,13 @@ bench/common.py). ``roofline_share`` = measured speedup / roofline speedup.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,130 +168,118 @@ def stage_profile(cores: list[FusedFFNCore], tokens: int) -> dict[str, Any]:
 
     q = [getattr(core, n, None) for n in ("q3", "q3_scales", "q3_zeros")]
     stages.append(("last", last_stage, nbytes(core.w3, *q)))
+    return time_stages(
+        stages, len(cores), lambda name: f"  stage {core.light:7s} tokens {tokens:2d} {name:5s}"
+    )
+
+
+def time_stages(
+    stages: list[tuple[str, Any, int]], copies: int, heading: Any
+) -> dict[str, dict[str, float]]:
+    """Each (name, function over the copies, weight bytes it reads) timed alone in a CUDA graph:
+    ms per copy, bytes and TB/s, printed after ``heading(name)``."""
     out = {}
     with torch.no_grad():
         for name, fn, weights in stages:
-            ms = graph_time_ms(fn, calls_per_replay=len(cores))
+            ms = graph_time_ms(fn, calls_per_replay=copies)
             out[name] = {"ms": ms, "weight_bytes": weights, "tb_per_s": weights / ms / 1e9}
             print(
-                f"  stage {core.light:7s} tokens {tokens:2d} {name:5s} {1e3 * ms:7.2f} us "
+                f"{heading(name)} {1e3 * ms:7.2f} us "
                 f"{weights / 1e6:6.1f} MB {weights / ms / 1e9:5.2f} TB/s",
                 flush=True,
             )
     return out
 
 
-def bench_shape(
-    spec: FFNSpec, tokens: tuple[int, ...], dtype: torch.dtype, only: list[str] | None = None
-) -> tuple[list, dict]:
-    device = torch.device("cuda")
-    rows: list[dict[str, Any]] = []
-    profiles: dict[str, Any] = {}
-    inputs = {t: torch.randn(t, spec.d, device=device, dtype=dtype) for t in tokens}
+@dataclass(frozen=True)
+class DenseBaseline:
+    """The dense FFN of one shape, timed once: every variant's row is against it (style.md, 10)."""
 
+    spec: FFNSpec
+    tokens: tuple[int, ...]
+    inputs: dict[int, torch.Tensor]  # one input per token count, shared by every variant
+    ms: dict[int, float]
+    nbytes: int
+    copies: int
+
+
+def dense_baseline(
+    spec: FFNSpec, tokens: tuple[int, ...], dtype: torch.dtype, label: str
+) -> tuple[DenseBaseline, list[torch.nn.Module]]:
+    """The inputs, then the stock dense MLP's copies timed at every token count (printed under
+    ``label``); returns the baseline and the copies (the caller frees them)."""
+    device = torch.device("cuda")
+    inputs = {t: torch.randn(t, spec.d, device=device, dtype=dtype) for t in tokens}
     dense_one = dense_mlp(spec, device, dtype)
     dense_bytes = module_bytes(dense_one)
     k = copies_for(dense_bytes)
     dense = [dense_one] + [dense_mlp(spec, device, dtype) for _ in range(k - 1)]
     dense_ms = {t: time_modules(dense, inputs[t]) for t in tokens}
     for t in tokens:
-        rows.append(
-            _row(
-                spec,
-                t,
-                "dense",
-                None,
-                dense_ms[t],
-                dense_ms[t],
-                dense_bytes,
-                dense_bytes,
-                dense_bytes,
-                k,
-            )
-        )
         print(
-            f"{spec.name:13s} {t:5d} dense        {dense_ms[t]:8.4f} ms "
+            f"{spec.name:13s} {t:5d} {label}{dense_ms[t]:8.4f} ms "
             f"({dense_bytes / dense_ms[t] / 1e9:.2f} TB/s)",
             flush=True,
         )
+    return DenseBaseline(spec, tokens, inputs, dense_ms, dense_bytes, k), dense
 
-    fused_dense = [
-        fuse_projections(m.up_proj, m.gate_proj, m.down_proj, m.act_fn, dtype=dtype) for m in dense
+
+def _fuse(mlp: torch.nn.Module, dtype: torch.dtype) -> Any:
+    """The fused execution form of an MLP's projections (what load_variant runs on CUDA)."""
+    return fuse_projections(mlp.up_proj, mlp.gate_proj, mlp.down_proj, mlp.act_fn, dtype=dtype)
+
+
+def bench_shape(
+    spec: FFNSpec, tokens: tuple[int, ...], dtype: torch.dtype, only: list[str] | None = None
+) -> tuple[list, dict]:
+    base, dense = dense_baseline(spec, tokens, dtype, "dense        ")
+    rows: list[dict[str, Any]] = [
+        _row(base, t, "dense", None, base.ms[t], base.nbytes, base.nbytes, base.copies)
+        for t in tokens
     ]
-    del dense, dense_one
+    profiles: dict[str, Any] = {}
+    fused_dense = [_fuse(m, dtype) for m in dense]
+    del dense
     _free()
-    _measure(
-        rows,
-        spec,
-        tokens,
-        inputs,
-        "dense-fused",
-        None,
-        fused_dense,
-        dense_ms,
-        dense_bytes,
-        dense_bytes,
-    )
+    _measure(rows, base, "dense-fused", None, fused_dense, base.nbytes)
     del fused_dense
     _free()
-
     for recipe in recipes(spec):
-        if only is not None and recipe.name not in only:
-            continue
-        one = split_mlp(spec, recipe, device, dtype)
-        split_bytes = module_bytes(one)
-        k = copies_for(split_bytes)
-        mlps = [one] + [split_mlp(spec, recipe, device, dtype) for _ in range(k - 1)]
-        if recipe.name == "lowrank-h0.10-b0.67":
-            _measure(
-                rows,
-                spec,
-                tokens,
-                inputs,
-                "split-reference-" + recipe.name,
-                recipe,
-                mlps,
-                dense_ms,
-                dense_bytes,
-                split_bytes,
-            )
-        cores = [
-            fuse_projections(m.up_proj, m.gate_proj, m.down_proj, m.act_fn, dtype=dtype)
-            for m in mlps
-        ]
-        del mlps, one
-        _free()
-        _measure(
-            rows,
-            spec,
-            tokens,
-            inputs,
-            recipe.name,
-            recipe,
-            cores,
-            dense_ms,
-            dense_bytes,
-            split_bytes,
-        )
-        if recipe.name in ("lowrank-h0.10-b0.67", "int4-h0.10", "lowrank-uniform-b0.67"):
-            profiles.setdefault(spec.name, {})[recipe.name] = {
-                f"tokens_{t}": stage_profile(cores, t) for t in tokens if t <= 16
-            }
-        del cores
-        _free()
+        if only is None or recipe.name in only:
+            _bench_recipe(rows, profiles, base, recipe, dtype)
     return rows, profiles
+
+
+def _bench_recipe(
+    rows: list, profiles: dict, base: DenseBaseline, recipe: Recipe, dtype: torch.dtype
+) -> None:
+    """One recipe's split FFN: the naive split (for the e2e recipe), then its fused form, and
+    the fused form's decode stages alone for the profiled recipes."""
+    spec, device = base.spec, torch.device("cuda")
+    one = split_mlp(spec, recipe, device, dtype)
+    split_bytes = module_bytes(one)
+    k = copies_for(split_bytes)
+    mlps = [one] + [split_mlp(spec, recipe, device, dtype) for _ in range(k - 1)]
+    if recipe.name == "lowrank-h0.10-b0.67":
+        _measure(rows, base, "split-reference-" + recipe.name, recipe, mlps, split_bytes)
+    cores = [_fuse(m, dtype) for m in mlps]
+    del mlps, one
+    _free()
+    _measure(rows, base, recipe.name, recipe, cores, split_bytes)
+    if recipe.name in ("lowrank-h0.10-b0.67", "int4-h0.10", "lowrank-uniform-b0.67"):
+        profiles.setdefault(spec.name, {})[recipe.name] = {
+            f"tokens_{t}": stage_profile(cores, t) for t in base.tokens if t <= 16
+        }
+    del cores
+    _free()
 
 
 def _measure(
     rows: list,
-    spec: FFNSpec,
-    tokens: tuple[int, ...],
-    inputs: dict,
+    base: DenseBaseline,
     variant: str,
     recipe: Recipe | None,
     modules: list,
-    dense_ms: dict,
-    dense_bytes: int,
     split_bytes: int,
 ) -> None:
     stored = sum(module_bytes(m) for m in modules) // len(modules)
@@ -299,24 +289,13 @@ def _measure(
         settings.append(("+pdl", {"FFSPLIT_KERNEL_PDL": "1"}))
     for suffix, variables in settings:
         with environ(**variables):
-            for t in tokens:
-                ms = time_modules(modules, inputs[t])
-                row = _row(
-                    spec,
-                    t,
-                    variant + suffix,
-                    recipe,
-                    dense_ms[t],
-                    ms,
-                    dense_bytes,
-                    split_bytes,
-                    stored,
-                    len(modules),
-                )
+            for t in base.tokens:
+                ms = time_modules(modules, base.inputs[t])
+                row = _row(base, t, variant + suffix, recipe, ms, split_bytes, stored, len(modules))
                 row["pdl"] = os.environ.get("FFSPLIT_KERNEL_PDL", "0") == "1"
                 rows.append(row)
                 print(
-                    f"{spec.name:13s} {t:5d} {variant + suffix:34s} {ms:8.4f} ms  "
+                    f"{base.spec.name:13s} {t:5d} {variant + suffix:34s} {ms:8.4f} ms  "
                     f"x{row['speedup']:.2f} (roofline x{row['roofline_speedup']:.2f}, "
                     f"{100 * row['roofline_share']:.0f}%)",
                     flush=True,
@@ -324,19 +303,17 @@ def _measure(
 
 
 def _row(
-    spec: FFNSpec,
+    base: DenseBaseline,
     tokens: int,
     variant: str,
     recipe: Recipe | None,
-    dense_ms: float,
     split_ms: float,
-    dense_bytes: int,
     split_bytes: int,
     stored_bytes: int,
     copies: int,
 ) -> dict[str, Any]:
+    spec, dense_ms, dense_bytes = base.spec, base.ms[tokens], base.nbytes
     rl = roofline(spec, recipe, tokens, dense_bytes, split_bytes)
-    speedup = dense_ms / split_ms
     return {
         "shape": spec.name,
         "d": spec.d,
@@ -344,18 +321,33 @@ def _row(
         "tokens": tokens,
         "variant": variant,
         "recipe": recipe.describe(spec) if recipe is not None else None,
-        "dense_ms": dense_ms,
-        "split_ms": split_ms,
-        "speedup": speedup,
-        "roofline_speedup": rl,
-        "roofline_share": speedup / rl,
-        "dense_bytes": dense_bytes,
-        "split_bytes": split_bytes,
-        "stored_bytes": stored_bytes,
-        "ffn_reduction": 1 - split_bytes / dense_bytes,
-        "split_tb_per_s": split_bytes / split_ms / 1e9,
-        "dense_tb_per_s": dense_bytes / dense_ms / 1e9,
+        **speed_columns(dense_ms, split_ms, rl, dense_bytes, split_bytes, stored_bytes, "split"),
         "copies": copies,
+    }
+
+
+def speed_columns(
+    dense_ms: float,
+    ms: float,
+    roof: float,
+    dense_bytes: int,
+    nbytes: int,
+    stored: int,
+    name: str,
+) -> dict[str, Any]:
+    """The timing and byte columns of every row (``name``: what the variant's are called)."""
+    return {
+        "dense_ms": dense_ms,
+        "split_ms": ms,
+        "speedup": dense_ms / ms,
+        "roofline_speedup": roof,
+        "roofline_share": dense_ms / ms / roof,
+        "dense_bytes": dense_bytes,
+        f"{name}_bytes": nbytes,
+        "stored_bytes": stored,
+        "ffn_reduction": 1 - nbytes / dense_bytes,
+        f"{name}_tb_per_s": nbytes / ms / 1e9,
+        "dense_tb_per_s": dense_bytes / dense_ms / 1e9,
     }
 
 
@@ -455,17 +447,7 @@ def quant_row(
         "heavy_bits": recipe.heavy_bits,
         "group": recipe.group,
         "kernel": kernel,
-        "dense_ms": dense_ms,
-        "split_ms": ms,
-        "speedup": dense_ms / ms,
-        "roofline_speedup": roof,
-        "roofline_share": dense_ms / ms / roof,
-        "dense_bytes": dense_bytes,
-        "variant_bytes": variant_bytes,
-        "stored_bytes": stored,
-        "ffn_reduction": 1 - variant_bytes / dense_bytes,
-        "variant_tb_per_s": variant_bytes / ms / 1e9,
-        "dense_tb_per_s": dense_bytes / dense_ms / 1e9,
+        **speed_columns(dense_ms, ms, roof, dense_bytes, variant_bytes, stored, "variant"),
     }
 
 
@@ -480,20 +462,11 @@ def quant_stage_profile(cores: list, tokens: int) -> dict[str, Any]:
         if name in ("w_dense", "bias_first") or "_first" in name
     )
     last_bytes = core.nbytes() - first_bytes
-    out = {}
-    with torch.no_grad():
-        for name, fn, nbytes in (
-            ("first", lambda: [c._first_kernels(x) for c in cores], first_bytes),
-            ("last", lambda: [c._last_kernels(hidden) for c in cores], last_bytes),
-        ):
-            ms = graph_time_ms(fn, calls_per_replay=len(cores))
-            out[name] = {"ms": ms, "weight_bytes": nbytes, "tb_per_s": nbytes / ms / 1e9}
-            print(
-                f"  stage {name:5s} tokens {tokens:2d} {1e3 * ms:7.2f} us {nbytes / 1e6:6.1f} MB "
-                f"{nbytes / ms / 1e9:5.2f} TB/s",
-                flush=True,
-            )
-    return out
+    stages = [
+        ("first", lambda: [c._first_kernels(x) for c in cores], first_bytes),
+        ("last", lambda: [c._last_kernels(hidden) for c in cores], last_bytes),
+    ]
+    return time_stages(stages, len(cores), lambda name: f"  stage {name:5s} tokens {tokens:2d}")
 
 
 @torch.no_grad()
@@ -521,107 +494,134 @@ def bench_quant_shape(
 ) -> None:
     """Rows for one shape, appended to ``rows`` and saved after every variant (a crash keeps
     what was measured). which: "ours", "libraries" or "all"."""
-    from bench.quant_baselines import baseline_bytes, baseline_mlp
-
-    device = torch.device("cuda")
-    inputs = {t: torch.randn(t, spec.d, device=device, dtype=dtype) for t in tokens}
-    dense_one = dense_mlp(spec, device, dtype)
-    dense_bytes = module_bytes(dense_one)
-    k = copies_for(dense_bytes)
-    dense = [dense_one] + [dense_mlp(spec, device, dtype) for _ in range(k - 1)]
-    dense_ms = {t: time_modules(dense, inputs[t]) for t in tokens}
-    for t in tokens:
-        print(
-            f"{spec.name:13s} {t:5d} dense (cublas)  {dense_ms[t]:8.4f} ms "
-            f"({dense_bytes / dense_ms[t] / 1e9:.2f} TB/s)",
-            flush=True,
-        )
-    del dense, dense_one
+    base, dense = dense_baseline(spec, tokens, dtype, "dense (cublas)  ")
+    del dense
     _free()
-
-    def record(variant, recipe, kernel_of, modules, nbytes, stored):
-        for t in tokens:
-            try:
-                ms = time_modules(modules, inputs[t])
-            except Exception as exc:  # noqa: BLE001 - a library that cannot run a shape: noted
-                print(f"{spec.name} {t} {variant}: failed: {exc}", flush=True)
-                rows.append(
-                    {
-                        "shape": spec.name,
-                        "tokens": t,
-                        "variant": variant,
-                        "kernel": kernel_of(t),
-                        "error": str(exc)[:300],
-                    }
-                )
-                continue
-            row = quant_row(
-                spec, t, variant, recipe, kernel_of(t), dense_ms[t], ms, dense_bytes, nbytes, stored
-            )
-            rows.append(row)
-            print(
-                f"{spec.name:13s} {t:5d} {variant:34s} {ms:8.4f} ms x{row['speedup']:.2f} "
-                f"(roofline x{row['roofline_speedup']:.2f}, {100 * row['roofline_share']:.0f}%) "
-                f"[{row['kernel']}]",
-                flush=True,
-            )
-
     for name in names if which != "libraries" else []:
-        recipe = QUANT_RECIPES[name]
-        nbytes = recipe.nbytes(spec)
-        k = copies_for(nbytes)
-        cores = []
-        for _ in range(k):
-            mlp = quant_split_mlp(spec, recipe, device, dtype)
-            cores.append(
-                fuse_projections(mlp.up_proj, mlp.gate_proj, mlp.down_proj, mlp.act_fn, dtype=dtype)
-            )
-            del mlp
-        stored = cores[0].nbytes()
-        first_core = cores[0]
-        errors = _quant_errors(first_core, tuple(t for t in tokens if t <= 16))
-        record(name, recipe, lambda t, c=first_core: _kernel_name(t, c), cores, nbytes, stored)
-        for row in rows:
-            if row.get("variant") == name and row.get("shape") == spec.name:
-                row["relative_error_vs_reference"] = errors.get(row["tokens"])
-        if name in QUANT_PROFILED:
-            profiles.setdefault(spec.name, {})[name] = {
-                f"tokens_{t}": quant_stage_profile(cores, t) for t in tokens if t <= 16
-            }
-        del cores
-        _free()
+        _quant_ours(rows, profiles, base, name, dtype)
         save()
     if which != "ours":
         for kernel, name in QUANT_BASELINES:
-            if name not in names:
-                continue
-            recipe = QUANT_RECIPES[name]
-            try:
-                k = copies_for(recipe.nbytes(spec))
-                mlps = [baseline_mlp(kernel, spec, recipe, device, dtype) for _ in range(k)]
-            except Exception as exc:  # noqa: BLE001 - library missing or shape refused: noted
-                print(f"{spec.name} {kernel} {name}: cannot build: {exc}", flush=True)
-                rows.append(
-                    {
-                        "shape": spec.name,
-                        "variant": f"{name} [{kernel}]",
-                        "kernel": kernel,
-                        "error": str(exc)[:300],
-                    }
-                )
-                continue
-            label = kernel if recipe.heavy_ratio == 0 else f"cublas heavy + {kernel} light"
-            record(
-                f"{name} [{kernel}]",
-                recipe,
-                lambda t, label=label: label,
-                mlps,
-                recipe.nbytes(spec),
-                baseline_bytes(mlps[0]),
+            if name in names and _quant_library(rows, base, kernel, name, dtype):
+                save()
+
+
+def _quant_ours(
+    rows: list, profiles: dict, base: DenseBaseline, name: str, dtype: torch.dtype
+) -> None:
+    """One quant recipe through ffsplit's fused kernels: rows with the tuned core's error
+    against the float32 reference, and the decode stages alone for the profiled recipes."""
+    spec, device = base.spec, torch.device("cuda")
+    recipe = QUANT_RECIPES[name]
+    nbytes = recipe.nbytes(spec)
+    k = copies_for(nbytes)
+    cores = []
+    for _ in range(k):
+        mlp = quant_split_mlp(spec, recipe, device, dtype)
+        cores.append(_fuse(mlp, dtype))
+        del mlp
+    stored = cores[0].nbytes()
+    first_core = cores[0]
+    errors = _quant_errors(first_core, tuple(t for t in base.tokens if t <= 16))
+    kernel_of = functools.partial(_kernel_name, core=first_core)
+    _record_quant(rows, base, name, recipe, kernel_of, cores, nbytes, stored)
+    for row in rows:
+        if row.get("variant") == name and row.get("shape") == spec.name:
+            row["relative_error_vs_reference"] = errors.get(row["tokens"])
+    if name in QUANT_PROFILED:
+        profiles.setdefault(spec.name, {})[name] = {
+            f"tokens_{t}": quant_stage_profile(cores, t) for t in base.tokens if t <= 16
+        }
+    del cores
+    _free()
+
+
+def _quant_library(
+    rows: list, base: DenseBaseline, kernel: str, name: str, dtype: torch.dtype
+) -> bool:
+    """One recipe through a library (GemLite, tinygemm); False where it could not be built
+    (the reason is a row)."""
+    from bench.quant_baselines import baseline_bytes, baseline_mlp
+
+    spec, device = base.spec, torch.device("cuda")
+    recipe = QUANT_RECIPES[name]
+    try:
+        k = copies_for(recipe.nbytes(spec))
+        mlps = [baseline_mlp(kernel, spec, recipe, device, dtype) for _ in range(k)]
+    except Exception as exc:  # noqa: BLE001 - library missing or shape refused: noted
+        print(f"{spec.name} {kernel} {name}: cannot build: {exc}", flush=True)
+        rows.append(
+            {
+                "shape": spec.name,
+                "variant": f"{name} [{kernel}]",
+                "kernel": kernel,
+                "error": str(exc)[:300],
+            }
+        )
+        return False
+    label = kernel if recipe.heavy_ratio == 0 else f"cublas heavy + {kernel} light"
+    _record_quant(
+        rows,
+        base,
+        f"{name} [{kernel}]",
+        recipe,
+        lambda t, label=label: label,
+        mlps,
+        recipe.nbytes(spec),
+        baseline_bytes(mlps[0]),
+    )
+    del mlps
+    _free()
+    return True
+
+
+def _record_quant(
+    rows: list,
+    base: DenseBaseline,
+    variant: str,
+    recipe: QuantRecipe,
+    kernel_of: Any,
+    modules: list,
+    nbytes: int,
+    stored: int,
+) -> None:
+    """Time the modules at every token count: a row each (an error row where one fails)."""
+    spec = base.spec
+    for t in base.tokens:
+        try:
+            ms = time_modules(modules, base.inputs[t])
+        except Exception as exc:  # noqa: BLE001 - a library that cannot run a shape: noted
+            print(f"{spec.name} {t} {variant}: failed: {exc}", flush=True)
+            rows.append(
+                {
+                    "shape": spec.name,
+                    "tokens": t,
+                    "variant": variant,
+                    "kernel": kernel_of(t),
+                    "error": str(exc)[:300],
+                }
             )
-            del mlps
-            _free()
-            save()
+            continue
+        row = quant_row(
+            spec, t, variant, recipe, kernel_of(t), base.ms[t], ms, base.nbytes, nbytes, stored
+        )
+        rows.append(row)
+        print(
+            f"{spec.name:13s} {t:5d} {variant:34s} {ms:8.4f} ms x{row['speedup']:.2f} "
+            f"(roofline x{row['roofline_speedup']:.2f}, {100 * row['roofline_share']:.0f}%) "
+            f"[{row['kernel']}]",
+            flush=True,
+        )
+
+
+def _header() -> dict[str, Any]:
+    """What both FFN benchmarks' JSON starts with: the machine, dtype, timing and ceilings."""
+    return {
+        "machine": machine(),
+        "dtype": "bfloat16",
+        "timing": "CUDA graph replays, median of 7 trials; weights of all copies > 4x L2",
+        "ceilings": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "bf16_flops_per_s": BF16_FLOPS_PER_S},
+    }
 
 
 def main_quant(args: argparse.Namespace) -> None:
@@ -642,13 +642,7 @@ def main_quant(args: argparse.Namespace) -> None:
             {
                 "benchmark": "ffn-quant",
                 "command": " ".join(["python3", *sys.argv]),
-                "machine": machine(),
-                "dtype": "bfloat16",
-                "timing": "CUDA graph replays, median of 7 trials; weights of all copies > 4x L2",
-                "ceilings": {
-                    "hbm_bytes_per_s": HBM_BYTES_PER_S,
-                    "bf16_flops_per_s": BF16_FLOPS_PER_S,
-                },
+                **_header(),
                 "roofline": "stored-bytes ratio at <=16 tokens (dense / variant), FLOPs ratio (1.0) "
                 "at 2048, ratio of floors at 128",
                 "tiles": {f"{k[0]}/{k[1]}": str(v) for k, v in qffn.TILES.items()},
@@ -708,13 +702,7 @@ def main() -> None:
             args.out,
             {
                 "benchmark": "ffn",
-                "machine": machine(),
-                "dtype": "bfloat16",
-                "timing": "CUDA graph replays, median of 7 trials; weights of all copies > 4x L2",
-                "ceilings": {
-                    "hbm_bytes_per_s": HBM_BYTES_PER_S,
-                    "bf16_flops_per_s": BF16_FLOPS_PER_S,
-                },
+                **_header(),
                 "roofline": "bytes ratio at <=16 tokens, FLOPs ratio at 2048, ratio of floors at 128",
                 "rows": all_rows,
                 "decode_stage_profile": profiles,

@@ -186,7 +186,7 @@ class GpuSampler:
     """
 
     def __init__(self, period: float = 0.5) -> None:
-        self.period = period
+        self.period_s = period
         self.holders: dict[str, dict[str, Any]] = {}
         self.ray_free_gpus: list[tuple[float, float]] = []
         self.source = "none"
@@ -244,7 +244,7 @@ class GpuSampler:
         return None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.period):
+        while not self._stop.wait(self.period_s):
             now = time.perf_counter() - self._t0
             if self._query is not None:
                 with contextlib.suppress(Exception):
@@ -275,10 +275,7 @@ class GpuSampler:
 
     def report(self) -> dict[str, Any]:
         return {
-            "source": self.source,
-            "period_s": self.period,
-            "holders": self.holders,
-            "ray_free_gpus": self.ray_free_gpus,
+            key: getattr(self, key) for key in ("source", "period_s", "holders", "ray_free_gpus")
         }
 
 
@@ -316,6 +313,67 @@ def _shard_device(path: str) -> str | None:
     return (read_shard_spec(path).get("meta") or {}).get("device")
 
 
+def _profile_calls(base: Any, profile: Any, units: int, paths: list[str]) -> list[dict[str, Any]]:
+    """The profile stage's calls, one per calibration unit (as the compress flow makes them)."""
+    return [
+        {"model": base, "profile": profile.to_dict(), "unit": u, "units": units, "out": p}
+        for u, p in enumerate(paths)
+    ]
+
+
+def _compress_calls(
+    base: Any, recipe: Any, merged: Any, shards: int, root: str
+) -> list[dict[str, Any]]:
+    """The compress stage's calls, one per layer shard (statistics only where the recipe reads
+    them, as the compress flow does)."""
+    from tasks.compress import layer_shards, shard_path
+
+    compression = recipe.unhealed()
+    stats = merged if recipe.needs_statistics else None
+    return [
+        {
+            "model": base,
+            "stats_path": None if stats is None else stats.stats_path,
+            "recipe": compression.to_dict(),
+            "layers": layers,
+            "out": shard_path(
+                root, base, None if stats is None else stats.key, compression, layers
+            ),
+        }
+        for layers in layer_shards(base.layers, shards)
+    ]
+
+
+def _stages(
+    base: Any, config: BenchConfig, workers: int, cache: Path, record: dict[str, Any]
+) -> tuple[list[Any], Any, list[Any]]:
+    """The warm-up (one tiny unit per worker: every worker loads the model), then profile,
+    aggregate and compress, each timed into ``record``; returns units, merge and shards."""
+    from tasks.aggregate import aggregate, aggregate_path
+    from tasks.compress import compress_shard
+    from tasks.profile import profile_unit, unit_paths
+
+    profile, recipe = config.parsed()
+    root = str(cache / "cache")
+    if config.warm_up:
+        warm = profile.replace(tokens=profile.window * workers)
+        t = time.perf_counter()
+        warm_paths = unit_paths(str(cache / "warm"), base, warm, workers)
+        profile_unit.run_many(_profile_calls(base, warm, workers, warm_paths))
+        record["warm_up_s"] = time.perf_counter() - t
+    paths = unit_paths(root, base, profile, config.units)
+    t = time.perf_counter()
+    units = profile_unit.run_many(_profile_calls(base, profile, config.units, paths))
+    record["profile_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    merged = aggregate.run(model=base, unit_paths=paths, out=aggregate_path(root, paths))
+    record["aggregate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    shards = compress_shard.run_many(_compress_calls(base, recipe, merged, config.shards, root))
+    record["compress_s"] = time.perf_counter() - t
+    return units, merged, shards
+
+
 def run_setting(
     base: Any, config: BenchConfig, workers: int, gpus: bool, cache: Path, log: Callable = print
 ) -> dict[str, Any]:
@@ -323,80 +381,20 @@ def run_setting(
     with the flows' stages; a fresh cache each time. Returns timings and the stage records."""
     import ray
 
-    from tasks.aggregate import aggregate, aggregate_path
-    from tasks.compress import compress_shard, layer_shards, shard_path
-    from tasks.profile import profile_unit, unit_paths
     from tasks.runtime import cluster_info, ray_session
 
-    profile, recipe = config.parsed()
+    config.parsed()  # a bad config fails before Ray starts
     if ray.is_initialized():  # it would be reused, with its own worker count
         raise FFSplitError("Ray is already up in this process: each setting starts its own Ray")
     if cache.exists():
         shutil.rmtree(cache)
-    root = str(cache / "cache")
     record: dict[str, Any] = {"workers": workers, "gpus": workers if gpus else 0}
     started = time.perf_counter()
     session = {"num_gpus": workers} if gpus else {"num_cpus": workers}
     with ray_session(**session) as cluster, GpuSampler() as sampler:
         record["cluster"] = cluster
         record["ray_start_s"] = time.perf_counter() - started
-        if config.warm_up:  # one tiny unit per worker: every worker loads the model
-            warm = profile.replace(tokens=profile.window * workers)
-            t = time.perf_counter()
-            warm_paths = unit_paths(str(cache / "warm"), base, warm, workers)
-            profile_unit.run_many(
-                [
-                    {
-                        "model": base,
-                        "profile": warm.to_dict(),
-                        "unit": u,
-                        "units": workers,
-                        "out": p,
-                    }
-                    for u, p in enumerate(warm_paths)
-                ]
-            )
-            record["warm_up_s"] = time.perf_counter() - t
-        paths = unit_paths(root, base, profile, config.units)
-        t = time.perf_counter()
-        units = profile_unit.run_many(
-            [
-                {
-                    "model": base,
-                    "profile": profile.to_dict(),
-                    "unit": u,
-                    "units": config.units,
-                    "out": p,
-                }
-                for u, p in enumerate(paths)
-            ]
-        )
-        record["profile_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        merged = aggregate.run(model=base, unit_paths=paths, out=aggregate_path(root, paths))
-        record["aggregate_s"] = time.perf_counter() - t
-        compression = recipe.unhealed()
-        groups = layer_shards(base.layers, config.shards)
-        t = time.perf_counter()
-        shards = compress_shard.run_many(
-            [
-                {
-                    "model": base,
-                    "stats_path": merged.stats_path if recipe.needs_statistics else None,
-                    "recipe": compression.to_dict(),
-                    "layers": layers,
-                    "out": shard_path(
-                        root,
-                        base,
-                        merged.key if recipe.needs_statistics else None,
-                        compression,
-                        layers,
-                    ),
-                }
-                for layers in groups
-            ]
-        )
-        record["compress_s"] = time.perf_counter() - t
+        units, merged, shards = _stages(base, config, workers, cache, record)
         record["cluster_after"] = cluster_info()
     record["total_s"] = time.perf_counter() - started
     record["gpu_holders"] = sampler.report()
@@ -530,16 +528,22 @@ def default_recipe() -> dict[str, Any]:
 
 
 def all_int4_reduction(hidden: int, neurons: int, heavy_ratio: float, group_size: int) -> float:
+    """all_int4_budget of a gated FFN (the Llama models here)."""
+    from ffsplit.compress.budget import FFNShape
+
+    return all_int4_budget(FFNShape(d=hidden, m=neurons, gated=True), heavy_ratio, group_size)
+
+
+def all_int4_budget(shape: Any, heavy_ratio: float, group_size: int) -> float:
     """The FFN reduction at which every light neuron is int4 and every heavy one 16-bit (rounded
-    down to 6 digits, so the budget solver lands on exactly that mix)."""
+    down to 6 digits, so the budget solver lands on exactly that mix); shape: an FFNShape."""
     import math
 
-    from ffsplit.compress.budget import FFNShape, dense_ffn_bytes, quant_bytes, reduction
+    from ffsplit.compress.budget import dense_ffn_bytes, quant_bytes, reduction
     from ffsplit.selection import heavy_count
 
-    shape = FFNShape(d=hidden, m=neurons, gated=True)
-    heavy = heavy_count(neurons, heavy_ratio)
-    compressed = quant_bytes(shape, heavy, 16, {4: neurons - heavy}, group_size)
+    heavy = heavy_count(shape.m, heavy_ratio)
+    compressed = quant_bytes(shape, heavy, 16, {4: shape.m - heavy}, group_size)
     return math.floor(reduction(dense_ffn_bytes(shape), compressed) * 1e6) / 1e6
 
 

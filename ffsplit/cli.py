@@ -23,6 +23,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ffsplit.config import (
+    DEFAULT_CALIB_TOKENS,
+    DEFAULT_EVAL_TOKENS,
+    DEFAULT_FFN_REDUCTION,
+    DEFAULT_HEAVY_RATIO,
+    DEFAULT_WINDOW,
+)
 from ffsplit.errors import FFSplitError
 from ffsplit.files import check_output_path, claim_output, shown
 
@@ -261,8 +268,8 @@ def profile(
     out_path: Annotated[
         Path, typer.Option("--out", help="statistics file to write (.safetensors)")
     ],
-    calib_tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,
-    window: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
+    calib_tokens: Annotated[int, typer.Option(help="calibration tokens")] = DEFAULT_CALIB_TOKENS,
+    window: Annotated[int, typer.Option(help="tokens per calibration window")] = DEFAULT_WINDOW,
     corpus: Annotated[str, typer.Option(help="wikipedia, news, or a text file")] = "wikipedia",
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
     no_grams: Annotated[
@@ -298,17 +305,21 @@ def compress(
         Method, typer.Option(help="how the light part is compressed")
     ] = Method.lowrank,
     heavy_ratio: Annotated[
-        float, typer.Option(help="share of neurons kept as heavy hitters, in (0, 1)")
-    ] = 0.1,
+        float | None,
+        typer.Option(
+            help=f"share of neurons kept as heavy hitters, in (0, 1) [default: {DEFAULT_HEAVY_RATIO}]",
+            show_default=False,
+        ),
+    ] = None,
     ffn_reduction: Annotated[
         float, typer.Option(help="target FFN size reduction by bytes, in (0, 1)")
-    ] = 0.3,
+    ] = DEFAULT_FFN_REDUCTION,
     baseline: Annotated[
         Baseline | None, typer.Option(help="compress as a baseline instead of FFSplit")
     ] = None,
     calib_tokens: Annotated[
         int, typer.Option(help="calibration tokens, when profiling here")
-    ] = 32768,
+    ] = DEFAULT_CALIB_TOKENS,
     stats: Annotated[
         Path | None, typer.Option(help="statistics from `ffsplit profile` (else profiled here)")
     ] = None,
@@ -345,7 +356,7 @@ def compress(
     --heal-* options heal the compressed FFNs (a short distillation against the dense model on
     calibration text) before saving; given with --recipe they override its heal settings.
     """
-    from ffsplit.config import LowRankConfig, ProfileConfig, QuantConfig, Recipe
+    from ffsplit.config import LowRankConfig, ProfileConfig, PruneConfig, QuantConfig, Recipe
     from ffsplit.jobs import compress_job
 
     with _user_errors(), _output(out_dir):
@@ -353,18 +364,25 @@ def compress(
             recipe = load_recipe(recipe_file)
         else:
             _check_ratio("--ffn-reduction", ffn_reduction)
-            if baseline != Baseline.uniform or method == Method.prune:
+            selection = {Baseline.uniform: "none", Baseline.random: "random"}.get(baseline, "score")
+            if heavy_ratio is not None:
                 _check_ratio("--heavy-ratio", heavy_ratio)
+                if selection == "none" or method == Method.prune:
+                    what = "pruning" if method == Method.prune else "--baseline uniform (no split)"
+                    raise FFSplitError(f"--heavy-ratio does not apply to {what}: drop it")
+            if method == Method.prune and selection == "none":
+                raise FFSplitError("--baseline uniform does not apply to pruning: drop it")
+            compressor = {
+                Method.lowrank: LowRankConfig(whiten=not plain_svd),
+                Method.quant: QuantConfig(heavy_bits=heavy_bits, gptq=gptq),
+                Method.prune: PruneConfig(),
+            }[method]
             recipe = Recipe(
-                method=method.value,
-                heavy_ratio=0.0
-                if baseline == Baseline.uniform and method != Method.prune
-                else heavy_ratio,
+                method=compressor,
+                selection=selection,
+                heavy_ratio=heavy_ratio,
                 ffn_reduction=ffn_reduction,
-                selection="random" if baseline == Baseline.random else "score",
                 seed=seed,
-                lowrank=LowRankConfig(whiten=not plain_svd),
-                quant=QuantConfig(heavy_bits=heavy_bits, gptq=gptq),
                 profile=ProfileConfig(tokens=calib_tokens),
             )
         heal = {
@@ -420,8 +438,8 @@ def evaluate(
     corpus: Annotated[
         str, typer.Option(help="packaged corpus when --text is not given")
     ] = "wikipedia",
-    max_tokens: Annotated[int, typer.Option(help="evaluation token budget")] = 16384,
-    window: Annotated[int, typer.Option(help="tokens per evaluation window")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="evaluation token budget")] = DEFAULT_EVAL_TOKENS,
+    window: Annotated[int, typer.Option(help="tokens per evaluation window")] = DEFAULT_WINDOW,
     latency: Annotated[
         bool, typer.Option("--latency", help="also race the variant against its dense base (CPU)")
     ] = False,

@@ -261,7 +261,9 @@ def test_manifest_file_names_cannot_escape(inputs: Any, tmp_path: Path, record: 
 
 
 def test_artifact_names_cannot_escape(record: Callable) -> None:
-    registry = pytest.importorskip("tracking.registry", reason="tracking.registry is not importable")
+    registry = pytest.importorskip(
+        "tracking.registry", reason="tracking.registry is not importable"
+    )
     for name in ESCAPING_ARTIFACTS:
         with pytest.raises(FFSplitError, match="artifact name"):
             registry.check_artifact_name(name)

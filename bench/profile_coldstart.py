@@ -30,40 +30,30 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     from ffsplit.config import ProfileConfig
-    from ffsplit.models.registry import resolve_model
-    from tasks.profile import profile_unit_job, unit_resources
-    from tasks.runtime import ensure_ray, run_remote
+    from tasks.profile import profile_unit
+    from tasks.records import BaseModel
+    from tasks.runtime import ensure_ray
 
     imports_s = time.perf_counter() - started
     t = time.perf_counter()
     ensure_ray(num_cpus=args.cpus)
     ray_start_s = time.perf_counter() - t
-    ref = resolve_model(MODEL)
+    base = BaseModel.resolve(MODEL)
     profile = ProfileConfig(tokens=args.calib_tokens).to_dict()
     runs = []
     with tempfile.TemporaryDirectory(prefix="ffsplit-coldstart-") as tmp:
         for i in range(2):
             out = str(Path(tmp) / f"unit-{i}.safetensors")
             t = time.perf_counter()
-            record = run_remote(
-                profile_unit_job,
-                MODEL,
-                ref.weights_sha256,
-                profile,
-                0,
-                1,
-                out,
-                None,
-                resources=unit_resources(1),
-            )
+            record = profile_unit.run(model=base, profile=profile, unit=0, units=1, out=out)
             wall = time.perf_counter() - t
             runs.append(
                 {
                     "worker": "cold" if i == 0 else "warm",
                     "wall_s": wall,
-                    "in_task_s": record["seconds"],
-                    "outside_task_s": wall - record["seconds"],
-                    "threads": record.get("threads"),
+                    "in_task_s": record.seconds,
+                    "outside_task_s": wall - record.seconds,
+                    "threads": record.threads,
                 }
             )
     result = {

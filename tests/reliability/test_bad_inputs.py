@@ -932,12 +932,12 @@ variant_case(
 variant_case(
     "manifest_is_a_folder",
     "manifest.json is a directory",
-    r"/variant/manifest\.json: not a regular file; a variant loads only through its manifest",
+    r"/variant/manifest\.json: not a regular file \(a variant manifest\)",
 )(lambda v: ((v / "manifest.json").unlink(), (v / "manifest.json").mkdir()))
 variant_case(
     "manifest_symlink_dev_zero",
     "manifest.json is a symlink to /dev/zero",
-    r"/variant/manifest\.json: not a regular file; a variant loads only through its manifest",
+    r"/variant/manifest\.json: a symlink; a variant's files are plain files",
 )(lambda v: ((v / "manifest.json").unlink(), (v / "manifest.json").symlink_to("/dev/zero")))
 
 

@@ -10,6 +10,8 @@ they finish (JSON, --resume keeps them).
 
 Methods (``--methods``, comma separated):
   uniform-rtn, uniform-gptq       no split: every neuron within one bit of the others (index order)
+                                  (after a GPTQ method: -downrtn down by RTN, up/gate by GPTQ;
+                                  -noact GPTQ in index order, no act-order)
   ffsplit-h<rho>-<bf16|int8>      heavy = top rho by score at that precision, light over two
                                   adjacent widths in score order (GPTQ; add -rtn for RTN)
   random-h<rho>-<bf16|int8>       the same with a random heavy set and light order
@@ -29,11 +31,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import multiprocessing
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from ffsplit.compress.allocation import LEVELS, allocate, allocation_plans, neur
 from ffsplit.compress.budget import (
     FFNShape,
     dense_ffn_bytes,
+    max_bytes,
     neuron_plan_bytes,
     reduction,
     solve_light_bits,
@@ -101,11 +103,18 @@ class Method:
     joint: bool = False  # alloc: one width per neuron for all its vectors
     relative: bool = False  # alloc: errors relative to the layer's output energy
     dense_level: bool = True  # alloc: bf16 allowed
+    down_gptq: bool = True  # -downrtn: GPTQ for up/gate only, down by RTN (the old recipe)
+    act_order: bool = True  # -noact: GPTQ in index order
 
 
 def parse_method(name: str) -> Method:
     parts = name.split("-")
     family = parts[0]
+    method = _parse_family(name, family, parts)
+    return replace(method, down_gptq="downrtn" not in parts, act_order="noact" not in parts)
+
+
+def _parse_family(name: str, family: str, parts: list[str]) -> Method:
     if family == "uniform":
         return Method(name, family, gptq=parts[1] == "gptq")
     if family in ("ffsplit", "random"):
@@ -129,16 +138,6 @@ def parse_method(name: str) -> Method:
             gptq="rtn" not in parts[3:],
         )
     raise SystemExit(f"unknown method {name!r}")
-
-
-def max_bytes(dense: int, target: float) -> int:
-    """Largest byte count whose reduction() is still >= target (the float test the solvers use)."""
-    value = math.floor(dense * (1 - target))
-    while value > 0 and reduction(dense, value) < target:
-        value -= 1
-    while reduction(dense, value + 1) >= target:
-        value += 1
-    return value
 
 
 def two_level_plans(
@@ -207,7 +206,8 @@ def alloc_plans(
 def row_key(method: Method) -> str:
     """Which RowQuantizer cache a method's up/gate rows come from."""
     kept = method.ratio if method.family == "outlier" else 0
-    return f"{'gptq' if method.gptq else 'rtn'}-{kept}"
+    order = "" if method.act_order else "-noact"
+    return f"{'gptq' if method.gptq else 'rtn'}-{kept}{order}"
 
 
 def row_quantizer(method: Method, layer: Layer, group: int) -> RowQuantizer:
@@ -217,7 +217,9 @@ def row_quantizer(method: Method, layer: Layer, group: int) -> RowQuantizer:
         if method.family == "outlier":
             kept = outlier_columns(layer.stats.gram_in, outlier_count(layer.shape.d, method.ratio))
         gram = layer.stats.gram_in if method.gptq else None
-        layer.rows[key] = RowQuantizer(layer.weights, group, gram, kept=kept)
+        layer.rows[key] = RowQuantizer(
+            layer.weights, group, gram, kept=kept, act_order=method.act_order
+        )
     return layer.rows[key]
 
 
@@ -237,8 +239,15 @@ def _layer_job(index: int) -> tuple[int, tuple]:
     method, plans, group = _SHARED["method"], _SHARED["plans"], _SHARED["group"]
     layer = _SHARED["layers"][index]
     rows = row_quantizer(method, layer, group)
+    down_gptq = method.gptq and method.down_gptq
     modules = build_plan_ffn(
-        layer.weights, plans[index], group, layer.stats, gptq=method.gptq, rows=rows
+        layer.weights,
+        plans[index],
+        group,
+        layer.stats,
+        gptq=down_gptq,
+        act_order=method.act_order,
+        rows=rows,
     )
     return index, modules
 
@@ -352,8 +361,12 @@ class Quality:
             from ffsplit.analysis import hidden_state_error
             from ffsplit.data.corpora import labelled_texts
 
-            self.train = labelled_texts("tweets", "calibration", limit=args.probe_limit)
-            self.test = labelled_texts("tweets", "evaluation", limit=args.probe_limit)
+            # --probe-limit 0: no probe (its embeddings of ~3000 tweets dominate an encoder's
+            # evaluation on a shared CPU, and the hidden-state error is the sensitive measure)
+            self.probe = args.probe_limit > 0
+            if self.probe:
+                self.train = labelled_texts("tweets", "calibration", limit=args.probe_limit)
+                self.test = labelled_texts("tweets", "evaluation", limit=args.probe_limit)
             ids, ref = corpus_windows(
                 tokenizer, "wikipedia", "evaluation", args.eval_tokens, args.window
             )
@@ -374,8 +387,12 @@ class Quality:
             return {f"ppl_{c}": perplexity(net, w).perplexity for c, w in self.windows.items()}
         from ffsplit.eval import probe_accuracy
 
-        accuracy = probe_accuracy(net, self.tokenizer, *self.train, *self.test).accuracy
-        return {"probe_accuracy": accuracy, "hidden_error": self.hidden_error(net)}
+        out = {"hidden_error": self.hidden_error(net)}
+        if self.probe:
+            out["probe_accuracy"] = probe_accuracy(
+                net, self.tokenizer, *self.train, *self.test
+            ).accuracy
+        return out
 
 
 def statistics(model: nn.Module, tokenizer: Any, args: argparse.Namespace, ref: Any) -> ModelStats:
@@ -481,8 +498,10 @@ def plot_records(paths: list[Path], out: Path) -> None:
     records = [json.loads(p.read_text()) for p in paths]
     causal = "ppl_wikipedia" in records[0]["dense"]
     keys = ["ppl_wikipedia_change_pct", "ppl_news_change_pct"] if causal else ["hidden_error"]
-    keys += [] if causal else ["probe_accuracy_drop_pt"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8))
+    if not causal and any("probe_accuracy" in r for rec in records for r in rec["rows"]):
+        keys.append("probe_accuracy_drop_pt")
+    fig, grid = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8), squeeze=False)
+    axes = list(grid[0])
     lines: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for record in records:
         for row in record["rows"]:
@@ -492,7 +511,7 @@ def plot_records(paths: list[Path], out: Path) -> None:
     markers = dict(zip(sorted({g for _, g in lines}), "os^vD", strict=False))
     for ax, key in zip(axes, keys, strict=True):
         for (method, group), rows in sorted(lines.items()):
-            rows = sorted(rows, key=lambda r: r["ffn_reduction"])
+            rows = sorted((r for r in rows if key in r), key=lambda r: r["ffn_reduction"])
             ax.plot(
                 [100 * r["ffn_reduction"] for r in rows],
                 [r[key] for r in rows],
@@ -520,7 +539,10 @@ def _quality_cell(row: dict[str, Any]) -> str:
             f"{row['ppl_wikipedia']:.2f} ({row['ppl_wikipedia_change_pct']:+.2f}%) / "
             f"{row['ppl_news']:.2f} ({row['ppl_news_change_pct']:+.2f}%)"
         )
-    return f"{row['hidden_error']:.4f} / {100 * row['probe_accuracy']:.1f} ({-row['probe_accuracy_drop_pt']:+.1f} pt)"
+    if "probe_accuracy" not in row:
+        return f"{row['hidden_error']:.4f} / -"
+    drop = -row["probe_accuracy_drop_pt"]
+    return f"{row['hidden_error']:.4f} / {100 * row['probe_accuracy']:.1f} ({drop:+.1f} pt)"
 
 
 def _loss(row: dict[str, Any]) -> float:

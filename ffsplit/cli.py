@@ -297,6 +297,52 @@ def profile(
     _emit(result, as_json, lambda d: _kv_table("profile", list(d.items())))
 
 
+def _recipe_from_options(
+    method: Method,
+    heavy_ratio: float | None,
+    ffn_reduction: float,
+    baseline: Baseline | None,
+    calib_tokens: int,
+    plain_svd: bool,
+    heavy_bits: int,
+    gptq: bool,
+    seed: int,
+) -> Any:
+    """The recipe `ffsplit compress` options describe. Quant FFSplit without --heavy-ratio gives
+    widths per neuron from the statistics (the default that won, QuantConfig); with it, or as a
+    baseline, a fixed heavy set and two adjacent light widths."""
+    from ffsplit.config import LowRankConfig, ProfileConfig, PruneConfig, QuantConfig, Recipe
+
+    _check_ratio("--ffn-reduction", ffn_reduction)
+    selection = {Baseline.uniform: "none", Baseline.random: "random"}.get(baseline, "score")
+    if heavy_ratio is not None:
+        _check_ratio("--heavy-ratio", heavy_ratio)
+        if selection == "none" or method == Method.prune:
+            what = "pruning" if method == Method.prune else "--baseline uniform (no split)"
+            raise FFSplitError(f"--heavy-ratio does not apply to {what}: drop it")
+    if method == Method.prune and selection == "none":
+        raise FFSplitError("--baseline uniform does not apply to pruning: drop it")
+    allocated = selection == "score" and heavy_ratio is None
+    compressor = {
+        Method.lowrank: lambda: LowRankConfig(whiten=not plain_svd),
+        Method.quant: lambda: QuantConfig(
+            heavy_bits=heavy_bits,
+            allocation="layer" if allocated else "two-level",
+            gptq=gptq,
+            gptq_down=gptq,
+        ),
+        Method.prune: PruneConfig,
+    }[method]()
+    return Recipe(
+        method=compressor,
+        selection=selection,
+        heavy_ratio=heavy_ratio,
+        ffn_reduction=ffn_reduction,
+        seed=seed,
+        profile=ProfileConfig(tokens=calib_tokens),
+    )
+
+
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="packaged model name or local HF folder")],
@@ -307,7 +353,8 @@ def compress(
     heavy_ratio: Annotated[
         float | None,
         typer.Option(
-            help=f"share of neurons kept as heavy hitters, in (0, 1) [default: {DEFAULT_HEAVY_RATIO}]",
+            help="share of neurons kept as heavy hitters, in (0, 1) [default: "
+            f"{DEFAULT_HEAVY_RATIO}; quant: sized by the bit allocation unless given]",
             show_default=False,
         ),
     ] = None,
@@ -328,8 +375,8 @@ def compress(
     ] = False,
     heavy_bits: Annotated[int, typer.Option(help="quant: heavy part bits (16 or 8)")] = 16,
     gptq: Annotated[
-        bool, typer.Option("--gptq", help="quant: GPTQ error compensation for up/gate")
-    ] = False,
+        bool, typer.Option("--gptq/--no-gptq", help="quant: GPTQ (else round to nearest)")
+    ] = True,
     seed: Annotated[int, typer.Option(help="seed for random baselines")] = 0,
     recipe_file: Annotated[
         Path | None, typer.Option("--recipe", help="recipe JSON/YAML (overrides the options above)")
@@ -356,35 +403,17 @@ def compress(
     --heal-* options heal the compressed FFNs (a short distillation against the dense model on
     calibration text) before saving; given with --recipe they override its heal settings.
     """
-    from ffsplit.config import LowRankConfig, ProfileConfig, PruneConfig, QuantConfig, Recipe
+    from ffsplit.config import Recipe
     from ffsplit.jobs import compress_job
 
     with _user_errors(), _output(out_dir):
         if recipe_file is not None:
             recipe = load_recipe(recipe_file)
         else:
-            _check_ratio("--ffn-reduction", ffn_reduction)
-            selection = {Baseline.uniform: "none", Baseline.random: "random"}.get(baseline, "score")
-            if heavy_ratio is not None:
-                _check_ratio("--heavy-ratio", heavy_ratio)
-                if selection == "none" or method == Method.prune:
-                    what = "pruning" if method == Method.prune else "--baseline uniform (no split)"
-                    raise FFSplitError(f"--heavy-ratio does not apply to {what}: drop it")
-            if method == Method.prune and selection == "none":
-                raise FFSplitError("--baseline uniform does not apply to pruning: drop it")
-            compressor = {
-                Method.lowrank: LowRankConfig(whiten=not plain_svd),
-                Method.quant: QuantConfig(heavy_bits=heavy_bits, gptq=gptq),
-                Method.prune: PruneConfig(),
-            }[method]
-            recipe = Recipe(
-                method=compressor,
-                selection=selection,
-                heavy_ratio=heavy_ratio,
-                ffn_reduction=ffn_reduction,
-                seed=seed,
-                profile=ProfileConfig(tokens=calib_tokens),
-            )
+            recipe = _recipe_from_options(
+                method, heavy_ratio, ffn_reduction, baseline, calib_tokens, plain_svd,
+                heavy_bits, gptq, seed,
+            )  # fmt: skip
         heal = {
             "steps": heal_steps,
             "loss": None if heal_loss is None else heal_loss.value,

@@ -14,13 +14,19 @@ from typing import Any, ClassVar, Self
 from ffsplit.errors import FFSplitError
 
 CONFIG_VERSION = 1  # of the profile, heal and evaluation configs
-RECIPE_VERSION = 2  # recipes: 1 (PR <= 2026-11) migrates on read, see Recipe.from_dict
+RECIPE_VERSION = 3  # recipes: 1 (PR <= 2026-11) and 2 migrate on read, see Recipe.from_dict
 
 HEAL_LOSSES = ("local", "kl")
 # Which neurons form the heavy set: by score (FFSplit), a random set of the same size (the
 # random-split baseline), or none at all (no split: the uniform baseline).
 SELECTIONS = ("score", "random", "none")
 BASELINES = ("uniform", "random", "prune")
+# How the quant method gives out bit widths. "layer": every neuron vector of an FFN takes a width
+# from the statistics (allocation.py: s_j^2 times its quantization error, a knapsack under the
+# layer's byte budget), so the heavy set is whatever the budget makes worth 16 bits. "two-level":
+# a heavy set of heavy_ratio at heavy_bits, light neurons over two adjacent widths in order (the
+# paper's split, and the only placement the random and uniform baselines have).
+ALLOCATIONS = ("layer", "two-level")
 
 # Defaults, each written once here and read by the CLI, the flows, the deployments and the
 # results page (style.md 14).
@@ -208,11 +214,19 @@ class MethodConfig(Config):
     against it (ffsplit.compress.recipe.PLANNERS), as torchao binds configs to handlers."""
 
     kind: ClassVar[str] = "method"
+    # Fields that place a recipe on the grid (like selection) rather than set an option: the
+    # results page compares variants across them.
+    placement: ClassVar[tuple[str, ...]] = ()
 
     @property
     def needs_grams(self) -> bool:
         """Whether this compressor reads the calibration Gram matrices."""
-        return False
+        return bool(self.gram_settings)
+
+    @property
+    def gram_settings(self) -> list[str]:
+        """The settings that read the Gram matrices (for the error when they are not profiled)."""
+        return []
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
@@ -241,21 +255,31 @@ class LowRankConfig(MethodConfig):
             raise FFSplitError(f"lowrank.damp must be in [0, 10), got {self.damp!r}")
 
     @property
-    def needs_grams(self) -> bool:
-        return self.whiten
+    def gram_settings(self) -> list[str]:
+        return ["lowrank.whiten"] if self.whiten else []
 
 
 @method_config
 @dataclass(frozen=True)
 class QuantConfig(MethodConfig):
-    """Quantized light part: group-wise along each neuron vector; heavy part 16 or 8 bit."""
+    """Quantized light part: group-wise along each neuron vector; heavy part 16 or 8 bit.
+
+    Defaults are what won at equal FFN bytes on SmolLM2 and MiniLM at 60-80% smaller FFNs
+    (bench/results/lowbit-*.json, docs/results.md "Low-bit"): widths per neuron by the layer
+    allocation over the ladder (plus bf16 when heavy_bits is 16), GPTQ with activation order for
+    up/gate rows and GPTQ over neurons for down.
+    """
 
     kind: ClassVar[str] = "quant"
-    heavy_bits: int = 16
-    # Bit widths the light neurons may take; the budget solver mixes two adjacent levels.
-    ladder: tuple[int, ...] = (8, 4, 3, 2)
+    placement: ClassVar[tuple[str, ...]] = ("allocation",)
+    heavy_bits: int = 16  # the top width: bf16 (16) or int8 (8)
+    # Bit widths below heavy_bits that neurons may take. two-level mixes two adjacent ones.
+    ladder: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
     group_size: int = 64
-    gptq: bool = False
+    allocation: str = "layer"
+    gptq: bool = True  # GPTQ on the FFN input Gram for up/gate rows (else round to nearest)
+    act_order: bool = True  # GPTQ in order of decreasing input energy
+    gptq_down: bool = True  # GPTQ over neurons on the hidden Gram for down (else round to nearest)
 
     def __post_init__(self) -> None:
         if self.heavy_bits not in (16, 8):
@@ -267,12 +291,26 @@ class QuantConfig(MethodConfig):
         if list(self.ladder) != sorted(set(self.ladder), reverse=True):
             raise FFSplitError(f"quant.ladder must be strictly decreasing, got {self.ladder!r}")
         _check_int("quant.group_size", self.group_size, 8, 4096)
-        if not isinstance(self.gptq, bool):
-            raise FFSplitError(f"quant.gptq must be true or false, got {self.gptq!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise FFSplitError(
+                f"quant.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}"
+            )
+        for name in ("gptq", "act_order", "gptq_down"):
+            if not isinstance(getattr(self, name), bool):
+                raise FFSplitError(
+                    f"quant.{name} must be true or false, got {getattr(self, name)!r}"
+                )
 
     @property
-    def needs_grams(self) -> bool:
-        return self.gptq
+    def levels(self) -> tuple[int, ...]:
+        """Every width a neuron vector may take under the layer allocation, highest first."""
+        top = (16,) if self.heavy_bits == 16 else ()
+        return top + tuple(b for b in self.ladder if b <= self.heavy_bits)
+
+    @property
+    def gram_settings(self) -> list[str]:
+        out = [f"quant.{name}" for name in ("gptq", "gptq_down") if getattr(self, name)]
+        return out + (["quant.allocation 'layer'"] if self.allocation == "layer" else [])
 
 
 @method_config
@@ -401,10 +439,12 @@ class Recipe(Config):
             _check_fraction("recipe.ffn_reduction", self.ffn_reduction)
         _check_int("recipe.seed", self.seed, 0)
         if self.needs_grams and not self.profile.collect_grams:
-            what = f"{self.method_name}.{'whiten' if self.method_name == 'lowrank' else 'gptq'}"
+            settings = self.method.gram_settings
+            what = " and ".join(settings)
             raise FFSplitError(
-                f"recipe '{self.label}': {what} needs Gram matrices, but profile.collect_grams is "
-                f"false; set profile.collect_grams true or {what} false"
+                f"recipe '{self.label}': {what} {'needs' if len(settings) == 1 else 'need'} Gram "
+                f"matrices, but profile.collect_grams is false; set profile.collect_grams true, "
+                f"or turn {what} off"
             )
         if self.heal.enabled:
             self._check_healable()
@@ -413,7 +453,13 @@ class Recipe(Config):
         """A heavy ratio exactly where there is a heavy set to size."""
         if self.method_name == "prune" and self.selection == "none":
             raise FFSplitError("recipe: prune keeps neurons in an order; selection 'none' has none")
-        sized = self.selection != "none" and self.method_name != "prune"
+        allocated = self.method_name == "quant" and self.method.allocation == "layer"  # type: ignore[attr-defined]
+        if allocated and self.selection != "score":
+            raise FFSplitError(
+                f"recipe: quant.allocation 'layer' gives widths by neuron score; selection "
+                f"{self.selection!r} has none: set quant.allocation 'two-level'"
+            )
+        sized = self.selection != "none" and self.method_name != "prune" and not allocated
         if sized and self.heavy_ratio is None:
             object.__setattr__(self, "heavy_ratio", DEFAULT_HEAVY_RATIO)
         if sized:
@@ -422,6 +468,9 @@ class Recipe(Config):
             why = (
                 "pruning keeps neurons in score order"
                 if self.method_name == "prune"
+                else "quant.allocation 'layer' sizes the heavy set from the statistics (set "
+                "quant.allocation 'two-level' to size it yourself)"
+                if allocated
                 else "selection 'none' has no heavy set"
             )
             raise FFSplitError(
@@ -434,9 +483,12 @@ class Recipe(Config):
         if method == "none":
             raise FFSplitError("recipe.heal: method 'none' compresses nothing; set heal.steps 0")
         if self.heal.train_dense:
+            # a heavy set to train: sized by heavy_ratio, or by the quant allocation (bf16 level)
+            heavy = self.heavy_ratio is not None or (
+                method == "quant" and self.method.allocation == "layer"  # type: ignore[attr-defined]
+            )
             dense_part = method == "prune" or (
-                self.heavy_ratio is not None
-                and (method != "quant" or self.method.heavy_bits == 16)  # type: ignore[attr-defined]
+                heavy and (method != "quant" or self.method.heavy_bits == 16)  # type: ignore[attr-defined]
             )
             if method != "quant" or dense_part:
                 return
@@ -491,6 +543,8 @@ class Recipe(Config):
             tag = f"{method}-uniform"
         elif self.selection == "random":
             tag = f"{method}-random-h{self.heavy:.2f}"
+        elif self.heavy_ratio is None:  # the quant layer allocation sizes its own heavy set
+            tag = f"{method}-alloc"
         else:
             tag = f"{method}-h{self.heavy:.2f}"
         label = f"{tag}-r{self.ffn_reduction:.3f}".rstrip("0").rstrip(".")
@@ -550,7 +604,9 @@ class Recipe(Config):
             raise FFSplitError(f"{where}: expected a mapping, got {type(data).__name__}")
         version = data.get("version", RECIPE_VERSION)
         if version == 1:
-            data = _migrate_recipe_v1(data)
+            data = _migrate_recipe_v2(_migrate_recipe_v1(data))
+        elif version == 2:
+            data = _migrate_recipe_v2(data)
         elif version != RECIPE_VERSION:
             raise FFSplitError(
                 f"{where}: format version {version!r} is not supported by this ffsplit "
@@ -589,11 +645,41 @@ class Recipe(Config):
             raise FFSplitError(f"{where}: {exc}") from None
 
 
+# What a version-2 quant config meant by its absent keys (the defaults before the allocation).
+_QUANT_V2 = {
+    "ladder": [8, 4, 3, 2],
+    "allocation": "two-level",
+    "gptq": False,
+    "act_order": False,
+    "gptq_down": False,
+}
+
+
+def method_defaults(name: str, version: int = RECIPE_VERSION) -> MethodConfig:
+    """Method `name`'s default config in the ffsplit that wrote recipe `version`: what a run of
+    that time did without being told (the results page lists only options that differ)."""
+    if name == "quant" and version < 3:
+        return QuantConfig.from_dict(_QUANT_V2)
+    return METHOD_CONFIGS[name]()
+
+
+def _migrate_recipe_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 changed the quant defaults (layer allocation, GPTQ with activation order, down
+    by GPTQ, the ladder); a version-2 quant recipe states what it was made with. Same variants."""
+    out = dict(data)
+    out["version"] = RECIPE_VERSION
+    if out.get("method") == "quant":
+        quant = out.get("quant", {})
+        if isinstance(quant, dict):
+            out["quant"] = {**_QUANT_V2, **quant}
+    return out
+
+
 def _migrate_recipe_v1(data: dict[str, Any]) -> dict[str, Any]:
     """Version 1 said "uniform" by heavy_ratio 0 and carried every method's sub-config; version
     2 says it by selection 'none' and keeps only the method's own config. Same variants."""
     out = dict(data)
-    out["version"] = RECIPE_VERSION
+    out["version"] = 2
     method = out.get("method", "lowrank")
     for other in ("lowrank", "quant"):
         if other != method:

@@ -36,6 +36,7 @@ from ffsplit.config import (
     PIPELINE_CALIB_TOKENS,
     EvalConfig,
     ProfileConfig,
+    QuantConfig,
     Recipe,
     SplitOnlyConfig,
 )
@@ -164,12 +165,26 @@ def build_grid(
     per_method = {name: defaults.pop(name) for name in ("lowrank", "quant") if name in defaults}
     recipes: dict[str, Recipe] = {}
     for spec in _grid_specs(methods, heavy_ratios, budgets, baselines):
-        own = {spec["method"]: per_method[spec["method"]]} if spec["method"] in per_method else {}
+        own = dict(per_method.get(spec["method"], {}))
+        if spec["method"] == "quant":
+            spec = _quant_spec(spec, own)
+        method = {spec["method"]: own} if own else {}
         recipe = Recipe.from_dict(
-            {**defaults, **own, **spec, "profile": profile}, where="sweep recipe"
+            {**defaults, **method, **spec, "profile": profile}, where="sweep recipe"
         )
         recipes.setdefault(json.dumps(recipe.to_dict(), sort_keys=True), recipe)
     return list(recipes.values())
+
+
+def _quant_spec(spec: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """Quant FFSplit under the layer allocation (the default) sizes its heavy set itself: one
+    recipe per budget, whatever the heavy ratios. The baselines have no scores to allocate by:
+    they place widths two-level (edits ``own``, the quant settings of this recipe)."""
+    if spec.get("selection", "score") != "score":
+        own["allocation"] = "two-level"
+    elif own.get("allocation", QuantConfig.allocation) == "layer":
+        spec = {k: v for k, v in spec.items() if k != "heavy_ratio"}
+    return spec
 
 
 def _check_budget(value: Any) -> float:

@@ -16,6 +16,7 @@ that checks ``reduction(dense, compressed) >= target`` always agrees.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -101,6 +102,16 @@ def reduction(dense_bytes: int, compressed_bytes: int) -> float:
             f"reduction: compressed_bytes must be a non-negative int, got {compressed_bytes!r}"
         )
     return (dense_bytes - compressed_bytes) / dense_bytes
+
+
+def max_bytes(dense: int, target: float) -> int:
+    """Largest byte count whose reduction() is still >= target (the float test the solvers use)."""
+    value = math.floor(dense * (1 - target))
+    while value > 0 and reduction(dense, value) < target:
+        value -= 1
+    while reduction(dense, value + 1) >= target:
+        value += 1
+    return value
 
 
 def dense_ffn_bytes(shape: FFNShape) -> int:

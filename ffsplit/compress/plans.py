@@ -178,7 +178,10 @@ class RowQuantizer:
         return ColumnOutlierLinear(rows, whole.kept, kept_weight, bias)
 
 
-def build_plan_ffn(
+Block = tuple[Tensor, Callable[[FFNWeights, Tensor], BlockParts]]
+
+
+def plan_blocks(
     weights: FFNWeights,
     plan: NeuronPlan,
     group_size: int,
@@ -187,16 +190,16 @@ def build_plan_ffn(
     gptq: bool = True,
     act_order: bool = True,
     rows: RowQuantizer | None = None,
-) -> tuple[SplitOutProjection, SplitOutProjection | None, SplitInProjection]:
-    """Split projections of one FFN quantized by the plan: up/gate rows by ``rows`` (default: GPTQ
-    on the FFN input Gram, or RTN), down columns by GPTQ over neurons on the hidden Gram (or RTN);
-    16 = bf16.
+) -> list[Block]:
+    """The (neurons, compressor) blocks of the plan, highest widths first, for build_split: up/gate
+    rows by ``rows`` (default: GPTQ on the FFN input Gram, or RTN), down columns by GPTQ over
+    neurons on the hidden Gram when ``gptq`` (else RTN); 16 = bf16.
 
     Dense vectors are rounded to bf16, the storage precision their bytes are counted at. With
     GPTQ the dense down columns absorb the quantized neurons' error (quant.gptq_neurons).
     """
-    if gptq and (stats is None or stats.gram_in is None or stats.gram_hidden is None):
-        raise FFSplitError("build_plan_ffn: GPTQ needs statistics with both Gram matrices")
+    if gptq and (stats is None or stats.gram_hidden is None):
+        raise FFSplitError("plan_blocks: GPTQ for down needs statistics with the hidden Gram")
     down_t = weights.down.detach().t().to(torch.float32)
     if gptq:
         gram_hidden = stats.gram_hidden.to(down_t.device)  # type: ignore[union-attr]
@@ -204,6 +207,8 @@ def build_plan_ffn(
     else:
         columns = rtn_neurons(down_t, plan.down, group_size)
     if rows is None:
+        if gptq and (stats is None or stats.gram_in is None):
+            raise FFSplitError("plan_blocks: GPTQ for up/gate needs statistics with the input Gram")
         gram_in = stats.gram_in if gptq else None  # type: ignore[union-attr]
         rows = RowQuantizer(weights, group_size, gram_in, act_order=act_order)
 
@@ -222,5 +227,21 @@ def build_plan_ffn(
 
         return compress
 
-    blocks = [(n, compressor(r, c)) for n, r, c in plan.blocks()]
+    return [(n, compressor(r, c)) for n, r, c in plan.blocks()]
+
+
+def build_plan_ffn(
+    weights: FFNWeights,
+    plan: NeuronPlan,
+    group_size: int,
+    stats: LayerStats | None = None,
+    *,
+    gptq: bool = True,
+    act_order: bool = True,
+    rows: RowQuantizer | None = None,
+) -> tuple[SplitOutProjection, SplitOutProjection | None, SplitInProjection]:
+    """Split projections of one FFN quantized by the plan (:func:`plan_blocks`)."""
+    blocks = plan_blocks(
+        weights, plan, group_size, stats, gptq=gptq, act_order=act_order, rows=rows
+    )
     return build_split(weights, blocks)

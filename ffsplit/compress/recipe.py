@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ffsplit.adapters import Adapter, FFNWeights, get_adapter
+from ffsplit.compress.allocation import allocate, neuron_part_costs
 from ffsplit.compress.budget import (
-    DENSE_BITS,
     FFNShape,
     dense_ffn_bytes,
+    max_bytes,
     solve_kept_neurons,
     solve_light_bits,
     solve_rank,
 )
 from ffsplit.compress.lowrank import svd_factors, whitened_svd
-from ffsplit.compress.quant import gptq_quantize, quantize_groups
+from ffsplit.compress.plans import NeuronPlan, RowQuantizer, plan_blocks, two_level_plan
 from ffsplit.compress.results import CompressedLayer, CompressionReport, LayerReport
 from ffsplit.config import (
     LowRankConfig,
@@ -43,7 +44,7 @@ from ffsplit.errors import FFSplitError
 from ffsplit.profiling.stats import LayerStats, ModelStats
 from ffsplit.selection import heavy_count, neuron_scores, order_by_score, random_order
 from ffsplit.split.apply import BlockParts, build_split, dense_block, swap_ffn
-from ffsplit.split.parts import LowRankLinear, QuantizedLinear, to_storage
+from ffsplit.split.parts import LowRankLinear, to_storage
 from ffsplit.split.qformat import pick_group_size
 
 
@@ -111,38 +112,15 @@ def _lowrank_block(
     return compress
 
 
-def _quant_block(
-    bits: int, group_size: int, stats: LayerStats | None, config: QuantConfig
-) -> Callable[[FFNWeights, Tensor], BlockParts]:
-    if bits == DENSE_BITS:
-        return dense_block
-
-    def quantize_rows(weight: Tensor, use_gptq: bool) -> Any:
-        if use_gptq and stats is not None and stats.gram_in is not None:
-            return gptq_quantize(weight.float(), bits, group_size, stats.gram_in.to(weight.device))
-        return quantize_groups(weight.float(), bits, group_size)
-
-    def compress(block: FFNWeights, neurons: Tensor) -> BlockParts:
-        gptq = config.gptq
-        up = QuantizedLinear(quantize_rows(block.up, gptq), False, block.up_bias)
-        gate = None
-        if block.gate is not None:
-            gate = QuantizedLinear(quantize_rows(block.gate, gptq), False, block.gate_bias)
-        # down's neuron vectors are its columns: quantize W_down.T, groups along d (RTN only).
-        down = QuantizedLinear(quantize_groups(block.down.t().float(), bits, group_size), True)
-        return BlockParts(up, gate, down)
-
-    return compress
-
-
 Block = tuple[Tensor, Callable[[FFNWeights, Tensor], BlockParts]]
 
 
 @dataclass
 class LayerPlan:
     """What a planner decides from: the FFN's shape, its neurons in order (heavy, then light in
-    the order compressors hand out resources), its statistics, the recipe, and the report it fills
-    in (rank, bits, kept neurons, notes)."""
+    the order compressors hand out resources), its statistics, the recipe, the report it fills
+    in (rank, bits, kept neurons, notes) and the FFN's weights. A planner that sizes the heavy
+    set itself (the quant layer allocation) sets ``heavy`` and ``light``."""
 
     shape: FFNShape
     heavy: Tensor
@@ -150,6 +128,7 @@ class LayerPlan:
     stats: LayerStats | None
     recipe: Recipe
     report: LayerReport
+    weights: FFNWeights
 
 
 Planner = Callable[[LayerPlan], list[Block]]
@@ -200,28 +179,57 @@ def _plan_lowrank(layer: LayerPlan) -> list[Block]:
 
 @planner(QuantConfig)
 def _plan_quant(layer: LayerPlan) -> list[Block]:
-    """Heavy at heavy_bits; light neurons in order over two adjacent bit widths of the ladder."""
+    """A width per neuron (the layer allocation, or heavy at heavy_bits and the light neurons in
+    order over two adjacent widths of the ladder), then each block by GPTQ or to nearest."""
     config: QuantConfig = layer.recipe.method  # type: ignore[assignment]
     group = pick_group_size(layer.shape.d, preferred=config.group_size)
-    counts = solve_light_bits(
-        layer.shape,
-        int(layer.heavy.numel()),
-        config.heavy_bits,
-        layer.recipe.ffn_reduction,
-        group,
-        config.ladder,
-    )
-    layer.report.bits = counts
-    blocks: list[Block] = [
-        (layer.heavy, _quant_block(config.heavy_bits, group, layer.stats, config))
-    ]
-    start = 0
-    for bits, count in counts.items():  # higher bits first: the more important light neurons
-        blocks.append(
-            (layer.light[start : start + count], _quant_block(bits, group, layer.stats, config))
+    order = torch.cat([layer.heavy, layer.light])
+    if config.allocation == "layer":
+        plan = _allocated_plan(layer, config, group, order)
+        top = plan.up_gate[order] == config.levels[0]
+        layer.heavy, layer.light = order[top], order[~top]
+        widths = Counter(plan.up_gate[layer.light].tolist())
+        layer.report.bits = {b: widths[b] for b in sorted(widths, reverse=True)}
+        layer.report.heavy = int(layer.heavy.numel())
+    else:
+        heavy = int(layer.heavy.numel())
+        counts = solve_light_bits(
+            layer.shape, heavy, config.heavy_bits, layer.recipe.ffn_reduction, group, config.ladder
         )
-        start += count
-    return blocks
+        layer.report.bits = counts
+        plan = two_level_plan(order, heavy, config.heavy_bits, counts)
+    stats = layer.stats
+    gram_in = None if stats is None or not config.gptq else stats.gram_in
+    if config.gptq and gram_in is None:
+        raise FFSplitError("quant.gptq needs statistics with Gram matrices (collect_grams)")
+    rows = RowQuantizer(layer.weights, group, gram_in, act_order=config.act_order)
+    return plan_blocks(
+        layer.weights,
+        plan,
+        group,
+        stats,
+        gptq=config.gptq_down,
+        act_order=config.act_order,
+        rows=rows,
+    )
+
+
+def _allocated_plan(layer: LayerPlan, config: QuantConfig, group: int, order: Tensor) -> NeuronPlan:
+    """Widths from the statistics under the layer's byte budget (allocation.py, joint: one width
+    per neuron for its up, gate and down vectors)."""
+    if layer.stats is None:
+        raise FFSplitError(f"layer {layer.report.layer}: the quant allocation needs statistics")
+    shape = layer.shape
+    costs = neuron_part_costs(
+        layer.weights, layer.stats, layer.report.layer, group, config.levels, joint=True
+    )
+    budget = max_bytes(dense_ffn_bytes(shape), layer.recipe.ffn_reduction)
+    try:
+        allocation = allocate(costs, budget - shape.bias_bytes(shape.m))
+    except FFSplitError as exc:
+        raise FFSplitError(f"layer {layer.report.layer}: {exc}") from None
+    (widths,) = allocation.widths
+    return NeuronPlan(widths, widths.clone(), order)
 
 
 def compress_layer(
@@ -238,12 +246,12 @@ def compress_layer(
         stats = stats.to_device(weights.up.device)
     heavy, light = neuron_order(weights, stats, recipe, layer)
     report = LayerReport(layer, shape.m, int(heavy.numel()), dense_ffn_bytes(shape), 0)
-    plan = PLANNERS[type(recipe.method)]
-    blocks = plan(LayerPlan(shape, heavy, light, stats, recipe, report))
+    planned = LayerPlan(shape, heavy, light, stats, recipe, report, weights)
+    blocks = PLANNERS[type(recipe.method)](planned)
     modules = build_split(weights, blocks)
     report.bytes = sum(m.nbytes() for m in modules if m is not None)
     order = torch.cat([b[0] for b in blocks if b[0].numel()])
-    return CompressedLayer(layer, modules, heavy.cpu(), order.cpu(), report)
+    return CompressedLayer(layer, modules, planned.heavy.cpu(), order.cpu(), report)
 
 
 def compress_layers(

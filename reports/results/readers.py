@@ -17,7 +17,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ffsplit.config import Config, Recipe
+from ffsplit.config import (
+    RECIPE_VERSION,
+    Config,
+    HealConfig,
+    ProfileConfig,
+    Recipe,
+    method_defaults,
+)
 from ffsplit.errors import FFSplitError
 from ffsplit.variant.manifest import flat_params
 from reports.results.rows import (
@@ -37,6 +44,7 @@ from reports.results.tables import with_reference
 from tracking.registry import COMPLETE_TAG, EXPERIMENT_PREFIX, ROLE_TAG, redact
 
 RECIPE_PREFIX = "recipe."
+VERSION_PARAM = "recipe.version"  # absent: version 1, which did not log it
 
 # ------------------------------------------------------------------------------- rows from runs
 
@@ -76,16 +84,29 @@ def recipe_from_params(params: Mapping[str, str]) -> Recipe | None:
     return Recipe.from_dict(tree)
 
 
-def setting_of(recipe: Recipe) -> str:
+def setting_of(recipe: Recipe, made_with: int = RECIPE_VERSION) -> str:
     """The recipe's options other than its place on the grid (method, selection, heavy ratio,
-    budget, seed), as 'key=value, ...' where they differ from the defaults ("" = defaults): its
+    budget, seed, the method's placement fields), as 'key=value, ...' where they differ from the
+    defaults of the ffsplit that made it (recipe version ``made_with``; "" = defaults): its
     method's options, profiling, and healing when it heals (healing off reads the same whatever
     else its config holds)."""
-    parts: dict[str, Config] = {recipe.method_name: recipe.method, "profile": recipe.profile}
+    method = recipe.method_name
+    parts: dict[str, Config] = {method: recipe.method, "profile": recipe.profile}
+    defaults: dict[str, Config] = {
+        method: method_defaults(method, made_with),
+        "profile": ProfileConfig(),
+    }
     if recipe.heal.enabled:
-        parts["heal"] = recipe.heal
-    mine = flat_params({"recipe": {name: c.to_dict() for name, c in parts.items()}})
-    default = flat_params({"recipe": {name: type(c)().to_dict() for name, c in parts.items()}})
+        parts["heal"], defaults["heal"] = recipe.heal, HealConfig()
+
+    def options(configs: Mapping[str, Config]) -> dict[str, Any]:
+        tree = {
+            name: {k: v for k, v in c.to_dict().items() if k not in recipe.method.placement}
+            for name, c in configs.items()
+        }
+        return flat_params({"recipe": tree})
+
+    mine, default = options(parts), options(defaults)
     return ", ".join(
         f"{key[len(RECIPE_PREFIX) :]}={value}"
         for key, value in sorted(mine.items())
@@ -122,7 +143,7 @@ def row_from_run(
             "method": recipe.method_name,
             "heavy_ratio": recipe.heavy,
             "budget": recipe.ffn_reduction,
-            "setting": setting_of(recipe),
+            "setting": setting_of(recipe, int(param_value(params.get(VERSION_PARAM, "1")))),
             "heal_steps": recipe.heal.steps,
             "selection": recipe.selection,
         }

@@ -20,6 +20,7 @@ from ffsplit.errors import FFSplitError
 
 V1 = {"version": 1, "ffn_reduction": 0.3, "seed": 0, "lowrank": {"whiten": True, "damp": 0.01}}
 V1_QUANT = {"heavy_bits": 16, "ladder": [8, 4, 3, 2], "group_size": 64, "gptq": False}
+TWO_LEVEL = QuantConfig(allocation="two-level")
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,7 @@ def test_version_1_recipes_migrate_to_what_they_were(
 ) -> None:
     recipe = Recipe.from_dict({**V1, "quant": V1_QUANT, **old})
     assert (recipe.label, recipe.series, recipe.baseline) == (label, series, baseline)
-    assert recipe.version == 2 and Recipe.from_dict(recipe.to_dict()) == recipe
+    assert recipe.version == 3 and Recipe.from_dict(recipe.to_dict()) == recipe
     assert type(recipe.method) is METHOD_CONFIGS[old["method"]]
     others = {"lowrank", "quant"} - {old["method"]}
     assert not others & set(recipe.to_dict())  # only the method's own settings are kept
@@ -76,11 +77,12 @@ def test_the_same_pruned_model_is_one_recipe_and_one_key() -> None:
 
 
 def test_keys_depend_only_on_what_changes_the_artifact() -> None:
-    rtn = Recipe(method=QuantConfig(), selection="none", ffn_reduction=0.5)
+    plain = TWO_LEVEL.replace(gptq=False, gptq_down=False)
+    rtn = Recipe(method=plain, selection="none", ffn_reduction=0.5)
     assert not rtn.needs_statistics and "profile" not in rtn.key_dict()
     assert rtn.key_dict() == rtn.replace(profile=ProfileConfig(tokens=1024)).key_dict()
     assert rtn.key_dict() == rtn.replace(seed=7).key_dict()  # no random set to seed
-    random = Recipe(method="quant", selection="random", ffn_reduction=0.5)
+    random = Recipe(method=TWO_LEVEL, selection="random", ffn_reduction=0.5)
     assert random.key_dict() != random.replace(seed=7).key_dict()
     scored = Recipe(method="lowrank")
     assert scored.key_dict() != scored.replace(profile=ProfileConfig(tokens=1024)).key_dict()
@@ -94,9 +96,9 @@ def test_defaults_and_heavy_ratio_rules() -> None:
     with pytest.raises(FFSplitError, match="heavy_ratio must be unset.*pruning"):
         Recipe(method="prune", heavy_ratio=0.1)
     with pytest.raises(FFSplitError, match="heavy_ratio must be unset.*selection 'none'"):
-        Recipe(method="quant", selection="none", heavy_ratio=0.1)
+        Recipe(method=TWO_LEVEL, selection="none", heavy_ratio=0.1)
     with pytest.raises(FFSplitError, match=r"heavy_ratio must be in \(0, 1\)"):
-        Recipe(method="quant", heavy_ratio=0.0)
+        Recipe(method=TWO_LEVEL, heavy_ratio=0.0)
     with pytest.raises(FFSplitError, match="prune keeps neurons in an order"):
         Recipe(method="prune", selection="none")
     with pytest.raises(FFSplitError, match="ffn_reduction must be 0 for method 'none'"):
@@ -110,8 +112,8 @@ def test_methods_are_config_types_and_other_methods_settings_are_refused() -> No
         Recipe(method="zip")
     with pytest.raises(FFSplitError, match=r"unknown key\(s\) 'lowrank' \(settings of method"):
         Recipe.from_dict({"method": "quant", "lowrank": {"whiten": False}})
-    with pytest.raises(FFSplitError, match="format version 3"):
-        Recipe.from_dict({"version": 3, "method": "quant"})
+    with pytest.raises(FFSplitError, match="format version 4"):
+        Recipe.from_dict({"version": 4, "method": "quant"})
 
 
 def test_cross_field_rules_live_in_the_recipe() -> None:
@@ -119,7 +121,12 @@ def test_cross_field_rules_live_in_the_recipe() -> None:
     with pytest.raises(FFSplitError, match="lowrank.whiten needs Gram matrices"):
         Recipe(method=LowRankConfig(), profile=no_grams)
     with pytest.raises(FFSplitError, match="quant.gptq needs Gram matrices"):
-        Recipe(method=QuantConfig(gptq=True), profile=no_grams)
+        Recipe(method=TWO_LEVEL.replace(gptq_down=False), profile=no_grams)
+    with pytest.raises(
+        FFSplitError, match="gptq and quant.gptq_down and quant.allocation 'layer' need"
+    ):
+        Recipe(method=QuantConfig(), profile=no_grams)
+    Recipe(method=TWO_LEVEL.replace(gptq=False, gptq_down=False), profile=no_grams)
     Recipe(method=LowRankConfig(whiten=False), profile=no_grams)  # plain SVD needs none
 
 
@@ -129,3 +136,36 @@ def test_eval_config_keys_the_workload_only_when_the_race_runs() -> None:
     assert quiet.key_dict() == quiet.replace(repeats=9).key_dict()
     with pytest.raises(FFSplitError, match="eval_tokens"):
         EvalConfig(tokens=8, window=512)
+
+
+def test_quant_layer_allocation_sizes_its_own_heavy_set() -> None:
+    """The default quant recipe gives widths by score under the budget: no heavy ratio to set,
+    no baseline selection to combine with; two-level takes both."""
+    recipe = Recipe(method="quant", ffn_reduction=0.75)
+    assert recipe.heavy_ratio is None and recipe.label == "quant-alloc-r0.75"
+    assert recipe.method.levels == (16, 8, 6, 5, 4, 3, 2)
+    assert QuantConfig(heavy_bits=8).levels == (8, 6, 5, 4, 3, 2)
+    with pytest.raises(FFSplitError, match="heavy_ratio must be unset.*allocation 'two-level'"):
+        Recipe(method="quant", heavy_ratio=0.1)
+    for selection in ("random", "none"):
+        with pytest.raises(FFSplitError, match="allocation 'layer' gives widths by neuron score"):
+            Recipe(method="quant", selection=selection)
+    assert Recipe(method=TWO_LEVEL, heavy_ratio=0.01).label == "quant-h0.01-r0.3"
+    with pytest.raises(FFSplitError, match="quant.allocation must be one of layer, two-level"):
+        QuantConfig(allocation="global")
+
+
+def test_version_2_quant_recipes_keep_what_they_were_made_with() -> None:
+    old = {"version": 2, "method": "quant", "quant": {"heavy_bits": 8}, "heavy_ratio": 0.1}
+    recipe = Recipe.from_dict(old)
+    assert recipe.method == QuantConfig(
+        heavy_bits=8,
+        ladder=(8, 4, 3, 2),
+        allocation="two-level",
+        gptq=False,
+        act_order=False,
+        gptq_down=False,
+    )
+    assert recipe.heavy_ratio == 0.1 and recipe.version == 3
+    gptq = Recipe.from_dict({**old, "quant": {"gptq": True}})
+    assert gptq.method.gptq and not gptq.method.gptq_down

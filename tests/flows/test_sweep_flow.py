@@ -60,9 +60,21 @@ def test_grid_has_every_point_and_the_baselines_at_equal_budgets() -> None:
         ["lowrank", "quant"], [0.05, 0.1], [0.3, 0.5], ["uniform", "random", "prune"], profile
     )
     labels = [r.label for r in grid]
-    assert len(labels) == len(set(labels)) == 8 + 4 + 8 + 2
+    # FFSplit: low-rank per heavy ratio and budget, quant per budget (its allocation sizes the
+    # heavy set); uniform per method and budget; random per method, ratio and budget; pruning
+    assert len(labels) == len(set(labels)) == 4 + 2 + 4 + 8 + 2
     assert {r.ffn_reduction for r in grid} == {0.3, 0.5}
-    assert sum(r.baseline is None for r in grid) == 8
+    assert sum(r.baseline is None for r in grid) == 6
+    quant = [r for r in grid if r.method_name == "quant"]
+    assert {(r.baseline, r.method.allocation) for r in quant} == {
+        (None, "layer"),
+        ("uniform", "two-level"),
+        ("random", "two-level"),
+    }
+    two_level = build_grid(
+        ["quant"], [0.1], [0.3], [], profile, {"quant": {"allocation": "two-level"}}
+    )
+    assert [r.label for r in two_level] == ["quant-h0.10-r0.3"]
     assert sum(r.baseline == "random" for r in grid) == 8  # same heavy sizes, random sets
     assert all(r.profile.tokens == 512 for r in grid)
     assert len(build_grid(["quant", "quant"], [0.1], [0.3, 0.3], [], profile)) == 1

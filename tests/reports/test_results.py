@@ -17,12 +17,18 @@ from typing import Any
 import pytest
 import torch
 
-from ffsplit.config import ProfileConfig, Recipe
+from ffsplit.config import ProfileConfig, QuantConfig, Recipe
 from ffsplit.errors import FFSplitError
 from ffsplit.variant.manifest import flat_params
 from flows import results as results_flow
 from reports import results
 from reports.results import Column, Row
+
+TWO_LEVEL = QuantConfig(allocation="two-level")
+# what a quant recipe of versions 1 and 2 was made with (the defaults before the allocation)
+V2_QUANT = QuantConfig(
+    ladder=(8, 4, 3, 2), allocation="two-level", gptq=False, act_order=False, gptq_down=False
+)
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -83,8 +89,8 @@ def test_row_from_run_reads_recipe_setting_and_heal() -> None:
     )
     assert r.setting == "" and not r.healed and r.git_commit == "abc"
     for recipe, series in (
-        (Recipe(method="quant", selection="none"), "uniform-quant"),
-        (Recipe(method="quant", selection="random"), "random-quant"),
+        (Recipe(method=TWO_LEVEL, selection="none"), "uniform-quant"),
+        (Recipe(method=TWO_LEVEL, selection="random"), "random-quant"),
         (Recipe(method="prune"), "prune"),
         (Recipe(method="prune", selection="random"), "prune-random"),
         (Recipe(method="none", selection="none", ffn_reduction=0.0), "dense"),
@@ -98,7 +104,7 @@ def test_row_from_run_reads_recipe_setting_and_heal() -> None:
     quant = Recipe.from_dict(
         {
             "method": "quant",
-            "quant": {"gptq": True},
+            "quant": {"gptq": False},
             "ffn_reduction": 0.3,
             "profile": {"tokens": 16384},
             "heal": {"steps": 200},
@@ -108,19 +114,19 @@ def test_row_from_run_reads_recipe_setting_and_heal() -> None:
         model="lm", run_id="r", run_name="", params=flat(quant), metrics={}, tags={}
     )
     assert r.heal_steps == 200 and r.healed
-    assert r.setting == "heal.steps=200, profile.tokens=16384, quant.gptq=True"
+    assert r.setting == "heal.steps=200, profile.tokens=16384, quant.gptq=False"
     # Healing off: its other options do not split the setting.
     off = quant.replace(heal=quant.heal.replace(steps=0, lr=0.5))
     r = results.row_from_run(
         model="lm", run_id="r", run_name="", params=flat(off), metrics={}, tags={}
     )
-    assert not r.healed and r.setting == "profile.tokens=16384, quant.gptq=True"
+    assert not r.healed and r.setting == "profile.tokens=16384, quant.gptq=False"
 
 
 def test_recipe_params_round_trip_and_unreadable_ones_name_the_run() -> None:
     recipes = [
         Recipe(),
-        Recipe(method="quant", selection="none", ffn_reduction=0.5),
+        Recipe(method=TWO_LEVEL, selection="none", ffn_reduction=0.5),
         Recipe.from_dict({"method": "quant", "quant": {"ladder": [4, 2], "gptq": True}}),
         Recipe(method="lowrank", selection="random", seed=3, heavy_ratio=0.25),
         Recipe.from_dict({"method": "lowrank", "heal": {"steps": 20, "loss": "local", "lr": 1e-3}}),
@@ -132,9 +138,9 @@ def test_recipe_params_round_trip_and_unreadable_ones_name_the_run() -> None:
     assert results.recipe_from_params({"git_commit": "abc"}) is None
     # A version-1 recipe (heavy ratio 0 = uniform) migrates; a newer one is refused, naming the run.
     old = {"recipe.version": "1", "recipe.method": "quant", "recipe.heavy_ratio": "0.0"}
-    assert results.recipe_from_params(old) == Recipe(method="quant", selection="none")
-    newer = flat(Recipe()) | {"recipe.version": "3"}
-    with pytest.raises(FFSplitError, match=r"run r9 \(v\) of lm: .*version 3"):
+    assert results.recipe_from_params(old) == Recipe(method=V2_QUANT, selection="none")
+    newer = flat(Recipe()) | {"recipe.version": "4"}
+    with pytest.raises(FFSplitError, match=r"run r9 \(v\) of lm: .*version 4"):
         results.row_from_run(
             model="lm", run_id="r9", run_name="v", params=newer, metrics={}, tags={}
         )
@@ -386,8 +392,8 @@ def test_registered_variants_come_back_as_rows_and_a_page(
         ("ffs", Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.5), 0, {"perplexity_change_pct": 4.0}, "k-ffs"),
         ("uni", Recipe(method="lowrank", selection="none", ffn_reduction=0.5), 0, {"perplexity_change_pct": 9.0}, "k-uni"),
         # the same variant key registered twice (two sweeps): the later run counts, once
-        ("q0", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.5), 0, {"perplexity_change_pct": 2.0}, "k-q"),
-        ("q1", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.5), 1, {"perplexity_change_pct": 1.5}, "k-q"),
+        ("q0", Recipe(method=TWO_LEVEL, heavy_ratio=0.1, ffn_reduction=0.5), 0, {"perplexity_change_pct": 2.0}, "k-q"),
+        ("q1", Recipe(method=TWO_LEVEL, heavy_ratio=0.1, ffn_reduction=0.5), 1, {"perplexity_change_pct": 1.5}, "k-q"),
     ]  # fmt: skip
     registered = {}
     for name, recipe, seed, extra, key in specs:
@@ -505,7 +511,7 @@ def band(p: float, q: float, n: int = 1500) -> float:
 
 
 def test_accuracy_rows_carry_n_and_show_a_95_interval() -> None:
-    params = flat(Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.3))
+    params = flat(Recipe(method=TWO_LEVEL, heavy_ratio=0.1, ffn_reduction=0.3))
     logged = results.row_from_run(
         model="enc",
         run_id="r",
@@ -634,8 +640,8 @@ def test_test_set_size_comes_from_the_metric_else_the_record_artifact(
     specs = [
         # (name, recipe, metrics beyond accuracy, artifacts)
         ("dense", Recipe(method="none", selection="none", ffn_reduction=0.0), {"accuracy_test_examples": 1500.0}, {"eval/record.json": record}),
-        ("ffs", Recipe(method="quant", heavy_ratio=0.1, ffn_reduction=0.3), {}, {"eval/record.json": record}),
-        ("uni", Recipe(method="quant", selection="none", ffn_reduction=0.3), {}, {}),
+        ("ffs", Recipe(method=TWO_LEVEL, heavy_ratio=0.1, ffn_reduction=0.3), {}, {"eval/record.json": record}),
+        ("uni", Recipe(method=TWO_LEVEL, selection="none", ffn_reduction=0.3), {}, {}),
     ]  # fmt: skip
     run_of = {}
     for seed, (name, recipe, extra, artifacts) in enumerate(specs):

@@ -20,12 +20,7 @@ from tasks.records import BaseModel
 PROFILE = ProfileConfig(tokens=512, window=64, batch_size=2)
 RECIPES = [
     Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3, profile=PROFILE),
-    Recipe(
-        method=QuantConfig(group_size=32, gptq=True),
-        heavy_ratio=0.1,
-        ffn_reduction=0.5,
-        profile=PROFILE,
-    ),
+    Recipe(method=QuantConfig(group_size=32), ffn_reduction=0.5, profile=PROFILE),
     Recipe(method="prune", ffn_reduction=0.3, profile=PROFILE),
 ]
 UNITS = 4
@@ -113,7 +108,10 @@ def test_shards_are_cached_and_need_statistics(
 ) -> None:
     base = BaseModel.resolve(tiny_lm)
     uniform = Recipe(
-        method=QuantConfig(group_size=32), selection="none", ffn_reduction=0.5, profile=PROFILE
+        method=QuantConfig(group_size=32, allocation="two-level", gptq=False, gptq_down=False),
+        selection="none",
+        ffn_reduction=0.5,
+        profile=PROFILE,
     )
     layers = [0, 1, 2, 3]
     path = shard_path(str(tmp_path), base, None, uniform, layers)

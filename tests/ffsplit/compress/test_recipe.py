@@ -13,6 +13,7 @@ from ffsplit.split import ffn_modules
 
 CONFIG = ProfileConfig(tokens=128, window=16, batch_size=4, hit_top_fraction=0.05)
 IDS = torch.randint(0, 150, (8, 16), generator=torch.Generator().manual_seed(0))
+TWO_LEVEL = QuantConfig(group_size=32, allocation="two-level")
 
 
 def _logits(model):
@@ -35,8 +36,14 @@ def _compressed(architecture, recipe):
         Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3),
         Recipe(method="lowrank", ffn_reduction=0.3, selection="none"),
         Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.3, selection="random"),
-        Recipe(method=QuantConfig(group_size=32), heavy_ratio=0.1, ffn_reduction=0.5),
-        Recipe(method=QuantConfig(heavy_bits=8, group_size=32), heavy_ratio=0.1, ffn_reduction=0.6),
+        Recipe(method=QuantConfig(group_size=32), ffn_reduction=0.6),
+        Recipe(method=QuantConfig(heavy_bits=8, group_size=32), ffn_reduction=0.75),
+        Recipe(method=TWO_LEVEL, heavy_ratio=0.1, ffn_reduction=0.5),
+        Recipe(
+            method=TWO_LEVEL.replace(heavy_bits=8, gptq=False), heavy_ratio=0.1, ffn_reduction=0.6
+        ),
+        Recipe(method=TWO_LEVEL, selection="none", ffn_reduction=0.7),
+        Recipe(method=TWO_LEVEL, heavy_ratio=0.05, ffn_reduction=0.7, selection="random"),
         Recipe(method="prune", ffn_reduction=0.3),
     ],
     ids=lambda r: r.label,
@@ -92,3 +99,31 @@ def test_heavy_neurons_are_the_top_scores():
             torch.tensor([i for i in range(scores.numel()) if i not in set(heavy.tolist())])
         ].max()
     )
+
+
+def _error(logits, reference):
+    return float((logits - reference).pow(2).sum() / reference.pow(2).sum())
+
+
+def test_quant_allocation_sizes_its_heavy_set_and_beats_uniform_at_equal_bytes():
+    """The default quant recipe (widths per neuron from the statistics) is at least as close to
+    the dense model as the uniform baseline (same GPTQ, no split) at the same budget."""
+    allocated, report, reference = _compressed(
+        "LlamaForCausalLM", Recipe(method=QuantConfig(group_size=32), ffn_reduction=0.7)
+    )
+    uniform, uniform_report, _ = _compressed(
+        "LlamaForCausalLM", Recipe(method=TWO_LEVEL, selection="none", ffn_reduction=0.7)
+    )
+    assert abs(report.ffn_reduction - uniform_report.ffn_reduction) < 0.01
+    for layer in report.layers:
+        assert layer.heavy + sum(layer.bits.values()) == layer.neurons
+        assert all(b < 16 for b in layer.bits)
+    assert _error(_logits(allocated), reference) < _error(_logits(uniform), reference)
+
+
+def test_quant_allocation_refuses_a_budget_below_its_lowest_width():
+    model, _ = tiny_model("LlamaForCausalLM")
+    stats = profile_model(model, IDS, CONFIG)
+    recipe = Recipe(method=QuantConfig(group_size=32, ladder=(4, 3)), ffn_reduction=0.95)
+    with pytest.raises(FFSplitError, match="layer 0: allocate: the budget"):
+        compress_model(model, stats, recipe)

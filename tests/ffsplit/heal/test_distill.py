@@ -141,7 +141,11 @@ def test_teacher_logits_are_the_dense_models_own(setup: dict) -> None:
 
 
 def test_quantized_codes_are_not_trained(setup: dict) -> None:
-    recipe = Recipe(method=QuantConfig(group_size=32), heavy_ratio=0.1, ffn_reduction=0.5)
+    recipe = Recipe(
+        method=QuantConfig(group_size=32, allocation="two-level"),
+        heavy_ratio=0.1,
+        ffn_reduction=0.5,
+    )
     student = _compressed(setup, recipe)
     codes = {k: v.clone() for k, v in student.state_dict().items() if "packed" in k}
     report = heal(
@@ -189,7 +193,7 @@ def test_bad_configs_are_refused() -> None:
     with pytest.raises(FFSplitError, match="method 'none' compresses nothing"):
         Recipe(method="none", heavy_ratio=0.1, ffn_reduction=0.0, heal=on)
     with pytest.raises(FFSplitError, match="nothing to train for method 'quant'"):
-        Recipe(method="quant", heal=on, selection="none")
+        Recipe(method=QuantConfig(allocation="two-level"), heal=on, selection="none")
     with pytest.raises(FFSplitError, match="nothing to train for method 'quant'"):
         Recipe(method=QuantConfig(heavy_bits=8), heal=on)
     with pytest.raises(FFSplitError, match="nothing to train for method 'prune'"):

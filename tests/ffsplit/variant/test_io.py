@@ -52,7 +52,7 @@ def test_round_trip_logits_identical(tmp_path, architecture):
 
 
 def test_quant_round_trip(tmp_path):
-    recipe = Recipe(method=QuantConfig(group_size=32), heavy_ratio=0.1, ffn_reduction=0.6)
+    recipe = Recipe(method=QuantConfig(group_size=32), ffn_reduction=0.6)
     model, out, _ = _variant(tmp_path, "LlamaForCausalLM", recipe)
     loaded, _, _ = load_variant(out)
     assert torch.equal(_outputs(loaded), _outputs(model))
@@ -110,7 +110,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
 
 
 def test_quantized_parts_keep_float16_scales_under_dtype_casts(tmp_path):
-    recipe = Recipe(method=QuantConfig(group_size=32), heavy_ratio=0.1, ffn_reduction=0.6)
+    recipe = Recipe(method=QuantConfig(group_size=32), ffn_reduction=0.6)
     model, out, _ = _variant(tmp_path, "LlamaForCausalLM", recipe)
     model.to(torch.bfloat16)
     from ffsplit.split.parts import QuantizedLinear

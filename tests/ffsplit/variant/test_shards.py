@@ -26,7 +26,9 @@ from ffsplit.variant.shards import (
 
 RECIPES = {
     "lowrank": Recipe(method="lowrank", heavy_ratio=0.25, ffn_reduction=0.4),
-    "quant": Recipe(method=QuantConfig(group_size=8), heavy_ratio=0.1, ffn_reduction=0.5),
+    "quant": Recipe(
+        method=QuantConfig(group_size=8, allocation="two-level"), heavy_ratio=0.1, ffn_reduction=0.5
+    ),
     "prune": Recipe(method="prune", ffn_reduction=0.3),
     "uniform": Recipe(method="lowrank", ffn_reduction=0.3, selection="none"),
 }

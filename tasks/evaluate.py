@@ -92,6 +92,8 @@ def metrics(record: dict[str, Any], dense: dict[str, Any] | None = None) -> dict
             out[metric] = float(record[metric])
             if dense is not None and metric in dense:
                 out[change] = 100.0 * (float(record[metric]) / float(dense[metric]) - 1.0)
+    if "hidden_error" in record:  # encoder variants: last hidden states against the dense base
+        out["hidden_error"] = float(record["hidden_error"])
     tested = (record.get("eval") or {}).get("test")
     if registry.ACCURACY in record and isinstance(tested, int) and tested > 0:
         # The probe's test set is finite: its binomial standard error says which accuracy

@@ -146,6 +146,7 @@ def row_from_run(
             "setting": setting_of(recipe, int(param_value(params.get(VERSION_PARAM, "1")))),
             "heal_steps": recipe.heal.steps,
             "selection": recipe.selection,
+            "gptq": getattr(recipe.method, "gptq", None),
         }
     else:
         series = "dense" if dense else tags.get("ffsplit.series", "")

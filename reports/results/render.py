@@ -26,6 +26,7 @@ from reports.results.format import (
     slug,
     table,
 )
+from reports.results.lowbit import lowbit_section
 from reports.results.observation import observation_section
 from reports.results.rows import (
     COMMAND_TAG,
@@ -67,7 +68,7 @@ from reports.results.tables import (
 
 # Plot files this page writes (write_page removes those of an earlier page that this one did not).
 PAGE_PLOTS = re.compile(
-    r"-((tradeoff|heavy-ratio)(-s\d+)?|observation|ablation|ablation-hidden)\.png$"
+    r"-((tradeoff|heavy-ratio|lowbit)(-s\d+)?|observation|ablation|ablation-hidden)\.png$"
 )
 
 
@@ -111,6 +112,7 @@ def render(
     )
     tradeoff_md, tradeoff_plots = tradeoff_section(page)
     heavy_md, heavy_plots = heavy_ratio_section(page)
+    lowbit_md, lowbit_plots = lowbit_section(rows, page.models, plots_dir, plots_link)
     md = [
         *header(page, generated_at, command),
         *summary_section(page),
@@ -118,6 +120,7 @@ def render(
         observation,
         *tradeoff_md,
         *shortfalls_section(page),
+        *lowbit_md,
         *heavy_md,
         *transfer_section(page),
         *goals_section(page),
@@ -125,7 +128,7 @@ def render(
         *variants_section(page),
         *provenance_section(page, generated_at),
     ]
-    return "\n".join(md), [*observation_plots, *tradeoff_plots, *heavy_plots]
+    return "\n".join(md), [*observation_plots, *tradeoff_plots, *lowbit_plots, *heavy_plots]
 
 
 def write_page(

@@ -40,6 +40,7 @@ SERIES_TITLES = {
     "random-quant": "random split quant",
     "prune": "score pruning",
     "prune-random": "random pruning",
+    "outlier-quant": "column outliers quant",
     "dense": "dense",
     "split": "split only",
 }
@@ -75,6 +76,7 @@ class Row:
     setting: str = ""  # non-default recipe options, "" for the defaults (healing included)
     heal_steps: int = 0
     selection: str = "score"
+    gptq: bool | None = None  # quant rows: GPTQ rounding (False: round to nearest); else None
     start_time: int = 0  # ms since the epoch (MLflow run start)
     experiment: str = ""
     version: str = ""  # "name vN" of its registered model version, "" if none

@@ -28,6 +28,7 @@ from ffsplit.config import (
     DEFAULT_EVAL_TOKENS,
     DEFAULT_FFN_REDUCTION,
     DEFAULT_HEAVY_RATIO,
+    DEFAULT_OUTLIER_RATIO,
     DEFAULT_WINDOW,
 )
 from ffsplit.errors import FFSplitError
@@ -90,6 +91,7 @@ class Method(StrEnum):
 class Baseline(StrEnum):
     uniform = "uniform"
     random = "random"
+    outlier = "outlier"  # the column-outlier baseline (quant only)
 
 
 class HealLoss(StrEnum):
@@ -310,11 +312,25 @@ def _recipe_from_options(
 ) -> Any:
     """The recipe `ffsplit compress` options describe. Quant FFSplit without --heavy-ratio gives
     widths per neuron from the statistics (the default that won, QuantConfig); with it, or as a
-    baseline, a fixed heavy set and two adjacent light widths."""
+    baseline, a fixed heavy set and two adjacent light widths (--baseline outlier: --heavy-ratio
+    is the share of input columns kept bf16, DEFAULT_OUTLIER_RATIO when not given)."""
     from ffsplit.config import LowRankConfig, ProfileConfig, PruneConfig, QuantConfig, Recipe
 
     _check_ratio("--ffn-reduction", ffn_reduction)
-    selection = {Baseline.uniform: "none", Baseline.random: "random"}.get(baseline, "score")
+    selection = {
+        Baseline.uniform: "none",
+        Baseline.random: "random",
+        Baseline.outlier: "outlier",
+    }.get(baseline, "score")
+    if selection == "outlier" and method != Method.quant:
+        raise FFSplitError(
+            f"--baseline outlier (kept bf16 input columns) applies to --method quant only, "
+            f"not {method.value}: add --method quant or choose another --baseline"
+        )
+    if selection == "outlier" and heavy_bits != 16:
+        raise FFSplitError(
+            "--heavy-bits does not apply to --baseline outlier (its columns are bf16): drop it"
+        )
     if heavy_ratio is not None:
         _check_ratio("--heavy-ratio", heavy_ratio)
         if selection == "none" or method == Method.prune:
@@ -354,7 +370,8 @@ def compress(
         float | None,
         typer.Option(
             help="share of neurons kept as heavy hitters, in (0, 1) [default: "
-            f"{DEFAULT_HEAVY_RATIO}; quant: sized by the bit allocation unless given]",
+            f"{DEFAULT_HEAVY_RATIO}; quant: sized by the bit allocation unless given; "
+            f"--baseline outlier: share of input columns kept bf16, {DEFAULT_OUTLIER_RATIO}]",
             show_default=False,
         ),
     ] = None,
@@ -362,7 +379,10 @@ def compress(
         float, typer.Option(help="target FFN size reduction by bytes, in (0, 1)")
     ] = DEFAULT_FFN_REDUCTION,
     baseline: Annotated[
-        Baseline | None, typer.Option(help="compress as a baseline instead of FFSplit")
+        Baseline | None,
+        typer.Option(
+            help="compress as a baseline instead of FFSplit (outlier: column-outlier, quant only)"
+        ),
     ] = None,
     calib_tokens: Annotated[
         int, typer.Option(help="calibration tokens, when profiling here")

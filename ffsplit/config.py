@@ -18,9 +18,13 @@ RECIPE_VERSION = 3  # recipes: 1 (PR <= 2026-11) and 2 migrate on read, see Reci
 
 HEAL_LOSSES = ("local", "kl")
 # Which neurons form the heavy set: by score (FFSplit), a random set of the same size (the
-# random-split baseline), or none at all (no split: the uniform baseline).
-SELECTIONS = ("score", "random", "none")
-BASELINES = ("uniform", "random", "prune")
+# random-split baseline), none at all (no split: the uniform baseline), or no neurons but the
+# input columns of largest activation energy (the OWQ-style column-outlier baseline, quant only:
+# ffsplit/compress/outliers.py; heavy_ratio is then the share of each matrix's inputs kept bf16).
+SELECTIONS = ("score", "random", "none", "outlier")
+BASELINES = ("uniform", "random", "prune", "outlier")
+# Selections only some methods have (the sweep skips a baseline for the methods it lacks).
+SELECTION_METHODS = {"outlier": ("quant",)}
 # How the quant method gives out bit widths. "layer": every neuron vector of an FFN takes a width
 # from the statistics (allocation.py: s_j^2 times its quantization error, a knapsack under the
 # layer's byte budget), so the heavy set is whatever the budget makes worth 16 bits. "two-level":
@@ -31,6 +35,12 @@ ALLOCATIONS = ("layer", "two-level")
 # Defaults, each written once here and read by the CLI, the flows, the deployments and the
 # results page (style.md 14).
 DEFAULT_HEAVY_RATIO = 0.1
+# The column-outlier baseline's share of input columns kept bf16: what bench/lowbit.py's
+# outlier-h0.01 ran at equal FFN bytes (bench/results/lowbit-smollm2-135m*.json); OWQ
+# (arXiv 2306.02272) likewise keeps a small fraction of columns. DEFAULT_HEAVY_RATIO would not
+# do: at 0.1 the kept bf16 columns alone are 10% of the dense FFN's bytes, 40% of a 75%-smaller
+# FFN's budget.
+DEFAULT_OUTLIER_RATIO = 0.01
 DEFAULT_FFN_REDUCTION = 0.3
 DEFAULT_CALIB_TOKENS = 32768  # a recipe's own profiling (library, CLI)
 PIPELINE_CALIB_TOKENS = 16384  # the sweep and its nightly deployment: half, for the CPU budget
@@ -397,10 +407,12 @@ class Recipe(Config):
 
     `method` is the light part's compressor config; its type says which method it is (a name like
     "quant" is accepted as that method's default config). `selection` says what the heavy set is:
-    "score" (FFSplit), "random" (the random-split baseline, seeded) or "none" (no split: the
-    uniform baseline, and the dense reference with method "none"). Pruning is a method whose
-    kept set is the score order. Only what a recipe is goes in: `heavy_ratio` is None where there
-    is no heavy set to size (selection "none", pruning). Every cross-field rule is checked here.
+    "score" (FFSplit), "random" (the random-split baseline, seeded), "none" (no split: the
+    uniform baseline, and the dense reference with method "none") or "outlier" (quant only: the
+    column-outlier baseline, whose `heavy_ratio` is the share of each matrix's input columns kept
+    bf16, DEFAULT_OUTLIER_RATIO when unset). Pruning is a method whose kept set is the score
+    order. Only what a recipe is goes in: `heavy_ratio` is None where there is no heavy set to
+    size (selection "none", pruning). Every cross-field rule is checked here.
     """
 
     kind: ClassVar[str] = "recipe"
@@ -431,6 +443,7 @@ class Recipe(Config):
             raise FFSplitError(
                 f"recipe.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
             )
+        self._check_selection_method()
         self._check_heavy_ratio()
         if self.method_name == "none":
             if self.ffn_reduction != 0:
@@ -439,7 +452,7 @@ class Recipe(Config):
             _check_fraction("recipe.ffn_reduction", self.ffn_reduction)
         _check_int("recipe.seed", self.seed, 0)
         if self.needs_grams and not self.profile.collect_grams:
-            settings = self.method.gram_settings
+            settings = self.gram_settings
             what = " and ".join(settings)
             raise FFSplitError(
                 f"recipe '{self.label}': {what} {'needs' if len(settings) == 1 else 'need'} Gram "
@@ -449,8 +462,22 @@ class Recipe(Config):
         if self.heal.enabled:
             self._check_healable()
 
+    def _check_selection_method(self) -> None:
+        """A selection that only some methods have (SELECTION_METHODS) comes with one of them."""
+        methods = SELECTION_METHODS.get(self.selection)
+        if methods is None or self.method_name in methods:
+            return
+        method = self.method_name
+        others = [s for s in SELECTIONS if method in SELECTION_METHODS.get(s, (method,))]
+        raise FFSplitError(
+            f"recipe.selection {self.selection!r} applies to method "
+            f"{' or '.join(map(repr, methods))} only, got method {method!r}: set "
+            f"recipe.method {methods[0]!r} or another selection ({', '.join(others)})"
+        )
+
     def _check_heavy_ratio(self) -> None:
-        """A heavy ratio exactly where there is a heavy set to size."""
+        """A heavy ratio exactly where there is a heavy set to size (for selection 'outlier':
+        the share of input columns kept bf16)."""
         if self.method_name == "prune" and self.selection == "none":
             raise FFSplitError("recipe: prune keeps neurons in an order; selection 'none' has none")
         allocated = self.method_name == "quant" and self.method.allocation == "layer"  # type: ignore[attr-defined]
@@ -459,9 +486,16 @@ class Recipe(Config):
                 f"recipe: quant.allocation 'layer' gives widths by neuron score; selection "
                 f"{self.selection!r} has none: set quant.allocation 'two-level'"
             )
+        heavy_bits = getattr(self.method, "heavy_bits", 16)
+        if self.selection == "outlier" and heavy_bits != 16:
+            raise FFSplitError(
+                f"recipe: selection 'outlier' keeps its columns in bf16; quant.heavy_bits "
+                f"{heavy_bits} does not apply to it: set quant.heavy_bits 16"
+            )
         sized = self.selection != "none" and self.method_name != "prune" and not allocated
         if sized and self.heavy_ratio is None:
-            object.__setattr__(self, "heavy_ratio", DEFAULT_HEAVY_RATIO)
+            default = DEFAULT_OUTLIER_RATIO if self.selection == "outlier" else DEFAULT_HEAVY_RATIO
+            object.__setattr__(self, "heavy_ratio", default)
         if sized:
             _check_fraction("recipe.heavy_ratio", self.heavy_ratio)
         elif self.heavy_ratio is not None:
@@ -514,13 +548,13 @@ class Recipe(Config):
 
     @property
     def baseline(self) -> str | None:
-        """Which method.md baseline this recipe is ("uniform", "random", "prune"), or None for
+        """Which baseline this recipe is ("uniform", "random", "prune", "outlier"), or None for
         FFSplit itself and for the split-only / dense references (method 'none')."""
         if self.method_name == "prune":
             return "prune"
         if self.method_name == "none":
             return None
-        return {"none": "uniform", "random": "random"}.get(self.selection)
+        return {"none": "uniform", "random": "random", "outlier": "outlier"}.get(self.selection)
 
     @property
     def series(self) -> str:
@@ -541,8 +575,8 @@ class Recipe(Config):
             tag = "prune" if self.selection == "score" else "prune-random"
         elif self.selection == "none":
             tag = f"{method}-uniform"
-        elif self.selection == "random":
-            tag = f"{method}-random-h{self.heavy:.2f}"
+        elif self.selection in ("random", "outlier"):
+            tag = f"{method}-{self.selection}-h{self.heavy:.2f}"
         elif self.heavy_ratio is None:  # the quant layer allocation sizes its own heavy set
             tag = f"{method}-alloc"
         else:
@@ -554,12 +588,20 @@ class Recipe(Config):
 
     @property
     def needs_grams(self) -> bool:
-        return self.method.needs_grams
+        """Whether compressing reads the calibration Gram matrices (profile.collect_grams)."""
+        return bool(self.gram_settings)
+
+    @property
+    def gram_settings(self) -> list[str]:
+        """The settings that read the Gram matrices: the method's, and selection 'outlier'
+        (its columns are those of largest Gram diagonal)."""
+        outlier = ["selection 'outlier'"] if self.selection == "outlier" else []
+        return outlier + self.method.gram_settings
 
     @property
     def needs_statistics(self) -> bool:
-        """Score selection (and pruning by score), activation-aware SVD and GPTQ read profiling
-        statistics; nothing else does."""
+        """Score selection (and pruning by score), the column-outlier baseline, activation-aware
+        SVD and GPTQ read profiling statistics; nothing else does."""
         return self.selection == "score" or self.needs_grams
 
     def unhealed(self) -> Recipe:

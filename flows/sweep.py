@@ -34,6 +34,7 @@ from ffsplit.config import (
     DEFAULT_HEAVY_RATIO,
     DEFAULT_WINDOW,
     PIPELINE_CALIB_TOKENS,
+    SELECTION_METHODS,
     EvalConfig,
     ProfileConfig,
     QuantConfig,
@@ -61,7 +62,8 @@ OBJECTIVES = ("speed", "size")
 DEFAULT_METHODS = ["lowrank", "quant"]
 DEFAULT_HEAVY_RATIOS = [DEFAULT_HEAVY_RATIO]
 DEFAULT_BUDGETS = [0.3, 0.5]
-DEFAULT_BASELINES = list(BASELINES)
+# Every baseline but the column-outlier one (quant only; ask for it with --baselines ...,outlier).
+DEFAULT_BASELINES = ["uniform", "random", "prune"]
 DEFAULT_QUALITY_BUDGET_PCT = 10.0
 STAGES = (
     "validate",
@@ -113,7 +115,8 @@ def _fractions(kind: str, values: Any) -> list[float]:
 def _grid_specs(
     methods: list[str], heavy_ratios: list[float], budgets: list[float], baselines: list[str]
 ) -> list[dict[str, Any]]:
-    """What each variant of the grid is (method, heavy set, budget), FFSplit first."""
+    """What each variant of the grid is (method, heavy set, budget), FFSplit first. A baseline
+    only some methods have (the column-outlier one: quant) is skipped for the others."""
     specs: list[dict[str, Any]] = [
         {"method": method, "heavy_ratio": rho, "ffn_reduction": budget}
         for method in methods
@@ -134,6 +137,16 @@ def _grid_specs(
                     }
                     for rho in heavy_ratios
                 ]
+            if "outlier" in baselines and method in SELECTION_METHODS["outlier"]:
+                specs += [
+                    {
+                        "method": method,
+                        "selection": "outlier",
+                        "heavy_ratio": rho,
+                        "ffn_reduction": budget,
+                    }
+                    for rho in heavy_ratios
+                ]
         if "prune" in baselines:
             specs.append({"method": "prune", "ffn_reduction": budget})
     return specs
@@ -148,9 +161,11 @@ def build_grid(
     recipe_defaults: dict[str, Any] | None = None,
 ) -> list[Recipe]:
     """FFSplit recipes for every method x heavy ratio x budget, then the baselines at the same
-    budgets: uniform (no split) per method, random split per method and heavy ratio, score-based
-    pruning. Every recipe is validated (unknown keys and bad values are errors); recipe_defaults
-    (e.g. {"quant": {"gptq": true}}) applies to the recipes of the methods it names."""
+    budgets: uniform (no split) per method, random split per method and heavy ratio, the
+    column-outlier baseline per heavy ratio (its share of input columns kept bf16; quant only),
+    score-based pruning. Every recipe is validated (unknown keys and bad values are errors);
+    recipe_defaults (e.g. {"quant": {"gptq": true}}) applies to the recipes of the methods it
+    names."""
     methods = _names("methods", methods, SWEEP_METHODS)
     baselines = _names("baselines", baselines, BASELINES, empty_ok=True)
     heavy_ratios = _fractions("heavy_ratios", heavy_ratios)
@@ -499,10 +514,11 @@ def sweep(
     """Compress one model by a grid of recipes and the baselines, evaluate, register, set aliases.
 
     methods (lowrank, quant) x heavy_ratios x budgets (FFN byte reductions), plus baselines
-    (uniform, random, prune) at the same budgets; recipe_defaults adds Recipe fields to every
-    variant (e.g. {"quant": {"gptq": true}}; {"heal": {"steps": 100}} heals every variant after
-    assembly, and each is registered healed; quantized light parts are not trained, so a quant
-    recipe heals only its 16-bit heavy part, and one with none is refused). quality_budget_pct and
+    (uniform, random, prune; on request outlier, quant's column-outlier baseline per heavy ratio)
+    at the same budgets; recipe_defaults adds Recipe fields to every variant (e.g.
+    {"quant": {"gptq": true}}; {"heal": {"steps": 100}} heals every variant after assembly, and
+    each is registered healed; quantized light parts are not trained, so a quant recipe heals only
+    its 16-bit heavy part, and one with none is refused). quality_budget_pct and
     champion_objective ("speed" or "size") state the champion policy; latency_* set the latency
     race's workload. Defaults: methods lowrank,quant; heavy_ratios 0.1; budgets 0.3,0.5;
     baselines uniform,random,prune.
@@ -569,7 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     run.add_argument("--heavy-ratios", type=_floats, default=DEFAULT_HEAVY_RATIOS)
     run.add_argument("--budgets", type=_floats, default=DEFAULT_BUDGETS)
-    run.add_argument("--baselines", default=",".join(DEFAULT_BASELINES))
+    run.add_argument(
+        "--baselines",
+        default=",".join(DEFAULT_BASELINES),
+        help=f"comma-separated, of {','.join(BASELINES)} (outlier: quant only)",
+    )
     run.add_argument("--quality-budget-pct", type=float, default=DEFAULT_QUALITY_BUDGET_PCT)
     run.add_argument("--objective", default="speed", choices=OBJECTIVES)
     run.add_argument("--calib-tokens", type=int, default=PIPELINE_CALIB_TOKENS)

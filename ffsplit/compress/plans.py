@@ -24,7 +24,7 @@ from ffsplit.compress.budget import (
     reduction,
     solve_two_levels,
 )
-from ffsplit.compress.outliers import ColumnOutlierLinear, kept_column_bytes
+from ffsplit.compress.outliers import outlier_columns, outlier_count
 from ffsplit.compress.quant import (
     GPTQResult,
     gptq_keep_columns,
@@ -37,7 +37,14 @@ from ffsplit.errors import FFSplitError
 from ffsplit.profiling.stats import LayerStats
 from ffsplit.split.apply import BlockParts, build_split
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection
-from ffsplit.split.parts import DenseLinear, LinearPart, QuantizedLinear, to_storage
+from ffsplit.split.parts import (
+    ColumnOutlierLinear,
+    DenseLinear,
+    LinearPart,
+    QuantizedLinear,
+    kept_column_bytes,
+    to_storage,
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,37 @@ def column_outlier_plan(
     return plan_of(high, low, count)
 
 
+@dataclass(frozen=True)
+class ColumnOutlierLayer:
+    """The column-outlier baseline for one FFN: its widths, the FFN input columns that up and
+    gate keep in bf16 (largest ``diag(gram_in)`` first) and the neurons whose down column stays
+    bf16 (largest ``diag(gram_hidden)`` first)."""
+
+    plan: NeuronPlan
+    kept_in: Tensor
+    kept_down: Tensor
+
+
+def column_outlier_layer(
+    shape: FFNShape,
+    gram_in: Tensor,
+    gram_hidden: Tensor,
+    ratio: float,
+    target: float,
+    group_size: int,
+    ladder: Sequence[int],
+) -> ColumnOutlierLayer:
+    """The column-outlier baseline of one FFN at FFN byte reduction ``target``: up/gate keep
+    ``ceil(ratio * d)`` input columns and down ``ceil(ratio * m)`` neurons in bf16, picked by
+    activation energy (outliers.outlier_columns), the rest over two adjacent widths of ``ladder``
+    in index order (:func:`column_outlier_plan`). Build it with :func:`plan_blocks` and
+    ``RowQuantizer(..., kept=layer.kept_in)``."""
+    kept_in = outlier_columns(gram_in, outlier_count(shape.d, ratio))
+    kept_down = outlier_columns(gram_hidden, outlier_count(shape.m, ratio))
+    plan = column_outlier_plan(shape, kept_down, kept_in.numel(), target, group_size, ladder)
+    return ColumnOutlierLayer(plan, kept_in, kept_down)
+
+
 class RowQuantizer:
     """Quantizes blocks of up/gate rows of one FFN at given widths, by GPTQ (act-order) on the FFN
     input Gram, or round to nearest when ``gram`` is None; ``kept`` input columns stay 16-bit
@@ -174,7 +212,7 @@ class RowQuantizer:
         rows = take_rows(whole.quantized, index)
         if self.kept is None:
             return QuantizedLinear(rows, False, bias)
-        kept_weight = to_storage(whole.kept_values.index_select(0, index))
+        kept_weight = to_storage(whole.kept_values.index_select(0, index)).to(matrix.dtype)
         return ColumnOutlierLinear(rows, whole.kept, kept_weight, bias)
 
 

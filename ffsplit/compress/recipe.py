@@ -30,7 +30,13 @@ from ffsplit.compress.budget import (
     solve_rank,
 )
 from ffsplit.compress.lowrank import svd_factors, whitened_svd
-from ffsplit.compress.plans import NeuronPlan, RowQuantizer, plan_blocks, two_level_plan
+from ffsplit.compress.plans import (
+    NeuronPlan,
+    RowQuantizer,
+    column_outlier_layer,
+    plan_blocks,
+    two_level_plan,
+)
 from ffsplit.compress.results import CompressedLayer, CompressionReport, LayerReport
 from ffsplit.config import (
     LowRankConfig,
@@ -53,13 +59,14 @@ def neuron_order(
 ) -> tuple[Tensor, Tensor]:
     """(heavy, light) neuron indices; light in the order compressors hand out resources.
 
-    Score selection: both by descending score. Random split: random order. No split (uniform):
-    light in index order, since the baseline has no score to go by.
+    Score selection: both by descending score. Random split: random order. No split (uniform)
+    and the column-outlier baseline: light in index order, since these baselines have no score to
+    go by (the column-outlier planner then picks the neurons whose down column stays bf16).
     """
     m = weights.neurons
     if recipe.selection == "random":
         return random_order(m, recipe.heavy, recipe.seed, layer)
-    if recipe.selection == "none":
+    if recipe.selection in ("none", "outlier"):
         return torch.empty(0, dtype=torch.long), torch.arange(m)
     if stats is None:
         raise FFSplitError(f"layer {layer}: score selection needs profiling statistics")
@@ -183,6 +190,8 @@ def _plan_quant(layer: LayerPlan) -> list[Block]:
     order over two adjacent widths of the ladder), then each block by GPTQ or to nearest."""
     config: QuantConfig = layer.recipe.method  # type: ignore[assignment]
     group = pick_group_size(layer.shape.d, preferred=config.group_size)
+    if layer.recipe.selection == "outlier":
+        return _plan_column_outlier(layer, config, group)
     order = torch.cat([layer.heavy, layer.light])
     if config.allocation == "layer":
         plan = _allocated_plan(layer, config, group, order)
@@ -206,6 +215,55 @@ def _plan_quant(layer: LayerPlan) -> list[Block]:
     return plan_blocks(
         layer.weights,
         plan,
+        group,
+        stats,
+        gptq=config.gptq_down,
+        act_order=config.act_order,
+        rows=rows,
+    )
+
+
+def _plan_column_outlier(layer: LayerPlan, config: QuantConfig, group: int) -> list[Block]:
+    """The column-outlier baseline (outliers.py) at the two-level budget rule: up/gate keep the
+    heavy_ratio share of input columns of largest ``diag(gram_in)`` in bf16 (last in GPTQ, so they
+    absorb its error), down the share of neurons of largest ``diag(gram_hidden)``; every other
+    vector over two adjacent widths of the ladder in index order, the most bytes that still meet
+    the budget. The kept down neurons are the layer's heavy set."""
+    stats, where = layer.stats, f"layer {layer.report.layer}"
+    if stats is None or stats.gram_in is None or stats.gram_hidden is None:
+        raise FFSplitError(
+            f"{where}: selection 'outlier' picks columns by their Gram diagonals; the statistics "
+            "have no Gram matrices (profile with collect_grams)"
+        )
+    recipe = layer.recipe
+    try:
+        outlier = column_outlier_layer(
+            layer.shape,
+            stats.gram_in,
+            stats.gram_hidden,
+            recipe.heavy,
+            recipe.ffn_reduction,
+            group,
+            config.ladder,
+        )
+    except FFSplitError as exc:
+        raise FFSplitError(f"{where}: {exc}") from None
+    rest = torch.ones(layer.shape.m, dtype=torch.bool)
+    rest[outlier.kept_down] = False
+    layer.heavy, layer.light = outlier.kept_down, torch.arange(layer.shape.m)[rest]
+    layer.report.heavy = int(outlier.kept_down.numel())
+    widths = Counter(outlier.plan.up_gate.tolist())
+    layer.report.bits = {b: widths[b] for b in sorted(widths, reverse=True)}
+    rows = RowQuantizer(
+        layer.weights,
+        group,
+        stats.gram_in if config.gptq else None,
+        act_order=config.act_order,
+        kept=outlier.kept_in,
+    )
+    return plan_blocks(
+        layer.weights,
+        outlier.plan,
         group,
         stats,
         gptq=config.gptq_down,

@@ -9,10 +9,18 @@ from ffsplit.split.apply import (
     swap_ffn,
 )
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection
-from ffsplit.split.parts import DenseLinear, LinearPart, LowRankLinear, QuantizedLinear, build_part
+from ffsplit.split.parts import (
+    ColumnOutlierLinear,
+    DenseLinear,
+    LinearPart,
+    LowRankLinear,
+    QuantizedLinear,
+    build_part,
+)
 
 __all__ = [
     "BlockParts",
+    "ColumnOutlierLinear",
     "DenseLinear",
     "LinearPart",
     "LowRankLinear",

@@ -40,7 +40,13 @@ from torch import Tensor, nn
 from ffsplit.adapters.base import Adapter, FFNHandle
 from ffsplit.errors import FFSplitError
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection
-from ffsplit.split.parts import DenseLinear, LinearPart, LowRankLinear, QuantizedLinear
+from ffsplit.split.parts import (
+    ColumnOutlierLinear,
+    DenseLinear,
+    LinearPart,
+    LowRankLinear,
+    QuantizedLinear,
+)
 from ffsplit.split.qformat import codes
 
 ALIGN = 16  # rows/ranks padded to this many (32 bytes of bf16)
@@ -108,6 +114,8 @@ class _Range:
     def kind(self) -> str:
         parts = [p for p in (self.up, self.gate, self.down) if p is not None]
         kinds = {type(p) for p in parts}
+        if ColumnOutlierLinear in kinds:
+            return "column_outlier"
         if kinds == {DenseLinear}:
             return "dense"
         if kinds == {LowRankLinear}:
@@ -195,7 +203,12 @@ def make_core(
     dtype: torch.dtype | None,
 ) -> FusedFFNCore | QuantFFNCore:
     """The fused core of an FFN: ``QuantFFNCore`` when any range is quantized (every bit width,
-    heavy bf16 or int8), else ``FusedFFNCore`` (dense and low-rank ranges)."""
+    heavy bf16 or int8), else ``FusedFFNCore`` (dense and low-rank ranges). Column-outlier parts
+    (the column-outlier baseline) have no fused form: fuse_model leaves such FFNs as they are."""
+    if any(r.kind() == "column_outlier" for r in ranges):
+        raise FFSplitError(
+            "fuse: column-outlier parts (kept bf16 input columns) have no fused form"
+        )
     if any(r.kind() == "quant" for r in ranges):
         return QuantFFNCore(ranges, down_bias, activation, gated, dtype)
     return FusedFFNCore(ranges, down_bias, activation, gated, dtype)

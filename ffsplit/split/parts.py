@@ -1,4 +1,4 @@
-"""Linear parts that make up a split FFN projection: dense, low-rank, quantized.
+"""Linear parts that make up a split FFN projection: dense, low-rank, quantized, column-outlier.
 
 Each part computes x @ W.T (+ b) for its own W, counts its storage bytes exactly (16-bit floats,
 codes at their bit width), reconstructs W for tests and kernel fusion, and describes its structure
@@ -16,6 +16,8 @@ from ffsplit.errors import FFSplitError
 from ffsplit.split.qformat import QuantizedTensor, dequantize
 
 FLOAT_BYTES = 2  # float weights are stored and counted at 16 bits, the serving dtype
+INDEX_BYTES = 2  # column indices (column-outlier parts) are stored and counted as int16
+INDEX_LIMIT = 1 << 15  # the most input columns int16 indices address (every hidden size here)
 
 
 def to_storage(t: Tensor) -> Tensor:
@@ -46,6 +48,11 @@ class LinearPart(nn.Module):
     def parameter_count(self) -> int:
         """Stored numbers: float elements plus one per quantization code."""
         return sum(t.numel() for t in self.state_dict().values() if t.is_floating_point())
+
+    def check_loaded(self) -> None:
+        """Raise FFSplitError when loaded values break what the structure assumes (the
+        structure itself is checked from the spec before anything is allocated). Most parts
+        assume nothing of their values."""
 
     def _bias_bytes(self) -> int:
         bias = self.bias_or_none()
@@ -231,9 +238,107 @@ class QuantizedLinear(LinearPart):
         return cls(q, spec["neuron_major"], bias)
 
 
+def kept_column_bytes(rows: int, kept: int) -> int:
+    """Bytes of ``kept`` 16-bit columns of ``rows`` entries plus their int16 indices."""
+    return kept * (rows * FLOAT_BYTES + INDEX_BYTES) if kept else 0
+
+
+class ColumnOutlierLinear(QuantizedLinear):
+    """``y = x @ W.T + b`` where W is a quantized ``[out, in]`` matrix whose ``kept`` input columns
+    are replaced by 16-bit values ``kept_weight [out, k]`` (exactly: the kept columns' codes are
+    never used). The column-outlier baseline's up/gate part (ffsplit/compress/outliers.py).
+
+    Stored as a quantized part (codes, float16 scales and zeros) plus ``kept`` (int16 column
+    indices) and ``kept_weight``; ``nbytes`` counts both at those widths. Not a fused-path part:
+    ffsplit.split.fused leaves FFNs holding it on the module path.
+    """
+
+    kind = "column_outlier"
+
+    def __init__(
+        self,
+        quantized: QuantizedTensor,
+        kept: Tensor,
+        kept_weight: Tensor,
+        bias: Tensor | None = None,
+    ) -> None:
+        super().__init__(quantized, False, bias)
+        where = "ColumnOutlierLinear"
+        if self.in_features > INDEX_LIMIT:
+            raise FFSplitError(
+                f"{where}: {self.in_features} input columns do not fit int16 indices "
+                f"(at most {INDEX_LIMIT})"
+            )
+        if kept.dim() != 1 or tuple(kept_weight.shape) != (self.out_features, kept.numel()):
+            raise FFSplitError(
+                f"{where}: kept_weight must be [{self.out_features}, {kept.numel()}] for "
+                f"{kept.numel()} kept columns, got {tuple(kept_weight.shape)}"
+            )
+        self.register_buffer("kept", kept.detach().to(torch.int16).clone())
+        self.kept_weight = nn.Parameter(kept_weight.detach().clone(), requires_grad=False)
+        self.check_loaded()
+
+    def check_loaded(self) -> None:
+        values = self.kept.to(torch.long)
+        if values.numel() and (
+            int(values.min()) < 0
+            or int(values.max()) >= self.in_features
+            or values.unique().numel() != values.numel()
+        ):
+            raise FFSplitError(
+                f"column_outlier part: kept columns must be distinct indices in "
+                f"0..{self.in_features - 1}"
+            )
+
+    def _stored_matrix(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if self._cache is None or self._cache[0] != device or self._cache[1] != dtype:
+            weight = dequantize(self.quantized()).to(device=device, dtype=torch.float32)
+            columns = self.kept.to(device=device, dtype=torch.long)
+            weight[:, columns] = self.kept_weight.detach().to(device=device, dtype=torch.float32)
+            self._cache = (device, dtype, weight.to(dtype))
+        return self._cache[2]
+
+    def nbytes(self) -> int:
+        return super().nbytes() + kept_column_bytes(self.out_features, self.kept.numel())
+
+    def parameter_count(self) -> int:
+        return super().parameter_count() + self.kept_weight.numel()
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "in": self.in_features,
+            "out": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "kept": self.kept.numel(),
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any]) -> ColumnOutlierLinear:  # type: ignore[override]
+        kept = spec["kept"]
+        if isinstance(kept, bool) or not isinstance(kept, int) or not 0 <= kept <= spec["in"]:
+            raise FFSplitError(f"kept must be an int in 0..{spec['in']}, got {kept!r}")
+        q = QuantizedTensor.empty(spec["out"], spec["in"], spec["bits"], spec["group_size"])
+        bias = torch.zeros(spec["out"]) if spec["bias"] else None
+        return cls(q, torch.arange(kept), torch.zeros(spec["out"], kept), bias)
+
+
 PART_TYPES: dict[str, type[LinearPart]] = {
-    cls.kind: cls for cls in (DenseLinear, LowRankLinear, QuantizedLinear)
+    cls.kind: cls for cls in (DenseLinear, LowRankLinear, QuantizedLinear, ColumnOutlierLinear)
 }
+
+
+def check_loaded_parts(module: nn.Module, where: str) -> None:
+    """Every part under ``module`` accepts the values just loaded into it (LinearPart.check_loaded),
+    else one FFSplitError naming the part."""
+    for name, part in module.named_modules():
+        if isinstance(part, LinearPart):
+            try:
+                part.check_loaded()
+            except FFSplitError as exc:
+                raise FFSplitError(f"{where}: {name or 'part'}: {exc}") from None
 
 
 def build_part(spec: dict[str, Any], where: str = "part") -> LinearPart:

@@ -33,7 +33,7 @@ from ffsplit.models.loading import (
     read_config,
 )
 from ffsplit.split.apply import swap_ffn
-from ffsplit.split.parts import build_part
+from ffsplit.split.parts import build_part, check_loaded_parts
 from ffsplit.variant.manifest import MANIFEST, NEURONS, WEIGHTS, new_manifest, read_manifest
 
 
@@ -213,6 +213,16 @@ def _check_specs(entry: dict[str, Any], dense: FFNWeights, where: str) -> None:
                     f"{where}: {name} part {size_out}x{size_in} (rank {rank}) does not fit the "
                     f"FFN ({m} neurons, hidden size {d})"
                 )
+            kept_columns = part.get("kept", 0)  # column-outlier parts: bf16 input columns
+            if (
+                isinstance(kept_columns, bool)
+                or not isinstance(kept_columns, int)
+                or not 0 <= kept_columns <= size_in
+            ):
+                raise FFSplitError(
+                    f"{where}: {name} part keeps {kept_columns!r} columns; a {size_out}x{size_in} "
+                    f"part keeps an integer count in 0..{size_in}"
+                )
         kept[name] = neurons
     if len(set(kept.values())) != 1:
         raise FFSplitError(f"{where}: the projections keep different neuron counts {kept}")
@@ -351,6 +361,7 @@ def _load_weights(
             f"{path}: weights do not fit the manifest's structure "
             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
+    check_loaded_parts(model, path)  # e.g. column-outlier indices distinct and in range
     for name, source in tied.items():
         if name not in expected or source not in expected or name in state:
             raise FFSplitError(

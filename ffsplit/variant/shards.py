@@ -22,7 +22,7 @@ from ffsplit.compress.results import CompressedLayer, LayerReport
 from ffsplit.errors import FFSplitError
 from ffsplit.files import atomic_dir, sha256_file, shown
 from ffsplit.split.modules import SplitInProjection, SplitOutProjection
-from ffsplit.split.parts import build_part
+from ffsplit.split.parts import build_part, check_loaded_parts
 
 SHARD_FORMAT = "ffsplit-shard"
 SHARD_FORMAT_VERSION = 1
@@ -181,6 +181,7 @@ def load_shard(path: str | Path, device: str | torch.device = "cpu", verify: boo
                 raise FFSplitError(
                     f"{where}: weights do not fit the spec of {name} ({exc})"
                 ) from None
+            check_loaded_parts(module, f"{where}: {name}")
             modules.append(module.to(device))
         up, gate, down = modules
         if not isinstance(up, SplitOutProjection) or not isinstance(down, SplitInProjection):

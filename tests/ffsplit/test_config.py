@@ -7,6 +7,7 @@ import pytest
 
 from ffsplit.config import (
     DEFAULT_HEAVY_RATIO,
+    DEFAULT_OUTLIER_RATIO,
     METHOD_CONFIGS,
     EvalConfig,
     LowRankConfig,
@@ -169,3 +170,36 @@ def test_version_2_quant_recipes_keep_what_they_were_made_with() -> None:
     assert recipe.heavy_ratio == 0.1 and recipe.version == 3
     gptq = Recipe.from_dict({**old, "quant": {"gptq": True}})
     assert gptq.method.gptq and not gptq.method.gptq_down
+
+
+def test_outlier_selection_is_the_column_outlier_baseline() -> None:
+    """Selection 'outlier': quant two-level only, heavy_ratio = share of input columns kept bf16
+    (DEFAULT_OUTLIER_RATIO when unset), read from the Gram diagonals, deterministic."""
+    recipe = Recipe(method=TWO_LEVEL, selection="outlier", ffn_reduction=0.75)
+    assert recipe.heavy_ratio == DEFAULT_OUTLIER_RATIO == 0.01
+    assert (recipe.label, recipe.series, recipe.baseline) == (
+        "quant-outlier-h0.01-r0.75",
+        "outlier-quant",
+        "outlier",
+    )
+    assert recipe.needs_grams and recipe.needs_statistics
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert recipe.key_dict() == recipe.replace(seed=7).key_dict()  # nothing random to seed
+    assert "profile" in recipe.key_dict()
+    plain = TWO_LEVEL.replace(gptq=False, gptq_down=False)
+    assert Recipe(method=plain, selection="outlier", heavy_ratio=0.05).needs_grams
+    for method in ("lowrank", "prune"):
+        with pytest.raises(
+            FFSplitError,
+            match=rf"selection 'outlier' applies to method 'quant' only, got method '{method}': "
+            r"set recipe.method 'quant' or another selection \(score, random, none\)",
+        ):
+            Recipe(method=method, selection="outlier")
+    with pytest.raises(FFSplitError, match="allocation 'layer' gives widths by neuron score"):
+        Recipe(method="quant", selection="outlier")
+    with pytest.raises(FFSplitError, match="quant.heavy_bits 8 does not apply to it"):
+        Recipe(method=TWO_LEVEL.replace(heavy_bits=8), selection="outlier")
+    with pytest.raises(FFSplitError, match=r"heavy_ratio must be in \(0, 1\)"):
+        Recipe(method=TWO_LEVEL, selection="outlier", heavy_ratio=0.0)
+    with pytest.raises(FFSplitError, match="selection 'outlier' needs Gram matrices"):
+        Recipe(method=plain, selection="outlier", profile=ProfileConfig(collect_grams=False))

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ffsplit.errors import FFSplitError
-from flows.sweep import build_grid, sweep
+from flows.sweep import DEFAULT_BASELINES, build_grid, sweep
 from tracking.registry import choose_champion
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +78,34 @@ def test_grid_has_every_point_and_the_baselines_at_equal_budgets() -> None:
     assert sum(r.baseline == "random" for r in grid) == 8  # same heavy sizes, random sets
     assert all(r.profile.tokens == 512 for r in grid)
     assert len(build_grid(["quant", "quant"], [0.1], [0.3, 0.3], [], profile)) == 1
+
+
+def test_grid_adds_the_outlier_baseline_on_request_and_for_quant_only() -> None:
+    """The column-outlier baseline: not in the default grid; asked for, one quant recipe per
+    heavy ratio (its share of input columns kept bf16) and budget; low-rank has none (skipped)."""
+    profile = {"tokens": 512, "window": 64}
+    assert DEFAULT_BASELINES == ["uniform", "random", "prune"]
+    methods, ratios, budgets = ["lowrank", "quant"], [0.01, 0.1], [0.3, 0.5]
+    plain = build_grid(methods, ratios, budgets, DEFAULT_BASELINES, profile)
+    grid = build_grid(
+        methods,
+        ratios,
+        budgets,
+        [*DEFAULT_BASELINES, "outlier"],
+        profile,
+        {"quant": {"ladder": [4, 3, 2]}},
+    )
+    outlier = [r for r in grid if r.baseline == "outlier"]
+    assert len(grid) == len(plain) + 4 == 24
+    assert {(r.method_name, r.heavy_ratio, r.ffn_reduction) for r in outlier} == {
+        ("quant", rho, budget) for rho in ratios for budget in budgets
+    }
+    assert {(r.series, r.method.allocation, r.method.ladder) for r in outlier} == {
+        ("outlier-quant", "two-level", (4, 3, 2))
+    }
+    assert "quant-outlier-h0.01-r0.5" in {r.label for r in outlier}
+    only_lowrank = build_grid(["lowrank"], [0.1], [0.3], ["outlier"], profile)
+    assert [r.label for r in only_lowrank] == ["lowrank-h0.10-r0.3"]
 
 
 def test_sweep_registers_every_variant_sets_aliases_then_reuses_everything(

@@ -4,12 +4,14 @@ import pytest
 import torch
 
 from ffsplit.adapters import get_adapter
+from ffsplit.compress.outliers import outlier_columns, outlier_count
 from ffsplit.compress.recipe import compress_model
 from ffsplit.config import ProfileConfig, QuantConfig, Recipe
 from ffsplit.errors import FFSplitError
 from ffsplit.models.tiny import tiny_model
 from ffsplit.profiling import profile_model
-from ffsplit.split import ffn_modules
+from ffsplit.split import ColumnOutlierLinear, ffn_modules
+from ffsplit.split.parts import to_storage
 
 CONFIG = ProfileConfig(tokens=128, window=16, batch_size=4, hit_top_fraction=0.05)
 IDS = torch.randint(0, 150, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -44,6 +46,8 @@ def _compressed(architecture, recipe):
         ),
         Recipe(method=TWO_LEVEL, selection="none", ffn_reduction=0.7),
         Recipe(method=TWO_LEVEL, heavy_ratio=0.05, ffn_reduction=0.7, selection="random"),
+        Recipe(method=TWO_LEVEL, heavy_ratio=0.05, ffn_reduction=0.7, selection="outlier"),
+        Recipe(method=TWO_LEVEL, ffn_reduction=0.6, selection="outlier"),
         Recipe(method="prune", ffn_reduction=0.3),
     ],
     ids=lambda r: r.label,
@@ -126,4 +130,52 @@ def test_quant_allocation_refuses_a_budget_below_its_lowest_width():
     stats = profile_model(model, IDS, CONFIG)
     recipe = Recipe(method=QuantConfig(group_size=32, ladder=(4, 3)), ffn_reduction=0.95)
     with pytest.raises(FFSplitError, match="layer 0: allocate: the budget"):
+        compress_model(model, stats, recipe)
+
+
+@pytest.mark.parametrize("gptq", [False, True], ids=["rtn", "gptq"])
+def test_outlier_baseline_keeps_the_highest_energy_columns_in_bf16(gptq):
+    """Selection 'outlier': up/gate keep the input columns of largest diag(gram_in), down the
+    neurons of largest diag(gram_hidden), as bf16 values (round to nearest: the weights' own; GPTQ:
+    the compensated ones), every row quantized around them."""
+    model, _ = tiny_model("LlamaForCausalLM")
+    stats = profile_model(model, IDS, CONFIG)
+    adapter = get_adapter(model)
+    handle = adapter.ffns(model)[0]
+    dense = adapter.weights(model, handle)
+    up, gate, down = (t.detach().clone() for t in (dense.up, dense.gate, dense.down))
+    config = TWO_LEVEL.replace(gptq=gptq, gptq_down=gptq)
+    recipe = Recipe(method=config, selection="outlier", heavy_ratio=0.05, ffn_reduction=0.7)
+    _, results = compress_model(model, stats, recipe)
+    result, (m, d) = results[0], up.shape
+    kept_in = outlier_columns(stats.layers[0].gram_in, outlier_count(d, 0.05))
+    kept_down = outlier_columns(stats.layers[0].gram_hidden, outlier_count(m, 0.05))
+    assert kept_in.numel() == 2 and kept_down.numel() == 5
+    assert sorted(result.heavy_neurons.tolist()) == sorted(kept_down.tolist())
+    assert result.report.heavy == 5 and sum(result.report.bits.values()) == m
+    up_split, gate_split, down_split = result.modules
+    for projection in (up_split, gate_split):
+        assert all(isinstance(p, ColumnOutlierLinear) for p in projection.parts)
+        assert all(p.kept.tolist() == kept_in.tolist() for p in projection.parts)
+    order = result.order
+    heavy_at = torch.tensor(
+        [i for i, n in enumerate(order.tolist()) if n in set(kept_down.tolist())]
+    )
+    for split, original in ((up_split, up), (gate_split, gate)):
+        columns = split.dense_weight()[:, kept_in]
+        assert torch.equal(columns, to_storage(columns))  # stored bf16, codes unused
+        if not gptq:
+            assert torch.equal(columns, to_storage(original[order][:, kept_in]))
+    kept_down_columns = down_split.dense_weight()[:, heavy_at]
+    assert torch.equal(kept_down_columns, to_storage(kept_down_columns))
+    if not gptq:
+        assert torch.equal(kept_down_columns, to_storage(down[:, order[heavy_at]]))
+
+
+def test_outlier_baseline_needs_gram_matrices():
+    model, _ = tiny_model("LlamaForCausalLM")
+    stats = profile_model(model, IDS, CONFIG.replace(collect_grams=False))
+    plain = TWO_LEVEL.replace(gptq=False, gptq_down=False)
+    recipe = Recipe(method=plain, selection="outlier", ffn_reduction=0.7)
+    with pytest.raises(FFSplitError, match="layer 0: selection 'outlier' picks columns by their"):
         compress_model(model, stats, recipe)

@@ -155,6 +155,29 @@ def test_unsupported_split_is_left_on_reference_path():
 
 
 @torch.no_grad()
+def test_column_outlier_ffns_are_left_on_reference_path():
+    """The column-outlier baseline has no fused form: load_variant's fuse_model on CUDA leaves its
+    FFNs as they are (reported, warned), never fails."""
+    from ffsplit.compress.recipe import compress_model
+    from ffsplit.config import ProfileConfig, QuantConfig, Recipe
+    from ffsplit.profiling import profile_model
+
+    model, _ = tiny_model("LlamaForCausalLM")
+    windows = torch.randint(0, 150, (4, 16), generator=torch.Generator().manual_seed(0))
+    stats = profile_model(model, windows, ProfileConfig(tokens=64, window=16, batch_size=2))
+    method = QuantConfig(group_size=32, allocation="two-level")
+    compress_model(model, stats, Recipe(method=method, selection="outlier", ffn_reduction=0.7))
+    adapter = get_adapter(model)
+    ids = _ids()
+    reference = _outputs(model, ids)
+    with pytest.warns(UserWarning, match="reference path"):
+        report = fuse_model(model, adapter)
+    assert not report.fused and set(report.skipped) == {0, 1}
+    assert "column-outlier parts" in report.skipped[0]
+    assert torch.equal(_outputs(model, ids), reference)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("bits", [3, 8])
 def test_fused_quant_widths_and_int8_heavy_equal_split_model(bits):
     """Any width (here 3 and 8) and a heavy block at int8 fuse to the quantized core."""

@@ -58,6 +58,52 @@ def test_quant_round_trip(tmp_path):
     assert torch.equal(_outputs(loaded), _outputs(model))
 
 
+OUTLIER = Recipe(
+    method=QuantConfig(group_size=32, allocation="two-level"),
+    selection="outlier",
+    heavy_ratio=0.05,
+    ffn_reduction=0.7,
+)
+
+
+def test_column_outlier_round_trip(tmp_path):
+    """The column-outlier baseline's parts (kept bf16 input columns) save and load exactly."""
+    model, out, report = _variant(tmp_path, "LlamaForCausalLM", OUTLIER)
+    loaded, _, manifest = load_variant(out)
+    assert torch.equal(_outputs(loaded), _outputs(model))
+    assert manifest["recipe"]["selection"] == "outlier"
+    assert manifest["sizes"]["ffn_bytes"] == report.ffn_bytes
+    parts = manifest["layers"]["0"]["up"]["parts"]
+    assert {p["type"] for p in parts} == {"column_outlier"} and parts[0]["kept"] == 2
+    assert len(manifest["layers"]["0"]["heavy"]) == report.layers[0].heavy == 5
+
+
+def test_column_outlier_specs_and_indices_are_checked(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ffsplit.files import sha256_file
+
+    _, out, _ = _variant(tmp_path, "LlamaForCausalLM", OUTLIER)
+    path = out / "manifest.json"
+    original = path.read_text()
+    manifest = json.loads(original)
+    manifest["layers"]["0"]["gate"]["parts"][0]["kept"] = 99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FFSplitError, match="layer 0: gate part keeps 99 columns"):
+        load_variant(out)
+    # kept columns repeated in the weights (the file re-hashed, so only the check can catch it)
+    manifest = json.loads(original)
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith(".kept"))
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    manifest["files"]["model.safetensors"] = sha256_file(weights)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FFSplitError, match="kept columns must be distinct indices in 0..31"):
+        load_variant(out)
+
+
 def test_no_pickle_only_safetensors_and_json(tmp_path):
     _, out, _ = _variant(tmp_path, "GPT2LMHeadModel", Recipe(method="prune", ffn_reduction=0.3))
     suffixes = {p.suffix for p in out.iterdir()}

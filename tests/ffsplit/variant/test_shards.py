@@ -31,6 +31,12 @@ RECIPES = {
     ),
     "prune": Recipe(method="prune", ffn_reduction=0.3),
     "uniform": Recipe(method="lowrank", ffn_reduction=0.3, selection="none"),
+    "outlier": Recipe(
+        method=QuantConfig(group_size=8, allocation="two-level"),
+        selection="outlier",
+        heavy_ratio=0.05,
+        ffn_reduction=0.7,
+    ),
 }
 
 

@@ -127,26 +127,17 @@ def _grid_specs(
         for method in methods:
             if "uniform" in baselines:
                 specs.append({"method": method, "selection": "none", "ffn_reduction": budget})
-            if "random" in baselines:
-                specs += [
-                    {
-                        "method": method,
-                        "selection": "random",
-                        "heavy_ratio": rho,
-                        "ffn_reduction": budget,
-                    }
-                    for rho in heavy_ratios
-                ]
-            if "outlier" in baselines and method in SELECTION_METHODS["outlier"]:
-                specs += [
-                    {
-                        "method": method,
-                        "selection": "outlier",
-                        "heavy_ratio": rho,
-                        "ffn_reduction": budget,
-                    }
-                    for rho in heavy_ratios
-                ]
+            for selection in ("random", "outlier"):  # baselines with a heavy set to size
+                if selection in baselines and method in SELECTION_METHODS.get(selection, (method,)):
+                    specs += [
+                        {
+                            "method": method,
+                            "selection": selection,
+                            "heavy_ratio": rho,
+                            "ffn_reduction": budget,
+                        }
+                        for rho in heavy_ratios
+                    ]
         if "prune" in baselines:
             specs.append({"method": "prune", "ffn_reduction": budget})
     return specs

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ffsplit.adapters import Adapter, FFNWeights, get_adapter
 from ffsplit.compress.allocation import allocate, neuron_part_costs
 from ffsplit.compress.budget import (
+    DENSE_BITS,
     FFNShape,
     dense_ffn_bytes,
     max_bytes,
@@ -310,6 +311,31 @@ def compress_layer(
     report.bytes = sum(m.nbytes() for m in modules if m is not None)
     order = torch.cat([b[0] for b in blocks if b[0].numel()])
     return CompressedLayer(layer, modules, planned.heavy.cpu(), order.cpu(), report)
+
+
+def check_budget(model: nn.Module, recipe: Recipe, adapter: Adapter | None = None) -> None:
+    """Refuse a budget that no FFN of the model can meet, from shapes alone: before profiling
+    (minutes) rather than after. The same solvers and messages as the planners; the layer
+    allocation's floor is every neuron at the ladder's lowest width, the uniform floor. The
+    column-outlier baseline is left to its planner (its floor depends on the kept columns)."""
+    adapter = adapter or get_adapter(model)
+    method, target = recipe.method, recipe.ffn_reduction
+    shapes = {FFNShape.from_weights(adapter.weights(model, h)) for h in adapter.ffns(model)}
+    for shape in shapes:
+        heavy = heavy_count(shape.m, recipe.heavy)
+        if isinstance(method, PruneConfig):
+            solve_kept_neurons(shape, target)
+        elif isinstance(method, LowRankConfig):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                solve_rank(shape, heavy, target)
+        elif isinstance(method, QuantConfig) and recipe.selection != "outlier":
+            group = pick_group_size(shape.d, preferred=method.group_size)
+            if method.allocation == "layer":
+                heavy, bits = 0, DENSE_BITS
+            else:
+                bits = method.heavy_bits
+            solve_light_bits(shape, heavy, bits, target, group, method.ladder)
 
 
 def compress_layers(

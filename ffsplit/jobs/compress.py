@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from ffsplit.adapters import Adapter
-from ffsplit.compress.recipe import compress_model
+from ffsplit.compress.recipe import check_budget, compress_model
 from ffsplit.config import (
     Recipe,
 )
@@ -93,6 +93,7 @@ def compress_job(
         raise FFSplitError(f"{model}: compress a base model, not an already compressed variant")
     base = info["base_model"]
     adapter = _adapter_of(net, model)
+    check_budget(net, recipe, adapter)  # an impossible budget fails before profiling
     stats, calibration = _statistics(
         stats, stats_path, recipe, model, net, tokenizer, adapter, base, progress
     )

@@ -489,8 +489,8 @@ recipe_case(
     "recipe_newer_version",
     "recipe from a newer format version",
     "recipe.json",
-    '{"version": 3}',
-    r"/recipe\.json: format version 3 is not supported",
+    '{"version": 4}',
+    r"/recipe\.json: format version 4 is not supported",
 )
 recipe_case(
     "recipe_corpus_not_a_name",

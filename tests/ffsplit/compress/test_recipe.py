@@ -5,7 +5,7 @@ import torch
 
 from ffsplit.adapters import get_adapter
 from ffsplit.compress.outliers import outlier_columns, outlier_count
-from ffsplit.compress.recipe import compress_model
+from ffsplit.compress.recipe import check_budget, compress_model
 from ffsplit.config import ProfileConfig, QuantConfig, Recipe
 from ffsplit.errors import FFSplitError
 from ffsplit.models.tiny import tiny_model
@@ -77,6 +77,33 @@ def test_impossible_budget_is_refused():
     stats = profile_model(model, IDS, CONFIG)
     with pytest.raises(FFSplitError, match="cannot be met"):
         compress_model(model, stats, Recipe(method="lowrank", heavy_ratio=0.9, ffn_reduction=0.5))
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(method="lowrank", heavy_ratio=0.9, ffn_reduction=0.5),
+        Recipe(method=QuantConfig(group_size=32, ladder=(4, 3)), ffn_reduction=0.95),
+        Recipe(method=TWO_LEVEL, selection="none", ffn_reduction=0.99),
+        Recipe(method="prune", ffn_reduction=0.9999),
+    ],
+    ids=lambda r: r.label,
+)
+def test_impossible_budget_is_refused_from_shapes_before_any_statistics(recipe):
+    model, _ = tiny_model("LlamaForCausalLM")
+    with pytest.raises(FFSplitError, match="cannot be met"):
+        check_budget(model, recipe)
+
+
+def test_a_budget_the_planners_meet_passes_the_check():
+    model, _ = tiny_model("LlamaForCausalLM")
+    for recipe in (
+        Recipe(method=QuantConfig(group_size=32), ffn_reduction=0.8),
+        Recipe(method=TWO_LEVEL, heavy_ratio=0.1, ffn_reduction=0.7),
+        Recipe(method="lowrank", heavy_ratio=0.1, ffn_reduction=0.5),
+        Recipe(method="prune", ffn_reduction=0.5),
+    ):
+        check_budget(model, recipe)
 
 
 def test_statistics_required_for_score_selection():

@@ -74,3 +74,18 @@ def test_gpu_speed_comes_first_and_records_without_intervals_are_points() -> Non
 def test_bad_policy_is_one_line() -> None:
     with pytest.raises(FFSplitError, match="objective"):
         choose_champion([], 1.0, "latency")  # type: ignore[arg-type]
+
+
+def test_a_few_bytes_do_not_buy_a_worse_champion() -> None:
+    """The low-bit sweep of SmolLM2 at 60%: every method meets the budget by its own rounding,
+    so sizes differ by a few hundred bytes of 173.5 MB; the smaller loss must win that tie."""
+    mb = 173.5e6
+    rows = [
+        cand(2, "ffsplit-quant", perplexity_change_pct=0.70, bytes=mb + 300),
+        cand(8, "outlier-quant", perplexity_change_pct=1.20, bytes=mb),
+        cand(6, "uniform-quant", perplexity_change_pct=1.10, bytes=mb + 100),
+        cand(9, "ffsplit-quant", perplexity_change_pct=0.10, bytes=1.002 * mb),  # 0.2% larger
+    ]
+    assert choose_champion(rows, 2.0, "size")["version"] == "2"
+    fast = {"decode_speedup": 1.2, "decode_speedup_low": 1.1, "decode_speedup_high": 1.3}
+    assert choose_champion([{**r, **fast} for r in rows], 2.0, "speed")["version"] == "2"

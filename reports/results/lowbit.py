@@ -219,6 +219,7 @@ def lowbit_section(
             )
             md += [
                 f"### {model}: low bits, {setting_text(setting)}\n",
+                _weights_line(model),
                 f"Quality loss as {loss_title(shown)} (quality; achieved FFN reduction):\n",
                 _table(mine),
                 _verdicts(mine),
@@ -227,6 +228,25 @@ def lowbit_section(
     if not found:  # a page without low-bit runs has no such section
         return [], []
     return md, written
+
+
+def _weights_line(model: str) -> str:
+    """What the base model's weights are: a packaged model that is a dequantized GGUF already
+    lost what 4 bits lose, so every number below re-quantizes a quantized model."""
+    from ffsplit.models.registry import MODELS
+
+    entry = MODELS.get(model)
+    if entry is None or not entry.weights:
+        return f"Weights of {model}: not a packaged model, precision not recorded.\n"
+    text = f"Weights of {model}: {entry.weights}."
+    if entry.weights.startswith("dequantized"):
+        text += (
+            " Every number below re-quantizes an already quantized model: 75% smaller leaves "
+            "4 bits per weight including group scales (80%: 3.2), no more than the GGUF source "
+            "held, on a grid that does not align with the source's, so the targets of +2% (75%) "
+            "and +5% (80%) ask more than the bits left can carry on these weights."
+        )
+    return text + "\n"
 
 
 def _cell(row: Row | None) -> str:

@@ -159,3 +159,13 @@ def test_encoders_are_judged_by_hidden_error_where_the_probe_is_noise(tmp_path: 
     md, _ = lowbit_section(rows, ["enc"], tmp_path, "r")
     assert "hidden error 0.2142" in "\n".join(md)
     assert "≤ 1 pt: 1.1 pt lost, **not met**" in "\n".join(md)
+
+
+def test_each_model_says_what_its_weights_are(tmp_path: Path) -> None:
+    rows = [dataclasses.replace(r, model="smollm2-135m") for r in (DENSE, *grid())]
+    text = "\n".join(lowbit_section(rows, ["smollm2-135m"], tmp_path, "r")[0])
+    assert "Weights of smollm2-135m: dequantized GGUF Q4_1" in text
+    assert "re-quantizes an already quantized model" in text
+    assert "Weights of lm: not a packaged model" in "\n".join(
+        lowbit_section([DENSE, *grid()], ["lm"], tmp_path, "r")[0]
+    )

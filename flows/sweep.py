@@ -219,6 +219,14 @@ COLUMNS = (
     ("version", "version", "{}"),
     ("aliases", "alias", "{}"),
 )
+# Encoders have no perplexity: probe accuracy, its change, and the hidden-state error instead.
+ENCODER_COLUMNS = (
+    *COLUMNS[:3],
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("accuracy_change_pct", "acc Δ%", "{:+.1f}"),
+    ("hidden_error", "hidden err", "{:.4f}"),
+    *COLUMNS[5:],
+)
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -251,12 +259,14 @@ def print_results(results: dict[str, Any], file: Any = None) -> None:
     table = Table(
         title=f"sweep of {results['model']['name']}: champion policy = {results['policy']['text']}"
     )
-    for _, title, _ in COLUMNS:
+    encoder = not any("perplexity" in row for row in results["rows"])
+    columns = ENCODER_COLUMNS if encoder else COLUMNS
+    for _, title, _ in columns:
         table.add_column(
             title, justify="left" if title in ("series", "variant", "alias") else "right"
         )
     for row in results["rows"]:
-        table.add_row(*(_cell(row, k, f) for k, _, f in COLUMNS))
+        table.add_row(*(_cell(row, k, f) for k, _, f in columns))
     console.print(table)
     seconds = results.get("stage_seconds") or {}
     ordered = sorted(seconds.items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else 99)

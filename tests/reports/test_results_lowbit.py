@@ -62,7 +62,7 @@ def grid() -> list[Row]:
 def test_families_tell_rounding_apart_and_settings_ignore_it() -> None:
     rows = grid()
     assert [family_of(r) for r in rows[:6]] == [
-        "ffsplit", "ffsplit", "uniform-gptq", "uniform-rtn", "random", "outlier",
+        "ffsplit", "ffsplit-rtn", "uniform-gptq", "uniform-rtn", "random", "outlier",
     ]  # fmt: skip
     assert family_of(DENSE) is None
     assert lowbit_setting(rows[3]) == ""
@@ -74,7 +74,8 @@ def test_lines_take_the_best_run_per_family_and_judge_the_targets() -> None:
     lines = lowbit_lines([DENSE, *grid()], "lm")
     assert [x.budget for x in lines] == [0.6, 0.75, 0.8]  # 43.1% and the healed run left out
     at60, at75, at80 = lines
-    assert at60.ffsplit is not None and at60.ffsplit.loss == 0.7  # GPTQ beats its RTN run
+    assert at60.ffsplit is not None and at60.ffsplit.loss == 0.7
+    assert at60.cells["ffsplit-rtn"] is not None and at60.cells["ffsplit-rtn"].loss == 0.9
     assert at60.cells["uniform-rtn"] is not None and at60.cells["uniform-rtn"].loss == 2.9
     assert round(at60.loss_cut or 0, 3) == 0.3
     assert {k: c.outcome for k, c in at60.versus.items()} == dict.fromkeys(
@@ -169,3 +170,19 @@ def test_each_model_says_what_its_weights_are(tmp_path: Path) -> None:
     assert "Weights of lm: not a packaged model" in "\n".join(
         lowbit_section([DENSE, *grid()], ["lm"], tmp_path, "r")[0]
     )
+
+
+def test_an_encoder_family_shows_its_run_with_the_least_hidden_error(tmp_path: Path) -> None:
+    """The MiniLM sweep's case: the family's run with the best probe accuracy (noise) is not the
+    one with the least hidden-state error; the table and the verdicts take the latter."""
+
+    def enc(run: str, acc: float, error: float) -> Row:
+        return Row(
+            model="enc", run_id=run, label=run, series="ffsplit-quant", method="quant",
+            heavy_ratio=0.0, budget=0.6, gptq=True, test_examples=1500,
+            metrics={"accuracy": acc, "ffn_reduction": 0.6, "hidden_error": error},
+            loss=100 * (0.61 - acc) / 0.61,
+        )  # fmt: skip
+
+    (line,) = lowbit_lines([enc("lucky", 0.615, 0.06), enc("good", 0.600, 0.04)], "enc")
+    assert line.ffsplit is not None and line.ffsplit.run_id == "good"

@@ -786,6 +786,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, rec in result["models"].items()
         }
         print(json.dumps({"seconds": result["seconds"], "models": head}, indent=1))
+        failed = [name for name, rec in result["models"].items() if "error" in rec]
+        if failed or not result["models"]:
+            print(f"flow_gpu: failed for {', '.join(failed) or 'every model'} (see the JSON)")
+            return 1
     return 0
 
 

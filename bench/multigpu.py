@@ -521,7 +521,14 @@ def default_recipe() -> dict[str, Any]:
     recipe. Its budget is the all-int4 point, computed by ffsplit's own byte accounting."""
     return {
         "method": "quant",
-        "quant": {"heavy_bits": 16, "ladder": [4], "group_size": 64},
+        "quant": {
+            "heavy_bits": 16,
+            "ladder": [4],
+            "group_size": 64,
+            "allocation": "two-level",
+            "gptq": False,
+            "gptq_down": False,
+        },
         "selection": "score",
         "heavy_ratio": 0.1,
     }

@@ -76,7 +76,10 @@ def _slot(u0, u1, u2, magic, S: tl.constexpr, BITS: tl.constexpr):
         r = _place(u0, S * 4, D, 4) | _place(u1, S * 2, D + 4, 2)
     elif BITS == 7:
         r = _place(u0, S * 4, D, 4) | _place(u1, S * 2, D + 4, 2) | _place(u2, S, D + 6, 1)
-    else:  # 2, 4, 8: one plane
+    elif BITS == 4:  # one plane, slots paired (qlayout.SLOT_COLUMNS): column S in slot SRC
+        SRC: tl.constexpr = S // 2 + 4 * (S % 2)
+        r = _place(u0, SRC * 4, D, 4)
+    else:  # 2, 8: one plane
         r = _place(u0, S * BITS, D, BITS)
     return (r | magic).to(tl.float32, bitcast=True)
 
@@ -141,6 +144,71 @@ def _unpack(u0, u1, u2, magic, BITS: tl.constexpr, E: tl.constexpr):
             ),
         )
     return out
+
+
+@triton.jit
+def _half(r, HI: tl.constexpr, DT: tl.constexpr):
+    """The low (HI False) or high 16 bits of the uint32 r as a DT (bf16/fp16) value."""
+    if HI:
+        r = r >> 16
+    return r.to(tl.uint16).to(DT, bitcast=True)
+
+
+@triton.jit
+def _pair4(u, one2, K: tl.constexpr, P: tl.constexpr):
+    """Slots k and k + 4 of each 4-bit unit (bits 4k and 16 + 4k: columns 2k and 2k + 1) as the
+    two 16-bit halves of one register, each ``1 + c/16`` in DT: one shift and one and-or for two
+    codes (the nibbles sit 16 bits apart, so one mask places both under the mantissa of 1.0 in
+    each half). ``one2`` holds 1.0 in both halves, as a register (see _slot: LOP3 takes one
+    immediate)."""
+    MASK: tl.constexpr = (0xF << P) | (0xF << (P + 16))  # P: the code's lowest bit
+    if 4 * K >= P:
+        r = u >> (4 * K - P)
+    else:
+        r = u << (P - 4 * K)
+    return (r & MASK) | one2
+
+
+@triton.jit
+def _unpack4_16(u, magic, DT: tl.constexpr, INTEGER: tl.constexpr):
+    """4-bit units [..., U] (E = 8, slots paired) -> values ``1 + c/16`` [..., 8 U] in DT, built
+    in 16 bits (exact: 4 bits fit both mantissas). Register k holds columns 2k and 2k + 1, the
+    pair a tensor-core operand register holds, so no repacking follows: one instruction per code
+    against ~2.5 for the fp32 unpack plus the conversion (scripts/sass_count.py: the first stage's
+    loop at 16 tokens, 64 x 128 tiles, 402 -> 289 instructions).
+    INTEGER: the codes ``c`` themselves (exact), as ``(B + c) - B`` with B = 128 (bf16) or 1024
+    (fp16), the base whose unit in the last place is 1: one subtraction per two codes more.
+    ``magic`` is 1.0f's bits (0x3F800000, a run-time value): bf16 1.0 is its top half (0x3F80),
+    fp16 1.0 is 0x3C00 = 0x3F80 - 0x380; 128 in bf16 is 0x4300, 1024 in fp16 0x6400."""
+    top = magic.to(tl.uint32) >> 16
+    if INTEGER:
+        P: tl.constexpr = 0
+        if DT == tl.float16:
+            top = top + 0x2480
+        else:
+            top = top + 0x380
+    else:
+        P: tl.constexpr = 3 if DT == tl.bfloat16 else 6  # top of the mantissa: 7 or 10 bits
+        if DT == tl.float16:
+            top = top - 0x380
+    one2 = top | (top << 16)
+    r0 = _pair4(u, one2, 0, P)
+    r1 = _pair4(u, one2, 1, P)
+    r2 = _pair4(u, one2, 2, P)
+    r3 = _pair4(u, one2, 3, P)
+    v = tl.interleave(
+        tl.interleave(
+            tl.interleave(_half(r0, False, DT), _half(r2, False, DT)),
+            tl.interleave(_half(r1, False, DT), _half(r3, False, DT)),
+        ),
+        tl.interleave(
+            tl.interleave(_half(r0, True, DT), _half(r2, True, DT)),
+            tl.interleave(_half(r1, True, DT), _half(r3, True, DT)),
+        ),
+    )
+    if INTEGER:
+        v = v - (1024.0 if DT == tl.float16 else 128.0)
+    return v
 
 
 @triton.jit
@@ -264,11 +332,14 @@ def _q_row_dot_groups(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     """The tensor-core variant of _q_row_dot that scales per group instead of per value: one
     dot per group on the unscaled values (v = 1 + c/2^b is exact in bf16/fp16 up to 7 bits; 8-bit
     codes go in as integers), scaled per row and group in the fp32 accumulator, plus the zero
-    term from a dot of x with ones (the group sums of x, on tensor cores instead of shuffles)."""
+    term from a dot of x with ones (the group sums of x, on tensor cores instead of shuffles).
+    HALF (4-bit codes): the values are unpacked in 16 bits (_unpack4_16); a reduction of the x
+    tile for the group sums instead of the ones-dot cost more (~50 instructions a step)."""
     KG: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
     G_IT: tl.constexpr = BLOCK_K // KG
     ku = tl.arange(0, KG // E)
@@ -287,20 +358,29 @@ def _q_row_dot_groups(
             u0, u1, u2 = _load_units(
                 p0, p1, p2, row_units + (kb // E + ku)[None, :], rows_ok[:, None], PLANES
             )
-            v = _unpack(u0, u1, u2, magic, BITS, E)  # [BLOCK_N, KG]
             scale = tl.load(s_ptr + row_meta + kb // GROUP, mask=rows_ok, other=0.0)
             zero = tl.load(z_ptr + row_meta + kb // GROUP, mask=rows_ok, other=0.0)
             scale = scale.to(tl.float32)
             zero = zero.to(tl.float32)
-            if BITS == 8:
-                v = v * 256.0 - 256.0  # the integer codes: 1 + c/256 is not exact in 16 bits
-            else:
-                scale = scale * (1 << BITS)
-                zero = zero - scale
             xt = tl.load(x_ptr + t[None, :] * stride_x + (kb + kk)[:, None], mask=t_ok[None, :])
-            part = tl.dot(v.to(dt), xt)
-            x_sum = tl.dot(ones, xt)
-            acc_t += part * scale[:, None] + x_sum * zero[:, None]
+            if HALF and BITS == 4 and E == 8:
+                v16 = _unpack4_16(u0, magic, dt, False)  # [BLOCK_N, KG], 1 + c/16
+                scale = scale * 16.0
+                zero = zero - scale
+                part = tl.dot(v16, xt)
+                x_sum = tl.dot(ones, xt)
+                acc_t = tl.fma(part, scale[:, None], acc_t)
+                acc_t = tl.fma(x_sum, zero[:, None], acc_t)
+            else:
+                v = _unpack(u0, u1, u2, magic, BITS, E)  # [BLOCK_N, KG]
+                if BITS == 8:
+                    v = v * 256.0 - 256.0  # the integer codes: 1 + c/256 is not exact in 16 bits
+                else:
+                    scale = scale * (1 << BITS)
+                    zero = zero - scale
+                part = tl.dot(v.to(dt), xt)
+                x_sum = tl.dot(ones, xt)
+                acc_t += part * scale[:, None] + x_sum * zero[:, None]
     return acc + tl.trans(acc_t)
 
 
@@ -332,8 +412,9 @@ def _q_rows(
     STAGES: tl.constexpr,
     GROUP_DOT: tl.constexpr,
 ):
-    """Quantized rows' dot products: _q_row_dot_groups for tiles when GROUP_DOT, else _q_row_dot."""
-    if BLOCK_T > 1 and GROUP_DOT:
+    """Quantized rows' dot products: _q_row_dot_groups for tiles when GROUP_DOT (2: with the
+    16-bit unpack of 4-bit codes), else _q_row_dot."""
+    if BLOCK_T > 1 and GROUP_DOT > 0:
         acc = _q_row_dot_groups(
             acc,
             x_ptr,
@@ -359,6 +440,7 @@ def _q_rows(
             BLOCK_N,
             BLOCK_K,
             STAGES,
+            GROUP_DOT == 2,
         )
     else:
         acc = _q_row_dot(
@@ -655,7 +737,7 @@ def _qfirst_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr,
     STAGES: tl.constexpr,
-    GROUP_DOT: tl.constexpr = False,
+    GROUP_DOT: tl.constexpr = 0,
     EVEN: tl.constexpr = False,
 ):
     # grid: (blocks of the dense segment, then of segments A, B, C; SPLIT slices of d)
@@ -890,12 +972,14 @@ def _q_down(
     STAGES: tl.constexpr,
     DOT: tl.constexpr,
     EVEN: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     """This slice's share of one quantized segment's neurons, outputs [o0, o0 + BLOCK_O) (inside
     one group g). Units group-major [d/GROUP, n_seg, GROUP/E]; scales/zeros [d/GROUP, n_seg].
     One token: acc [BLOCK_J, BLOCK_O] += (h * 2^b s)[:, None] * v, zacc [BLOCK_J] += h (z - S);
-    tiles: acc [BLOCK_T, BLOCK_O] += (h * s) @ codes, zacc [BLOCK_T] += h @ z (DOT: the model's
-    16-bit dtype, the tensor-core operand type)."""
+    tiles: acc [BLOCK_T, BLOCK_O] += (h * s) @ codes, zacc [BLOCK_T, BLOCK_J] += h z, summed by
+    the caller after the loop (DOT: the model's 16-bit dtype, the tensor-core operand type;
+    HALF: 4-bit codes unpacked in 16 bits, _unpack4_16)."""
     UPG: tl.constexpr = GROUP // E
     g = o0 // GROUP
     if BLOCK_O == GROUP:
@@ -915,8 +999,8 @@ def _q_down(
         u0, u1, u2 = _load_units(p0, p1, p2, offs, j_ok[:, None], PLANES)
         scale = tl.load(s_ptr + base_meta + j, mask=j_ok, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + base_meta + j, mask=j_ok, other=0.0).to(tl.float32)
-        v = _unpack(u0, u1, u2, magic, BITS, E)  # [BLOCK_J, BLOCK_O]
         if BLOCK_T == 1:
+            v = _unpack(u0, u1, u2, magic, BITS, E)  # [BLOCK_J, BLOCK_O]
             h = tl.load(h_ptr + col0 + j, mask=j_ok, other=0.0)
             big = scale * (1 << BITS)
             acc += v * (h * big)[:, None]
@@ -927,9 +1011,13 @@ def _q_down(
                 mask=t_ok[:, None] & j_ok[None, :],
                 other=0.0,
             )
-            codes = ((v - 1.0) * (1 << BITS)).to(DOT)  # exact integers 0..255 in bf16/fp16
+            if HALF and BITS == 4 and E == 8:
+                codes = _unpack4_16(u0, magic, DOT, True)  # 16-bit unpack (see _unpack4_16)
+            else:
+                v = _unpack(u0, u1, u2, magic, BITS, E)  # [BLOCK_J, BLOCK_O]
+                codes = ((v - 1.0) * (1 << BITS)).to(DOT)  # exact integers 0..255 in bf16/fp16
             acc += tl.dot((h * scale[None, :]).to(DOT), codes)
-            zacc += tl.sum(h * zero[None, :], axis=1)
+            zacc += h * zero[None, :]  # [BLOCK_T, BLOCK_J]: summed once, after the loop
     return acc, zacc
 
 
@@ -1031,6 +1119,7 @@ def _qlast_kernel(
     SPLIT: tl.constexpr,
     STAGES: tl.constexpr,
     EVEN: tl.constexpr = False,
+    HALF: tl.constexpr = False,
 ):
     # grid: (output blocks of BLOCK_O <= GROUP, SPLIT slices of every segment's neurons);
     # partial sums [SPLIT, T, d] as in ffsplit/kernels/ffn.py's last stage
@@ -1046,7 +1135,7 @@ def _qlast_kernel(
         zacc = tl.zeros((BLOCK_J,), tl.float32)
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_O), tl.float32)
-        zacc = tl.zeros((BLOCK_T,), tl.float32)
+        zacc = tl.zeros((BLOCK_T, BLOCK_J), tl.float32)
     if HAS_DENSE:
         acc = _dense_down(
             acc, h_ptr, stride_h, T, w_ptr, m_dense, s, o, o_ok, d,
@@ -1056,24 +1145,24 @@ def _qlast_kernel(
         acc, zacc = _q_down(
             acc, zacc, h_ptr, stride_h, T, magic, a0, a1, a2, a_s, a_z, a_n, a_col, s, o0, d,
             BITS_A, E_A, PLANES_A, GROUP, BLOCK_T, BLOCK_J, BLOCK_O, SPLIT, STAGES,
-            y_ptr.dtype.element_ty, EVEN,
+            y_ptr.dtype.element_ty, EVEN, HALF,
         )  # fmt: skip
     if BITS_B > 0:
         acc, zacc = _q_down(
             acc, zacc, h_ptr, stride_h, T, magic, b0, b1, b2, b_s, b_z, b_n, b_col, s, o0, d,
             BITS_B, E_B, PLANES_B, GROUP, BLOCK_T, BLOCK_J, BLOCK_O, SPLIT, STAGES,
-            y_ptr.dtype.element_ty, EVEN,
+            y_ptr.dtype.element_ty, EVEN, HALF,
         )  # fmt: skip
     if BITS_C > 0:
         acc, zacc = _q_down(
             acc, zacc, h_ptr, stride_h, T, magic, c0, c1, c2, c_s, c_z, c_n, c_col, s, o0, d,
             BITS_C, E_C, PLANES_C, GROUP, BLOCK_T, BLOCK_J, BLOCK_O, SPLIT, STAGES,
-            y_ptr.dtype.element_ty, EVEN,
+            y_ptr.dtype.element_ty, EVEN, HALF,
         )  # fmt: skip
     if BLOCK_T == 1:
         out = (tl.sum(acc, axis=0) + tl.sum(zacc, axis=0))[None, :]
     else:
-        out = acc + zacc[:, None]
+        out = acc + tl.sum(zacc, axis=1)[:, None]
     mask = t_ok[:, None] & o_ok[None, :]
     y_out = y_ptr + t[:, None] * stride_y + o[None, :]
     if SPLIT == 1:
@@ -1167,7 +1256,9 @@ class Tiles:
     split: int
     stages: int = 3
     warps: int = 4
-    group_dot: int = 0  # first stage, tiles: scale per group after the dot (_q_row_dot_groups)
+    group_dot: int = 0  # first stage: scale per group after the dot (_q_row_dot_groups); 2: with
+    # 4-bit codes unpacked in 16 bits (set for the 1-token mode, the GEMV runs as a 16-row tile);
+    # last stage, tiles: 2 unpacks 4-bit codes in 16 bits too.
     maxnreg: int = 0  # register cap per thread (0: none): more warps per SM, perhaps spills
 
 
@@ -1202,6 +1293,10 @@ CANDIDATES: dict[tuple[str, str], list[Tiles]] = {
         Tiles(16, 512, 2, 3, 8, maxnreg=64),
         Tiles(16, 256, 2, 4, 4, maxnreg=96),
         Tiles(32, 128, 4, 3, 4, maxnreg=96),
+        # the 16-row tensor-core tile at one token (4-bit codes unpacked in 16 bits: 4.5
+        # instructions a code against 6.4 for the GEMV, scripts/sass_count.py)
+        Tiles(64, 128, 4, 2, 4, 2, maxnreg=128),
+        Tiles(64, 64, 8, 3, 4, 2, maxnreg=128),
     ],
     ("first", "tile"): [
         Tiles(16, 128, 4, 3, 4, 0, maxnreg=96),
@@ -1210,6 +1305,9 @@ CANDIDATES: dict[tuple[str, str], list[Tiles]] = {
         Tiles(64, 128, 4, 2, 4, 1, maxnreg=128),
         Tiles(16, 256, 4, 3, 4, 0, maxnreg=96),
         Tiles(32, 64, 8, 3, 4, 0, maxnreg=96),
+        Tiles(64, 128, 4, 2, 4, 2, maxnreg=128),  # 4-bit codes unpacked in 16 bits
+        Tiles(64, 64, 8, 3, 4, 2, maxnreg=128),
+        Tiles(128, 128, 4, 2, 4, 2, maxnreg=168),
     ],
     ("last", "one"): [
         Tiles(32, 64, 8, 3, 4, maxnreg=64),
@@ -1224,6 +1322,9 @@ CANDIDATES: dict[tuple[str, str], list[Tiles]] = {
         Tiles(32, 64, 16, 3, 4, maxnreg=96),
         Tiles(64, 64, 16, 3, 4, maxnreg=128),
         Tiles(32, 64, 8, 3, 4, maxnreg=96),
+        Tiles(64, 64, 8, 3, 4, 2, maxnreg=128),  # 4-bit codes unpacked in 16 bits
+        Tiles(32, 64, 16, 3, 4, 2, maxnreg=96),
+        Tiles(64, 64, 16, 3, 4, 2, maxnreg=128),
     ],
 }
 _chosen: dict[tuple, Tiles] = {}
@@ -1379,12 +1480,12 @@ def _launch_first(
         ACT=act,
         HAS_BIAS=bias is not None,
         GROUP=group,
-        BLOCK_T=1 if tokens == 1 else MAX_TOKENS,
+        BLOCK_T=1 if tokens == 1 and not cfg.group_dot else MAX_TOKENS,
         BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,
         SPLIT=cfg.split,
         STAGES=cfg.stages,
-        GROUP_DOT=bool(cfg.group_dot),
+        GROUP_DOT=cfg.group_dot,
         EVEN=all(n % cfg.block_n == 0 for n in [m_dense, *(s.neurons for s in segments)]),
         num_warps=cfg.warps,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
@@ -1458,6 +1559,7 @@ def _launch_last(
         BLOCK_O=block_o,
         SPLIT=cfg.split,
         STAGES=cfg.stages,
+        HALF=cfg.group_dot == 2,
         EVEN=all(n % cfg.block_n == 0 for n in [m_dense, *(s.neurons for s in segments)]),
         num_warps=cfg.warps,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),

@@ -5,11 +5,12 @@ The stored format (ffsplit/split/qformat.py) is a dense bit stream; the decode k
 groups per load, and scales they can fold in once per group. Repacked at fuse time, same bytes:
 
 - **Units.** A unit holds ``E`` consecutive codes of one row (natural order: slot ``s`` of unit
-  ``u`` is column ``u * E + s``). A width is stored as up to three *planes* of 4, 2 or 1 bits
+  ``u`` is column ``u * E + s``; 4 bits pair the slots instead, see ``SLOT_COLUMNS``: slots k and
+  k + 4 hold columns 2k and 2k + 1). A width is stored as up to three *planes* of 4, 2 or 1 bits
   (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1; 2, 4 and 8 are one plane), each plane's unit
   an int32, int16 or int8 holding the plane's bits of the same ``E`` codes (slot ``s`` at bits
-  ``s * width``). For 2, 4 and 8 bits this is exactly qformat's little-endian stream read as
-  int32; planes keep odd widths exact (3 bits cost 3 bits, not 4) and every plane of a width has
+  ``s * width``). For 2 and 8 bits this is exactly qformat's little-endian stream read as
+  int32 (4 bits: the same bytes, nibbles paired); planes keep odd widths exact (3 bits cost 3 bits, not 4) and every plane of a width has
   the same number of units per row, so a kernel loads them as tensors of one shape.
 - **Dequantisation trick.** A kernel ORs a code's bits into the mantissa of 1.0f at bit
   ``23 - bits``, giving ``v = 1 + c / 2^bits`` exactly with one shift and one and-or per plane
@@ -41,6 +42,10 @@ PLANES: dict[int, tuple[tuple[int, int], ...]] = {
     8: ((8, 0),),
 }
 CODES_PER_UNIT = {2: 16, 3: 16, 4: 8, 5: 8, 6: 8, 7: 8, 8: 4}
+# Which column of its unit each slot holds (natural order when absent). 4 bits: slot k and slot
+# k + 4 hold columns 2k and 2k + 1, so one shift and one and-or place two neighbouring columns in
+# the two 16-bit halves of a register, as the tensor cores read them (qffn._unpack4_16).
+SLOT_COLUMNS: dict[int, tuple[int, ...]] = {4: (0, 2, 4, 6, 1, 3, 5, 7)}
 _UNIT_DTYPE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
 KERNEL_BITS = tuple(sorted(PLANES))
 
@@ -58,6 +63,8 @@ def pack_units(codes: Tensor, bits: int) -> list[Tensor]:
     if cols % per_unit:
         raise FFSplitError(f"pack_units: {cols} columns are not a multiple of {per_unit}")
     grouped = codes.to(torch.int64).view(rows, cols // per_unit, per_unit)
+    if bits in SLOT_COLUMNS:
+        grouped = grouped[..., list(SLOT_COLUMNS[bits])]  # slot s holds column SLOT_COLUMNS[s]
     out = []
     for width, offset in planes(bits):
         values = (grouped >> offset) & ((1 << width) - 1)
@@ -69,6 +76,21 @@ def pack_units(codes: Tensor, bits: int) -> list[Tensor]:
     return out
 
 
+def units_from_stream(stream: Tensor, bits: int) -> Tensor:
+    """The single plane of 2, 4 or 8-bit codes from qformat's stream read as int32 ``[rows, n]``
+    (natural order): the stream itself, or for 4 bits its nibbles moved to their slots (eight
+    shifts on int32 tensors; no unpacking to one code per byte)."""
+    if bits not in SLOT_COLUMNS:
+        return stream
+    natural = stream.to(torch.int64) & 0xFFFFFFFF
+    width = 32 // len(SLOT_COLUMNS[bits])
+    mask = (1 << width) - 1
+    out = torch.zeros_like(natural)
+    for slot, column in enumerate(SLOT_COLUMNS[bits]):
+        out |= ((natural >> (column * width)) & mask) << (slot * width)
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
 def unpack_units(units: list[Tensor], bits: int) -> Tensor:
     """Inverse of :func:`pack_units`: codes uint8 ``[rows, cols]``."""
     per_unit = CODES_PER_UNIT[bits]
@@ -78,6 +100,10 @@ def unpack_units(units: list[Tensor], bits: int) -> Tensor:
     for (width, offset), unit in zip(planes(bits), units, strict=True):
         unsigned = unit.to(torch.int64) & ((1 << (per_unit * width)) - 1)
         codes |= ((unsigned[..., None] >> (slots * width)) & ((1 << width) - 1)) << offset
+    if bits in SLOT_COLUMNS:
+        natural = torch.empty_like(codes)
+        natural[..., list(SLOT_COLUMNS[bits])] = codes
+        codes = natural
     return codes.view(rows, count * per_unit).to(torch.uint8)
 
 

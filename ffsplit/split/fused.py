@@ -814,8 +814,9 @@ def _segment_pad(n: int) -> int:
 
 
 def _pack_block(ranges: list[_Range], bits: int, group: int, gated: bool) -> Any:
-    """One segment's kernel layout from its ranges: 2/4/8-bit streams taken as they are stored,
-    other widths unpacked and repacked into planes."""
+    """One segment's kernel layout from its ranges: 2/4/8-bit streams taken as they are stored
+    (4 bits with each unit's nibbles moved to their slots), other widths unpacked and repacked
+    into planes."""
     from ffsplit.kernels import qlayout
 
     n = sum(r.size for r in ranges)
@@ -823,8 +824,9 @@ def _pack_block(ranges: list[_Range], bits: int, group: int, gated: bool) -> Any
 
     def rows_of(parts: list[QuantizedLinear]) -> tuple[list[Tensor], Tensor, Tensor]:
         qs = [p.quantized() for p in parts]
-        if bits in (2, 4, 8):  # one plane: the stored stream read as int32 is the layout
-            units = [torch.cat([q.packed.view(torch.int32).view(q.shape[0], -1) for q in qs])]
+        if bits in (2, 4, 8):  # one plane: the stored stream read as int32 (qlayout)
+            stream = torch.cat([q.packed.view(torch.int32).view(q.shape[0], -1) for q in qs])
+            units = [qlayout.units_from_stream(stream, bits)]
         else:
             units = qlayout.pack_units(torch.cat([codes(q) for q in qs]), bits)
         return (

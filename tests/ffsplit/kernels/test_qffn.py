@@ -100,11 +100,18 @@ def test_other_groups(group):
 @torch.no_grad()
 @pytest.mark.parametrize("tokens", [1, 16])
 def test_every_tile_shape(tokens, monkeypatch):
-    """Other tiles than the default (splits 1, 2, 4; both tile paths at 16 tokens)."""
+    """Other tiles than the default (splits 1, 2, 4; every tile path at 16 tokens; group_dot 2,
+    the 16-bit unpack of 4-bit codes, at 1 token too, where it runs the GEMV as a 16-row tile)."""
     core, _ = fused_core((32, 16), [(64, 4), (64, 3)], gated=True, d=256)
-    choices = ["16,64,1,2,4,0", "32,128,2,2,4,1", "16,128,4,2,4,1"]
+    choices = [
+        "16,64,1,2,4,0",
+        "32,128,2,2,4,1",
+        "16,128,4,2,4,1",
+        "32,128,2,2,4,2",
+        "16,64,4,2,4,2",
+    ]
     for i, first in enumerate(choices):
-        last = ["16,32,1,2,4", "32,64,2,2,4", "16,64,4,2,4"][i]
+        last = ["16,32,1,2,4", "32,64,2,2,4", "16,64,4,2,4", "32,64,2,2,4,2", "16,32,1,2,4,2"][i]
         mode = "one" if tokens == 1 else "tile"
         monkeypatch.setenv("FFSPLIT_QTILES", f"first/{mode}={first};last/{mode}={last}")
         check_kernels(core, tokens, seed=i)

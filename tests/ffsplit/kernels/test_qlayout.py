@@ -40,11 +40,27 @@ def test_units_round_trip(bits):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_single_plane_units_are_the_stored_stream(bits):
-    """2, 4 and 8 bits: the kernel units are qformat's little-endian stream read as int32."""
+    """2 and 8 bits: the kernel units are qformat's little-endian stream read as int32; 4 bits:
+    the stream of the codes with each unit's columns in slot order (pairs 2k, 2k + 1 in slots k,
+    k + 4: the halves of a register)."""
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 1 << bits, (3, 128), generator=gen, dtype=torch.uint8)
-    stream = pack_bits(codes.reshape(-1), bits).view(torch.int32).view(3, -1)
+    per_unit = qlayout.CODES_PER_UNIT[bits]
+    order = list(qlayout.SLOT_COLUMNS.get(bits, range(per_unit)))
+    slotted = codes.view(3, -1, per_unit)[..., order].reshape(-1)
+    stream = pack_bits(slotted, bits).view(torch.int32).view(3, -1)
     assert torch.equal(qlayout.pack_units(codes, bits)[0], stream)
+    assert (bits == 4) == (order != list(range(per_unit)))
+    natural = pack_bits(codes.reshape(-1), bits).view(torch.int32).view(3, -1)
+    assert torch.equal(qlayout.units_from_stream(natural, bits), stream)
+
+
+def test_four_bit_slots_put_neighbouring_columns_16_bits_apart():
+    codes = torch.arange(8, dtype=torch.uint8).view(1, 8) + 1  # column c holds code c + 1
+    unit = int(qlayout.pack_units(codes, 4)[0][0, 0]) & 0xFFFFFFFF
+    for k in range(4):
+        assert (unit >> (4 * k)) & 0xF == 2 * k + 1  # column 2k
+        assert (unit >> (16 + 4 * k)) & 0xF == 2 * k + 2  # column 2k + 1
 
 
 def test_no_layout_for_one_bit():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import triton
@@ -43,7 +44,10 @@ from ffsplit.kernels import interpreting
 from ffsplit.kernels.ffn import _act_store, _arrive, _gather, _k_slice, _row_dot
 
 MAX_TOKENS = 16  # decode kernels up to this many tokens (the tile's rows); prefill above
-MAX_SEGMENTS = 3  # quantized segments per FFN: heavy int8 + two light widths (budget.py)
+# Quantized segments per launch (the kernels' three slots). An FFN with more widths (the layer
+# allocation gives up to six: 8, 6, 5, 4, 3, 2) runs in launches of three: the first stage's
+# write disjoint hidden columns, the down stage's later launches add to y (ACCUMULATE).
+MAX_SEGMENTS = 3
 MAGIC = 0x3F800000  # bits of 1.0f, passed as an argument (see _slot)
 
 
@@ -1120,8 +1124,10 @@ def _qlast_kernel(
     STAGES: tl.constexpr,
     EVEN: tl.constexpr = False,
     HALF: tl.constexpr = False,
+    ACCUMULATE: tl.constexpr = False,
 ):
     # grid: (output blocks of BLOCK_O <= GROUP, SPLIT slices of every segment's neurons);
+    # ACCUMULATE: y += this launch's sum (the later launches of an FFN with over three widths)
     # partial sums [SPLIT, T, d] as in ffsplit/kernels/ffn.py's last stage
     pid = tl.program_id(0)
     s = tl.program_id(1)
@@ -1168,6 +1174,8 @@ def _qlast_kernel(
     if SPLIT == 1:
         if HAS_BIAS:
             out += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        if ACCUMULATE:
+            out += tl.load(y_out, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_out, out.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         ws = ws_ptr + t[:, None] * d + o[None, :]
@@ -1177,6 +1185,8 @@ def _qlast_kernel(
             total = _gather(ws, mask, T * d, SPLIT)
             if HAS_BIAS:
                 total += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            if ACCUMULATE:
+                total += tl.load(y_out, mask=mask, other=0.0).to(tl.float32)
             tl.store(y_out, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.store(cnt_ptr + pid, 0)
 
@@ -1422,17 +1432,23 @@ def first(
     ([2 m_dense, d], or [m_dense, d] not gated) at columns [0, m_dense), each segment at its
     column. bias: [2, m_total] gate/up (or [m_total]) covering every neuron, or None."""
     tokens, d = x.shape
-    if len(segments) > MAX_SEGMENTS:
-        raise FFSplitError(f"at most {MAX_SEGMENTS} quantized segments per FFN")
     hidden = torch.empty(tokens, m_total, device=x.device, dtype=torch.float32)
+    for i, chunk in enumerate(_chunks(segments)):
+        dense = w_dense if i == 0 else None  # the dense rows go with the first launch
 
-    def run(cfg: Tiles) -> None:
-        _launch_first(x, w_dense, bias, segments, hidden, cfg, gated, act, m_total, group)
+        def run(cfg: Tiles, chunk: list[Segment] = chunk, dense: Tensor | None = dense) -> None:
+            _launch_first(x, dense, bias, chunk, hidden, cfg, gated, act, m_total, group)
 
-    narrowest = min(s.bits for s in segments)
-    cfg = _choose("first", tokens, (d, group, gated, narrowest), run)
-    run(cfg)
+        key = (d, group, gated, min(s.bits for s in chunk), len(chunk), dense is not None)
+        run(_choose("first", tokens, key, run))
     return hidden
+
+
+def _chunks(segments: list[Segment]) -> list[list[Segment]]:
+    """The segments in launches of at most MAX_SEGMENTS (see there)."""
+    if not segments:
+        raise FFSplitError("ffsplit.kernels.qffn: an FFN without quantized segments")
+    return [segments[i : i + MAX_SEGMENTS] for i in range(0, len(segments), MAX_SEGMENTS)]
 
 
 def _launch_first(
@@ -1507,13 +1523,19 @@ def last(
     hidden[:, seg columns] @ W_seg (+ bias). w_dense_t: dense down rows [m_dense, d]."""
     tokens = hidden.shape[0]
     y = torch.empty(tokens, d, device=hidden.device, dtype=out_dtype)
+    for i, chunk in enumerate(_chunks(segments)):
+        dense, b = (w_dense_t, bias) if i == 0 else (None, None)  # later launches add to y
 
-    def run(cfg: Tiles) -> None:
-        _launch_last(hidden, w_dense_t, bias, segments, y, cfg, d, group)
+        def run(
+            cfg: Tiles, chunk: list[Segment] = chunk, dense: Tensor | None = dense,
+            b: Tensor | None = b, out: Tensor = y, accumulate: bool = i > 0,
+        ) -> None:  # fmt: skip
+            _launch_last(hidden, dense, b, chunk, out, cfg, d, group, accumulate)
 
-    narrowest = min(s.bits for s in segments)
-    cfg = _choose("last", tokens, (d, group, w_dense_t is not None, narrowest), run)
-    run(cfg)
+        # the tuner runs a launch many times: an accumulating one times on a scratch output
+        trial = partial(run, out=torch.empty_like(y)) if i > 0 else run
+        key = (d, group, dense is not None, min(s.bits for s in chunk), len(chunk), i > 0)
+        run(_choose("last", tokens, key, trial))
     return y
 
 
@@ -1526,6 +1548,7 @@ def _launch_last(
     cfg: Tiles,
     d: int,
     group: int,
+    accumulate: bool = False,
 ) -> None:
     tokens = hidden.shape[0]
     block_o = min(cfg.block_k, group)
@@ -1560,6 +1583,7 @@ def _launch_last(
         SPLIT=cfg.split,
         STAGES=cfg.stages,
         HALF=cfg.group_dot == 2,
+        ACCUMULATE=accumulate,
         EVEN=all(n % cfg.block_n == 0 for n in [m_dense, *(s.neurons for s in segments)]),
         num_warps=cfg.warps,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),

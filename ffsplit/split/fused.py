@@ -536,10 +536,6 @@ class QuantFFNCore(nn.Module):
             import ffsplit.kernels.qffn  # noqa: F401 - registers the custom ops before any tracing
         by_bits = _quant_ranges_by_bits(ranges, d)
         self.group = next(iter(by_bits.values()))[0].up.group_size
-        if len(by_bits) > 3:
-            raise FFSplitError(
-                f"fuse: at most 3 quantized bit widths per FFN, got {sorted(by_bits)}"
-            )
         dense = [r for r in ranges if r.kind() == "dense"]
         self.m_heavy = _segment_pad(sum(r.size for r in dense))
         self._init_dense(dense, dtype, device)

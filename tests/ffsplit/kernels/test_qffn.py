@@ -38,6 +38,8 @@ MIXES = [  # (heavy, light ranges): what the budget solver writes
     ((32, 16), [(96, 8)]),  # heavy bf16, light int8
     ((0, 16), [(160, 4)]),  # uniform int4 (no split)
     ((16, 16), [(48, 8), (48, 4), (48, 3)]),  # three widths (two light + a heavy int8 range)
+    # the layer allocation's six quantized widths beside bf16: two launches a stage
+    ((16, 16), [(16, 8), (32, 6), (16, 5), (48, 4), (32, 3), (16, 2)]),
 ]
 
 

@@ -196,6 +196,31 @@ def test_fused_quant_widths_and_int8_heavy_equal_split_model(bits):
     torch.testing.assert_close(_outputs(model, ids), reference, rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_every_width_of_the_layer_allocation_fuses_in_one_ffn():
+    """The quant recipe's default (layer allocation) gives one FFN bf16 neurons and up to six
+    widths: all of them fuse (the kernels run them in launches of three segments)."""
+    model = _llama_128()
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(0)
+    widths = [8, 6, 5, 4, 3, 2]
+    for handle in adapter.ffns(model):
+        w = adapter.weights(model, handle)
+        perm = torch.randperm(w.neurons, generator=gen)
+        cuts = perm.tensor_split(len(widths) + 1)
+        blocks = [(cuts[0], dense_block)] + [
+            (idx, _quant(b, 64)) for idx, b in zip(cuts[1:], widths, strict=True)
+        ]
+        swap_ffn(model, adapter, handle, build_split(w, blocks))
+    ids = _ids()
+    reference = _outputs(model, ids)
+    report = fuse_model(model, adapter, strict=True)
+    assert not report.skipped and len(report.fused) == len(adapter.ffns(model))
+    core = next(m for m in model.modules() if type(m).__name__ == "QuantFFNCore")
+    assert sorted(seg[0] for seg in core._segment_meta) == sorted(widths)
+    torch.testing.assert_close(_outputs(model, ids), reference, rtol=1e-4, atol=1e-4)
+
+
 def test_repacked_int4_dequantizes_exactly():
     """The kernels' layouts hold exactly the quantized values of compress/quant.py."""
     model = _llama_128()

@@ -411,12 +411,19 @@ class QuantRecipe:
     light_bits: int | None = 4  # one width for every light neuron
     reduction: float | None = None  # else: solve a two-width mix for this FFN reduction
     group: int = 64  # QuantConfig's default group size
+    # else: the light neurons over these (width, share) pairs, as the layer allocation gives them
+    shares: tuple[tuple[int, float], ...] = ()
 
     def heavy(self, spec: FFNSpec) -> int:
         return math.ceil(self.heavy_ratio * spec.m)
 
     def light_counts(self, spec: FFNSpec) -> dict[int, int]:
         light = spec.m - self.heavy(spec)
+        if self.shares:
+            counts = {b: round(share * light) for b, share in self.shares}
+            widest = max(counts, key=counts.__getitem__)
+            counts[widest] += light - sum(counts.values())
+            return {b: n for b, n in counts.items() if n}
         if self.reduction is None:
             return {self.light_bits: light} if light else {}
         from ffsplit.compress.budget import solve_light_bits

@@ -394,6 +394,15 @@ QUANT_RECIPES = {
         QuantRecipe("mix-h0.10-b0.70", 0.10, 16, None, reduction=0.70),  # int4/int3 (solver)
         QuantRecipe("mix-h0.10-b0.50", 0.10, 16, None, reduction=0.50),  # int8/int4 (solver)
         QuantRecipe("int4-h0.10-heavy8", 0.10, 8, 4),
+        # the default recipe's layer allocation (six widths in one FFN, no bf16): the shares it
+        # gave SmolLM2 at a 75% smaller FFN (manifests of the low-bit sweep, docs/results-lowbit.md)
+        QuantRecipe(
+            "layer-b0.75",
+            0.0,
+            16,
+            None,
+            shares=((8, 0.001), (6, 0.003), (5, 0.016), (4, 0.457), (3, 0.52), (2, 0.003)),
+        ),  # fmt: skip
         QuantRecipe("int4-uniform", 0.0, 16, 4),
         QuantRecipe("int8-uniform", 0.0, 16, 8),
     )

@@ -165,6 +165,7 @@ def compress(
         register=register_model,
         run_dir=run_dir,
         started=started,
+        recipes=[parsed],
     )
     model_name = registered_name(run.base, register_as)
     print(

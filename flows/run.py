@@ -2,7 +2,8 @@
 
 `start_run` is the one preamble of the compress and sweep flows (and, for its parts, of the
 observation flow): it checks the settings, resolves the base model (a tokenizer is required: the
-pipeline profiles and evaluates on text), checks the worker memory cap, that the Prefect API and
+pipeline profiles and evaluates on text), checks that every recipe's budget fits the model's FFN
+shapes, checks the worker memory cap, that the Prefect API and
 (when registering) the MLflow store answer, and picks the run folder. A bad input fails there, in
 one line, before Ray starts.
 """
@@ -15,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from ffsplit.config import EvalConfig, ProfileConfig
+from ffsplit.config import EvalConfig, ProfileConfig, Recipe
 from ffsplit.errors import FFSplitError
 from tasks import cache
 from tasks.profile import MODES
@@ -162,6 +163,27 @@ def run_folder(run_dir: str | None, kind: str) -> Path:
     return (base / "runs" / f"{kind}-{stamp}-{name}").resolve()
 
 
+def check_budgets(base: BaseModel, recipes: Sequence[Recipe]) -> None:
+    """Refuse a budget that no FFN of the model can meet, from the config's shapes (the model on
+    the meta device: no weights read): before profiling, as compress_job does for the CLI."""
+    if not recipes:
+        return
+    from transformers import AutoConfig
+
+    from ffsplit.adapters import get_adapter
+    from ffsplit.compress.recipe import check_budget
+    from ffsplit.models.loading import empty_model
+
+    config = AutoConfig.from_pretrained(base.path, local_files_only=True)
+    skeleton = empty_model(config, base.path)
+    adapter = get_adapter(skeleton)
+    for recipe in recipes:
+        try:
+            check_budget(skeleton, recipe, adapter)
+        except FFSplitError as exc:
+            raise FFSplitError(f"recipe {recipe.label!r}: {exc}") from None
+
+
 def start_run(
     kind: str,
     model: str,
@@ -171,11 +193,13 @@ def start_run(
     register: bool,
     run_dir: str | None,
     started: float,
+    recipes: Sequence[Recipe] = (),
 ) -> Run:
     """Every check of a flow run, before any work (see the module docstring)."""
     if profile is not None:
         check_calibration(profile, settings.profile_units)
     base = resolve_base(model)
+    check_budgets(base, recipes)
     check_memory_cap(base, settings)
     services = check_services(register)
     folder = run_folder(run_dir, kind)

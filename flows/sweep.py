@@ -390,19 +390,21 @@ def _set_aliases(model_name: str, rows: list[dict[str, Any]], policy: dict[str, 
 
 def _start(
     model: str,
-    variants: int,
+    grid: list[Recipe],
     profile: ProfileConfig | None,
     settings: Any,
     register_as: str | None,
     run_dir: str | None,
     started: float,
 ) -> tuple[Run, str]:
-    """The run's checks (flows.run.start_run) and its registered model name."""
+    """The run's checks (flows.run.start_run, every recipe's budget included) and its registered
+    model name."""
     run = start_run(
-        "sweep", model, settings, profile, register=True, run_dir=run_dir, started=started
-    )
+        "sweep", model, settings, profile, register=True, run_dir=run_dir, started=started,
+        recipes=grid,
+    )  # fmt: skip
     print(
-        f"sweep {run.base.name}: {variants} variants + dense; cache {settings.cache_dir}; "
+        f"sweep {run.base.name}: {len(grid)} variants + dense; cache {settings.cache_dir}; "
         f"run folder {run.folder}"
     )
     return run, registered_name(run.base, register_as)
@@ -538,7 +540,7 @@ def sweep(
     settings = settings_from(locals())
     needs_stats = any(r.needs_statistics for r in grid)
     run, model_name = _start(
-        model, len(grid), profile if needs_stats else None, settings, register_as, run_dir, started
+        model, grid, profile if needs_stats else None, settings, register_as, run_dir, started
     )
     dense_recipe = Recipe(
         method=SplitOnlyConfig(), selection="none", ffn_reduction=0, profile=profile

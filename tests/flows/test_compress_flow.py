@@ -147,6 +147,11 @@ def test_a_healed_recipe_heals_after_assembly_and_shares_the_compression(
             "lowrank.whiten needs Gram matrices",
         ),
         ({"recipe": {**RECIPE, "heal": {"steps": 4, "loss": "mse"}}}, "heal.loss must be one of"),
+        # a budget the model's FFN shapes cannot meet: refused before profiling, from the config
+        (
+            {"recipe": {**RECIPE, "method": "quant", "heavy_ratio": None, "ffn_reduction": 0.95}},
+            r"recipe 'quant-.*r0.95'",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_work(

@@ -288,6 +288,7 @@ def test_sweep_heals_every_variant_through_recipe_defaults(
         ({"recipe_defaults": {"method": "quant"}}, "may not set 'method'"),
         ({"recipe_defaults": {"heal": {"steps": 3}}}, "nothing to train for method 'quant'"),
         ({"model": "no-such-model"}, "unknown model"),
+        ({"budgets": [0.3, 0.95]}, r"recipe '.*0.95"),  # no FFN shape can meet it
     ],
 )
 def test_bad_sweep_parameters_fail_before_any_work(

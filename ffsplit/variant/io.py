@@ -294,6 +294,9 @@ def _build(
             build_part(entry["gate"], part_where) if "gate" in entry else None,
             build_part(entry["down"], part_where),
         )
+        for module in modules:  # float parameters in the model's dtype; quantized parts keep
+            if module is not None:  # their codes, scales and zero points as stored (parts.py)
+                module.to(dtype)
         swap_ffn(model, adapter, handles[layer], modules)  # type: ignore[arg-type]
     sizes = {
         "dense_ffn_bytes": sum(dense.values()),

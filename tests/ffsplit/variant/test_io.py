@@ -167,6 +167,32 @@ def test_quantized_parts_keep_float16_scales_under_dtype_casts(tmp_path):
         assert torch.isfinite(model(input_ids=IDS[:1]).logits).all()
 
 
+@pytest.mark.parametrize("method", ["quant", "lowrank"])
+def test_loading_in_bfloat16_puts_every_part_in_bfloat16(tmp_path, method):
+    """load_variant(dtype=bf16), what the GPU path and gpu_speed use: the split parts' float
+    parameters (dense heavy rows, factors, biases) follow the model's dtype; stored codes, scales
+    and zero points stay as stored. (The parts were built float32 while the model around them was
+    bf16: the first GPU run of the flow failed on it, 'mat1 and mat2 must have the same dtype'.)"""
+    from ffsplit.split.parts import QuantizedLinear
+
+    # two-level: a bf16 heavy block beside the int light part (the layer allocation keeps none)
+    config = QuantConfig(group_size=32, allocation="two-level") if method == "quant" else None
+    recipe = Recipe(
+        method=config or method, heavy_ratio=0.1, ffn_reduction=0.6 if config else 0.3
+    )
+    _, out, _ = _variant(tmp_path, "LlamaForCausalLM", recipe)
+    reference, _, _ = load_variant(out)
+    model, _, _ = load_variant(out, dtype=torch.bfloat16)
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    assert floats == {torch.bfloat16}
+    parts = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert all(p.scales.dtype == torch.float16 for p in parts) and bool(parts) == bool(config)
+    with torch.no_grad():
+        got = model(input_ids=IDS[:1]).logits.float()
+        want = reference(input_ids=IDS[:1]).logits.float()
+    assert ((got - want).norm() / want.norm()).item() < 3e-2
+
+
 def test_only_listed_files_are_read_and_copied(tmp_path):
     """Issue 16: files planted beside a variant are never read (a tokenizer asking for custom code,
     an unparsable one) and never travel with a copy."""

@@ -177,9 +177,7 @@ def test_loading_in_bfloat16_puts_every_part_in_bfloat16(tmp_path, method):
 
     # two-level: a bf16 heavy block beside the int light part (the layer allocation keeps none)
     config = QuantConfig(group_size=32, allocation="two-level") if method == "quant" else None
-    recipe = Recipe(
-        method=config or method, heavy_ratio=0.1, ffn_reduction=0.6 if config else 0.3
-    )
+    recipe = Recipe(method=config or method, heavy_ratio=0.1, ffn_reduction=0.6 if config else 0.3)
     _, out, _ = _variant(tmp_path, "LlamaForCausalLM", recipe)
     reference, _, _ = load_variant(out)
     model, _, _ = load_variant(out, dtype=torch.bfloat16)

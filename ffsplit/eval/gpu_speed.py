@@ -174,21 +174,25 @@ class _DecodeLoop:
 
 
 def _prefill_timer(model: nn.Module, tokens: int, seed: int) -> Callable[[], float]:
+    """One forward over ``tokens`` tokens (an encoder's whole forward: no cache, no logits)."""
+    from ffsplit.models.loading import is_causal_lm
+
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=gen).to(device)
+    kw = {"use_cache": False, "logits_to_keep": 1} if is_causal_lm(model.config) else {}
 
     def once() -> float:
         with torch.no_grad():
             if device.type == "cuda":
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                model(input_ids=ids, **kw)
                 end.record()
                 end.synchronize()
                 return start.elapsed_time(end)
             t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            model(input_ids=ids, **kw)
             return (time.perf_counter() - t0) * 1e3
 
     once()  # warm-up (kernels compiled and tuned, prefill buffers allocated)
@@ -225,12 +229,22 @@ def measure_gpu_speed(
     """Speedups of ``variant`` over ``base`` (both loaded on the same CUDA device, e.g. by
     ffsplit.variant.io.load_variant(..., dtype=torch.bfloat16, device="cuda"), which fuses the
     split FFNs, and the base model in bf16). Decode batches 1 and 16 (or those asked), prefill of
-    ``prefill_tokens`` (None: skipped); ``repeats`` interleaved blocks each (see module doc)."""
+    ``prefill_tokens`` (None: skipped); ``repeats`` interleaved blocks each (see module doc).
+    An encoder (MiniLM, MPNet) has no decode: its forward over ``prefill_tokens`` tokens, at most
+    its position table's length, is timed as the prefill."""
+    from ffsplit.models.loading import is_causal_lm
+
     if repeats < 2:
         raise FFSplitError("measure_gpu_speed: repeats must be >= 2 for an interval")
     dev_v = next(variant.parameters()).device
     if next(base.parameters()).device != dev_v:
         raise FFSplitError("measure_gpu_speed: base and variant must be on the same device")
+    if not is_causal_lm(variant.config):
+        batches = ()
+        positions = getattr(variant.config, "max_position_embeddings", None) or 512
+        # MPNet's and RoBERTa's tables start after the padding index
+        positions -= (getattr(variant.config, "pad_token_id", None) or 0) + 1
+        prefill_tokens = min(prefill_tokens or 512, positions)
     decode: dict[int, SpeedRatio] = {}
     for batch in batches:
         loops = [_DecodeLoop(m, batch, prompt, steps, compiled, seed) for m in (base, variant)]
@@ -249,4 +263,6 @@ def measure_gpu_speed(
     loop = ("torch.compile + " if compiled else "") + (
         "CUDA graph per decode step" if dev_v.type == "cuda" else "eager steps"
     )
+    if not batches:
+        loop = f"encoder forward of {prefill_tokens} tokens (no decode)"
     return GPUSpeed(decode.get(1), decode.get(16), prefill, name, loop)

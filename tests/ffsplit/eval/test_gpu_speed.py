@@ -47,3 +47,19 @@ def test_measure_runs_the_same_loop_for_both_models_on_cpu():
     assert {"gpu_decode_speedup_b1", "gpu_prefill_speedup_low"} <= set(metrics)
     assert all(v > 0 for v in metrics.values())
     assert speed.device.startswith("cpu")
+
+
+@pytest.mark.parametrize("architecture", ["BertModel", "MPNetModel"])
+def test_an_encoder_is_timed_by_its_forward_within_its_positions(architecture):
+    """Encoders have no decode loop (the GPU flow's MiniLM would fail in it): their forward is
+    the prefill, at most as long as the position table."""
+    from ffsplit.models.tiny import tiny_model
+
+    base, _ = tiny_model(architecture)
+    variant, _ = tiny_model(architecture)
+    speed = measure_gpu_speed(variant, base, prefill_tokens=4096, repeats=3)
+    assert speed.decode_b1 is None and speed.decode_b16 is None and speed.prefill is not None
+    assert set(speed.metrics()) == {
+        "gpu_prefill_speedup", "gpu_prefill_speedup_low", "gpu_prefill_speedup_high"
+    }  # fmt: skip
+    assert "encoder forward" in speed.loop

@@ -302,21 +302,26 @@ def library_job(
     work.mkdir(parents=True)
     stages: dict[str, float] = {}
     started = time.perf_counter()
-    t = started
-    profiled = profile_job(model, parsed.profile, work / "stats.safetensors", device=device)
-    stages["profile"] = time.perf_counter() - t
-    t = time.perf_counter()
-    compressed = compress_job(
-        model, parsed, work / "variant", stats_path=work / "stats.safetensors", device=device
-    )
-    stages["compress"] = time.perf_counter() - t
-    t = time.perf_counter()
-    variant = evaluate_job(work / "variant", latency=True, device=device, **evaluation)
-    stages["evaluate_variant"] = time.perf_counter() - t
-    free_gpu()
-    t = time.perf_counter()
-    dense = evaluate_job(model, latency=False, device=device, **evaluation)
-    stages["evaluate_dense"] = time.perf_counter() - t
+    try:
+        t = started
+        profiled = profile_job(model, parsed.profile, work / "stats.safetensors", device=device)
+        stages["profile"] = time.perf_counter() - t
+        t = time.perf_counter()
+        compressed = compress_job(
+            model, parsed, work / "variant", stats_path=work / "stats.safetensors", device=device
+        )
+        stages["compress"] = time.perf_counter() - t
+        t = time.perf_counter()
+        variant = evaluate_job(work / "variant", latency=True, device=device, **evaluation)
+        stages["evaluate_variant"] = time.perf_counter() - t
+        free_gpu()
+        t = time.perf_counter()
+        dense = evaluate_job(model, latency=False, device=device, **evaluation)
+        stages["evaluate_dense"] = time.perf_counter() - t
+    except Exception as exc:  # the stages that finished go with the traceback into the JSON
+        done = {k: round(v, 2) for k, v in stages.items()}
+        exc.add_note(f"library job: stages done before the failure (s): {done}")
+        raise
     seconds = time.perf_counter() - started
     free_gpu()
     quality = "perplexity" if "perplexity" in variant else "accuracy"

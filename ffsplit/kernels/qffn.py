@@ -1,9 +1,11 @@
 """Decode kernels for FFNs with quantized parts: one launch per projection stage for every format.
 
 An FFN fused by ffsplit/split/fused.py (``QuantFFNCore``) is a list of neuron *segments*: at most
-one dense (bf16/fp16) segment, then up to three quantized ones, each with its own bit width
-(heavy int8, light int4 + int3 as the budget solver mixes them, ...) and one group size. Two
-launches per FFN, each streaming every segment's weights once:
+one dense (bf16/fp16) segment, then one quantized segment per bit width (heavy int8, light int4 +
+int3 as the two-level solver mixes them, up to six widths from the layer allocation), all of one
+group size. Two launches per FFN for up to three quantized segments (the kernels' slots), each
+streaming every segment's weights once; more segments take further launches of three
+(``MAX_SEGMENTS``):
 
 1. ``first``: hidden ``[T, m]`` (fp32) = ``act(x G^T) * (x U^T)`` for every neuron; programs are
    blocks of ``BLOCK_N`` neurons of one segment (dense blocks first, then each quantized segment),
@@ -20,9 +22,12 @@ sums ``x * v`` over each group and applies ``S = 2^b s`` and ``(z - S) * sum(x)`
 row; the down stage pre-multiplies the hidden activation by its neuron's scale (down's groups run
 along the outputs, so one scale per neuron and program). From 2 to 16 tokens (``BLOCK_T`` 16) the
 values go through tensor cores: ``first`` dequantises a [BLOCK_N, BLOCK_K] tile to bf16 per
-element, ``last`` multiplies exact integer codes (bf16 holds 0..256 exactly) by ``h * s``.
+element, ``last`` multiplies exact integer codes (bf16 holds 0..256 exactly) by ``h * s``; 4-bit
+codes can skip the fp32 detour (``_unpack4_16``: two values per shift and and-or, straight into
+the operand registers; ``group_dot`` 2 and ``HALF``).
 
-Layouts come from qlayout (units of E codes, natural order; down group-major). Everything is
+Layouts come from qlayout (units of E codes, natural order but 4-bit slots paired; down
+group-major). Everything is
 static-shape and sync-free (CUDA graphs, torch.compile via the custom ops at the end). Nothing
 here is imported by ``import ffsplit``; Triton is optional. Measurements: bench/results/NOTES-h200.md.
 """
